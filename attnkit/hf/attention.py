@@ -1,0 +1,106 @@
+"""attnkit's attention function and mask function, registered under one name in transformers' interfaces.
+
+transformers hands every attention function ``(module, query, key, value, attention_mask, scaling, dropout,
+**kwargs)`` with q, k, v after RoPE and after the cache update. Ours dispatches on the module's config to the
+active :class:`~attnkit.session.Run`, takes the cache layer that just updated (``run.current[layer_idx]``), and
+lets the method attend. The mask function returns no mask: masks come from the positions the cache layer
+stores, which stay right under eviction; it only rejects padded batches, which attnkit does not support yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.reference import dense_attention, expand_kv
+
+NAME = "attnkit"
+#: id(text config) -> active Run; filled by attnkit.apply for the duration of its block
+ACTIVE_RUNS: dict[int, object] = {}
+_registered = False
+
+
+def sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Fused attention. query (B, H, q, D); key/value (B, Hkv, n, D); mask (B, Hkv, q, n) bool -> (B, H, q, D)."""
+    n_heads = query.shape[1]
+    if mask is not None:
+        mask = expand_kv(mask, n_heads)
+    key, value = expand_kv(key, n_heads), expand_kv(value, n_heads)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, is_causal=causal)
+
+
+def attend_layer(run, layer, query, key, value, scaling: float, softcap: float | None) -> torch.Tensor:
+    """Attention over what a cache layer holds, under its mask; feeds probabilities to the layer and compacts.
+
+    query (B, H, q, D); key/value (B, Hkv, n, D) -> (B, H, q, D) in the query's dtype.
+    """
+    mask = layer.mask()
+    wants = layer.wants_probs
+    if wants == "all" or softcap is not None:
+        out, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)
+        out = out.to(query.dtype)
+        if wants:
+            layer.observe(probs)
+    else:
+        out = sdpa(query, key, value, mask, scaling)
+        if wants:  # "last:<w>": probabilities of the chunk's last w queries only
+            w = min(int(wants.split(":")[1]), query.shape[2])
+            sub_mask = None if mask is None else mask[:, :, -w:]
+            _, probs, _ = dense_attention(query[:, :, -w:], key, value, sub_mask, scaling)
+            layer.observe(probs)
+    if run.recorder is not None:
+        run.recorder(layer.layer_idx, query, key, value, mask, out)
+    layer.compact()
+    return out
+
+
+def attnkit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The function transformers calls in every attention layer while attnkit is active."""
+    run = ACTIVE_RUNS.get(id(module.config))
+    if run is None:
+        raise RuntimeError(
+            "attnkit attention was called outside `attnkit.apply(...)`; restore the model's attention "
+            "implementation or run inside the block"
+        )
+    layer = run.current.pop(module.layer_idx, None)
+    if layer is None:
+        raise RuntimeError(
+            f"layer {module.layer_idx}: no attnkit cache layer was updated in this forward; pass the run's cache "
+            "(`past_key_values=run.new_cache()`) or let attnkit.apply inject it"
+        )
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks as learned logits (s_aux, gpt-oss) are not supported yet")
+    scale = module.head_dim**-0.5 if scaling is None else scaling
+    softcap = kwargs.get("softcap")
+    out = run.attend(module, layer, query, key, value, scale, softcap)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def attnkit_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
+    """Mask function paired with :func:`attnkit_attention`: masks are built from cache positions instead."""
+    if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+        raise ValueError(
+            "attnkit methods do not support padded batches yet (the attention mask has zeros); "
+            "run one sequence at a time or batch sequences of equal length"
+        )
+    return None
+
+
+def register() -> None:
+    """Register attnkit's functions with transformers (once, on first use; never at import)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attnkit_attention)
+    AttentionMaskInterface.register(NAME, attnkit_mask)
+    _registered = True

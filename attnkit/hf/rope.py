@@ -1,0 +1,61 @@
+"""Re-rotating cached keys with the model's own rotary embedding.
+
+HF caches keys after RoPE. RoPE rotations compose (rotating a key at position p by an angle for offset e gives
+the key at p + e), so a method that renumbers positions rotates cached keys by the position shift, using the
+frequencies of the model's own rotary module (rope scaling such as llama3 or YaRN is baked into them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: RoPE variants whose frequencies change with the sequence length at run time: a shift is not a pure rotation.
+DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+
+
+def find_rotary(model: nn.Module) -> nn.Module | None:
+    """The model's rotary-embedding module, or None for models without RoPE."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            return module
+    return None
+
+
+def rope_types(config) -> dict[str, str]:
+    """{layer_type or "default": rope_type} from a transformers 5.x config."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if "rope_type" in params:
+        return {"default": params["rope_type"]}
+    return {k: v.get("rope_type", "default") for k, v in params.items() if isinstance(v, dict)}
+
+
+def inv_freq_for(model: nn.Module, layer_type: str | None = None) -> torch.Tensor:
+    """(D_rot/2,) inverse frequencies used by ``layer_type`` layers (Gemma-3 keeps one set per layer type)."""
+    rotary = find_rotary(model)
+    if rotary is None:
+        raise ValueError(f"{type(model).__name__} has no rotary position embedding (RoPE)")
+    freq = getattr(rotary, f"{layer_type}_inv_freq", None) if layer_type else None
+    if freq is None:
+        freq = getattr(rotary, "inv_freq", None)
+    if freq is None:
+        raise ValueError(f"cannot read the RoPE frequencies of {type(rotary).__name__}")
+    return freq.detach().clone()
+
+
+def rotate_keys(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate post-RoPE keys (..., D) as if they sat ``offset`` positions later (negative: earlier).
+
+    Uses HF's rotate-half layout; with partial rotary (2 * len(inv_freq) < D) only the leading dims turn.
+    """
+    rot = 2 * inv_freq.shape[0]
+    angle = offset * inv_freq.to(device=keys.device, dtype=torch.float64)
+    emb = torch.cat((angle, angle))
+    cos, sin = emb.cos().to(torch.float32), emb.sin().to(torch.float32)
+    k = keys[..., :rot].float()
+    half = rot // 2
+    rotated_half = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+    out = (k * cos + rotated_half * sin).to(keys.dtype)
+    if rot == keys.shape[-1]:
+        return out
+    return torch.cat((out, keys[..., rot:]), dim=-1)

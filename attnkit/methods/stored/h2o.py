@@ -1,0 +1,75 @@
+"""H2O: heavy-hitter eviction by accumulated attention, plus a recent window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnkit.hf.cache import KVLayer
+from attnkit.methods.base import LayerContext, Method, check_int
+
+
+class H2OLayer(KVLayer):
+    """Per KV head: the ``recent`` newest slots plus the ``heavy`` slots with the most accumulated attention.
+
+    acc: (B, Hkv, capacity) float32, attention each slot has received so far, summed over queries and over the
+    query heads of its GQA group.
+    """
+
+    wants_probs = "all"
+    slot_buffers = ("keys", "values", "pos", "acc")
+
+    def __init__(self, heavy: int, recent: int, layer_idx: int, run) -> None:
+        super().__init__(layer_idx, run)
+        self.heavy, self.recent = heavy, recent
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.acc = torch.zeros(self.pos.shape, dtype=torch.float32, device=self.device)
+
+    def observe(self, probs: torch.Tensor) -> None:
+        b, h, _, n = probs.shape
+        per_kv = probs.sum(2).view(b, self.keys.shape[1], -1, n).sum(2)  # (B, Hkv, n)
+        self.acc[:, :, :n] += per_kv
+
+    def compact(self) -> None:
+        budget = self.heavy + self.recent
+        if self.n <= budget:
+            return
+        idx = self.recent_and_top(self.acc[:, :, : self.n - self.recent], budget, self.recent)
+        self.keep_slots(idx)
+
+
+@dataclass
+class H2O(Method):
+    """Heavy-Hitter Oracle: keep the tokens that have received the most attention, plus the newest ones.
+
+    Paper: H2O, Zhang et al., NeurIPS 2023 (https://arxiv.org/abs/2306.14048). A few tokens collect most of the
+    attention mass; accumulated attention identifies them, and a greedy eviction of the lowest-scored token per
+    step keeps the KV cache at a fixed budget.
+
+    Per KV head (query heads of a GQA group add their scores), every forward: attention probabilities of all
+    queries are added to each slot's score; then, if more than ``heavy + recent`` tokens are held, the ``recent``
+    newest are kept and the ``heavy`` best-scored among the rest. During decoding this evicts one token per step,
+    as in the paper; a prefill chunk is scored as a whole and evicted at its end (the paper scores the whole
+    prompt at once, which equals one chunk). Needs probabilities: attention on these layers runs eagerly in
+    float32. Shapes: keys/values (B, Hkv, heavy + recent + q, D) during a forward.
+    """
+
+    name = "h2o"
+    summary = "heavy hitters by accumulated attention + recent window, evicted every step"
+    paper = "https://arxiv.org/abs/2306.14048"
+
+    heavy: int = 512
+    recent: int = 512
+
+    def __post_init__(self) -> None:
+        check_int(self.name, "heavy", self.heavy, 0)
+        check_int(self.name, "recent", self.recent, 1)
+
+    def kv_budget(self) -> int:
+        return self.heavy + self.recent
+
+    def make_layer(self, ctx: LayerContext) -> KVLayer:
+        return H2OLayer(self.heavy, self.recent, ctx.layer_idx, ctx.run)
