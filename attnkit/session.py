@@ -33,7 +33,8 @@ class Run:
     method : the active method instance
     cache : the most recent cache this run built (the one ``model.generate`` or ``attnkit.generate`` used)
     peak_kv_bytes : the largest KV storage any of this run's caches held after a forward
-    recorder : optional callback ``(layer_idx, query, key, value, mask, out)`` for tests and analysis
+    recorder : optional callback receiving, per layer call, a dict (layer, query, key, value, mask, scaling, out):
+        what was attended and the explicit (B, Hkv|1, q, n) mask of what the method let each query see (None: all)
     """
 
     def __init__(self, model: torch.nn.Module, method: Method) -> None:

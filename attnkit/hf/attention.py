@@ -56,7 +56,7 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
             _, probs, _ = dense_attention(query[:, :, -w:], key, value, sub_mask, scaling)
             layer.observe(probs)
     if run.recorder is not None:
-        run.recorder(layer.layer_idx, query, key, value, mask, out)
+        run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask, scaling=scaling, out=out))
     layer.compact()
     return out
 

@@ -82,6 +82,7 @@ class TokenSelect(Method):
         if run.recorder is not None:
             chosen = torch.zeros(b, n, dtype=torch.bool, device=key.device).scatter_(1, idx, True)
             causal = layer.stored_pos()[:, :1].unsqueeze(-2) <= layer.qpos.view(1, 1, -1, 1)  # (B, 1, q, n)
-            run.recorder(layer.layer_idx, query, key, value, causal & chosen.view(b, 1, 1, n), out)
+            mask = causal & chosen.view(b, 1, 1, n)
+            run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask, scaling=scaling, out=out))
         layer.compact()
         return out

@@ -1,0 +1,236 @@
+"""Command line: ``attnkit methods | generate | ppl``.
+
+Every expected error (bad method or setting, unknown model, missing file, method that cannot run on the model)
+is reported as one ``attnkit: error: ...`` line with exit code 2 (130 on Ctrl-C); ``--debug`` re-raises instead.
+Methods and their settings are validated before the model is loaded, so typos fail instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+import attnkit
+from attnkit.generate import encode
+from attnkit.methods.base import Method
+from attnkit.session import text_config
+
+MiB = 2**20
+
+
+def load(name: str, device: str, dtype: str | None) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) for a model name; the one seam tests monkeypatch."""
+    from attnkit.models import load_model  # imported late: loading pulls in GGUF machinery
+
+    return load_model(name, device=device, dtype=dtype)
+
+
+# -- argument parsing -------------------------------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: int, then float, then bool (true/false), else the string itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_setting(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, parsed value)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{item}'")
+    return key.strip(), parse_value(value.strip())
+
+
+def _number(kind: type, lo: float, hi: float | None = None, open_lo: bool = False):
+    def check(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: '{text}'") from None
+        if (x <= lo if open_lo else x < lo) or (hi is not None and x > hi):
+            bound = f"> {lo}" if open_lo else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range; accepted: {bound}" + (f" and <= {hi}" if hi is not None else ""))
+        return x
+
+    return check
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", default="smollm2-135m", help="model name (default: %(default)s)")
+    model.add_argument("--method", default="full", help="attention method (see `attnkit methods`; default: full)")
+    model.add_argument("--set", dest="settings", action="append", default=[], type=parse_setting,
+                       metavar="KEY=VALUE", help="method setting, repeatable (e.g. --set window=1020)")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="default: float32 on CPU, bfloat16 on CUDA")
+
+    parser = argparse.ArgumentParser(prog="attnkit", description=__doc__.split("\n")[0], parents=[common])
+    parser.add_argument("--version", action="version", version=f"attnkit {attnkit.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("methods", parents=[common], help="list registered methods")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("generate", parents=[common, model], help="generate text with a method active")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt from a file ('-' for stdin)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the tokenizer's chat template (default: on)")
+    p.add_argument("--max-new-tokens", type=_number(int, 1), default=64)
+    p.add_argument("--prefill-chunk", type=_number(int, 1), default=512)
+    p.add_argument("--max-prompt-tokens", type=_number(int, 1), help="refuse prompts longer than this")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=_number(float, 0.0, open_lo=True), default=1.0)
+    p.add_argument("--top-p", type=_number(float, 0.0, 1.0, open_lo=True), default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text + stats")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("ppl", parents=[common, model], help="perplexity of a long text with a method active")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-file", type=Path, help="text to score")
+    src.add_argument("--essays", action="store_true", help="use the bundled essays")
+    p.add_argument("--tokens", type=_number(int, 2), default=4096, help="score at most this many tokens")
+    p.add_argument("--chunk", type=_number(int, 1), default=256, help="tokens per forward")
+    p.add_argument("--csv", type=Path, help="write per-token NLL (target_pos,nll) to this file")
+    p.set_defaults(func=cmd_ppl)
+    return parser
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+def method_from(args: argparse.Namespace) -> Method:
+    """The method with its settings, validated (raises ValueError) before any model is loaded."""
+    return attnkit.make_method(args.method, **dict(args.settings))
+
+
+def read_text(path: Path) -> str:
+    return sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+
+
+def warn_context(model: torch.nn.Module, method: Method, name: str, tokens: int) -> None:
+    """One-line warning when an unbounded method runs past the model's trained context (it degrades, not fails)."""
+    max_pos = getattr(text_config(model), "max_position_embeddings", None)
+    if method.kv_budget() is None and max_pos and tokens > max_pos:
+        print(f"attnkit: warning: {tokens} tokens exceed {name}'s context of {max_pos} positions; "
+              f"{method.name} keeps them all and will degrade (a method with a KV budget, e.g. streaming_llm, "
+              "will not)", file=sys.stderr)
+
+
+# -- commands ---------------------------------------------------------------------------------------------------
+def cmd_methods(args: argparse.Namespace) -> int:
+    rows = attnkit.methods()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [("NAME", "KIND", "DEFAULTS", "SUMMARY")]
+    for m in rows:
+        defaults = " ".join(f"{k}={v}" for k, v in m["defaults"].items()) or "-"
+        table.append((m["name"], m["kind"], defaults, m["summary"]))
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    method = method_from(args)
+    if args.prompt is None and args.prompt_file is None:
+        raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    prompt = args.prompt if args.prompt is not None else read_text(args.prompt_file)
+    model, tok = load(args.model, args.device, args.dtype)
+    ids = encode(tok, prompt, args.chat, next(model.parameters()).device)
+    n = ids.shape[-1]
+    if args.max_prompt_tokens is not None and n > args.max_prompt_tokens:
+        raise ValueError(f"the prompt holds {n} tokens, more than --max-prompt-tokens {args.max_prompt_tokens}")
+    warn_context(model, method, args.model, n + args.max_new_tokens)
+    with attnkit.apply(model, method) as run:
+        gen = attnkit.generate(model, tok, ids, max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk,
+                               do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        peak = run.peak_kv_bytes
+    if args.json:
+        out = {"text": gen.text, "new_tokens": len(gen.tokens), "prompt_tokens": gen.prompt_tokens,
+               "prefill_s": gen.prefill_s, "decode_s": gen.decode_s, "s_per_token": gen.s_per_token,
+               "kv_bytes": gen.kv_bytes, "stats": gen.stats}
+        print(json.dumps(out))
+        return 0
+    print(gen.text)
+    print(f"[{method}] prompt {gen.prompt_tokens} tok | prefill {gen.prefill_s:.2f} s | "
+          f"{1000 * gen.s_per_token:.1f} ms/token ({len(gen.tokens)} tok) | "
+          f"KV {gen.kv_bytes / MiB:.2f} MiB held (peak {peak / MiB:.2f})")
+    return 0
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    method = method_from(args)
+    text = read_text(args.text_file) if args.text_file is not None else None
+    model, tok = load(args.model, args.device, args.dtype)
+    if text is None:
+        from attnkit.data import essay_tokens
+
+        ids = essay_tokens(tok, args.tokens)
+    else:
+        ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
+    warn_context(model, method, args.model, ids.shape[-1])
+    with attnkit.apply(model, method) as run:
+        nll = attnkit.perplexity(model, tok, ids, chunk=args.chunk, progress=True)
+        held = run.kv_bytes()
+    print(f"{method} on {args.model}: {nll.numel() + 1} tokens, chunk {args.chunk}, KV {held / MiB:.2f} MiB held")
+    print(f"ppl {math.exp(nll.mean().item()):.3f}")
+    start = 1
+    for i, part in enumerate(torch.tensor_split(nll, 4)):
+        if part.numel():
+            end = start + part.numel() - 1
+            print(f"  quarter {i + 1} (tokens {start}-{end}): ppl {math.exp(part.mean().item()):.3f}")
+            start = end + 1
+    if args.csv is not None:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["target_pos", "nll"])
+            w.writerows((i + 1, f"{v:.6f}") for i, v in enumerate(nll.tolist()))
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------------------------------
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("attnkit: error: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, NotImplementedError) as exc:  # ModelLoadError is a ValueError
+        if debug:
+            raise
+        print(f"attnkit: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

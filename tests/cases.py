@@ -1,0 +1,30 @@
+"""The shared list of methods x settings every generic test runs over.
+
+``roomy`` settings hold at least the whole test context (the method must then equal the dense model);
+``tight`` settings force eviction or selection on the test context (the method must then equal the dense
+reference under the mask of what it kept).
+"""
+
+from __future__ import annotations
+
+# name -> (roomy settings, tight settings) for tiny models with contexts of ~40-70 tokens
+TINY = {
+    "full": ({}, {}),
+    "window": ({"window": 128}, {"window": 12}),
+    "streaming_llm": ({"sinks": 4, "window": 124}, {"sinks": 3, "window": 10}),
+    "h2o": ({"heavy": 64, "recent": 64}, {"heavy": 8, "recent": 6}),
+    "snapkv": ({"budget": 128, "window": 8}, {"budget": 16, "window": 4, "kernel": 3}),
+    "tokenselect": ({"top_k": 128, "sinks": 4, "local": 8}, {"top_k": 8, "sinks": 2, "local": 4}),
+}
+
+# the same for SmolLM2 on a ~400-token prompt
+REAL = {
+    "full": ({}, {}),
+    "window": ({"window": 1024}, {"window": 96}),
+    "streaming_llm": ({"sinks": 4, "window": 1020}, {"sinks": 4, "window": 92}),
+    "h2o": ({"heavy": 512, "recent": 512}, {"heavy": 48, "recent": 48}),
+    "snapkv": ({"budget": 1024, "window": 32}, {"budget": 96, "window": 16}),
+    "tokenselect": ({"top_k": 1024, "sinks": 16, "local": 64}, {"top_k": 32, "sinks": 8, "local": 32}),
+}
+
+METHODS = list(TINY)

@@ -1,0 +1,102 @@
+"""Registry, validation, RoPE re-rotation and error messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import attnkit
+from attnkit.hf.rope import find_rotary, inv_freq_for, rotate_keys
+from tiny import tiny_gemma3, tiny_llama
+
+
+def test_methods_listing_has_summaries_and_defaults():
+    listed = {m["name"]: m for m in attnkit.methods()}
+    assert {"full", "window", "streaming_llm", "h2o", "snapkv", "tokenselect"} <= set(listed)
+    assert listed["streaming_llm"]["defaults"] == {"sinks": 4, "window": 1020}
+    assert all(m["summary"] for m in listed.values())
+
+
+def test_unknown_method_suggests_the_closest():
+    with pytest.raises(ValueError, match="did you mean 'streaming_llm'"):
+        attnkit.make_method("streamingllm")
+
+
+@pytest.mark.parametrize(
+    "name, settings, field",
+    [
+        ("window", {"window": 0}, "window"),
+        ("window", {"window": 2.5}, "window"),
+        ("streaming_llm", {"sinks": -1}, "sinks"),
+        ("h2o", {"recent": 0}, "recent"),
+        ("snapkv", {"budget": 8, "window": 32}, "budget"),
+        ("snapkv", {"kernel": 4}, "kernel"),
+        ("snapkv", {"pooling": "median"}, "pooling"),
+        ("tokenselect", {"top_k": 0}, "top_k"),
+    ],
+)
+def test_invalid_settings_name_field_value_and_range(name, settings, field):
+    with pytest.raises(ValueError) as err:
+        attnkit.make_method(name, **settings)
+    msg = str(err.value)
+    assert name in msg and f"{field}=" in msg and "accepted" in msg
+
+
+def test_unknown_setting_suggests_the_closest():
+    with pytest.raises(ValueError, match="did you mean 'sinks'"):
+        attnkit.make_method("streaming_llm", sink=4)
+
+
+def test_budget_beyond_model_context_is_refused():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="exceeds the model's context of 2048"):
+        attnkit.apply(model, "window", window=4096)
+
+
+def test_rope_method_on_model_without_rope_is_refused():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
+    with pytest.raises(ValueError, match="needs a model with rotary position embeddings"):
+        attnkit.apply(model, "streaming_llm", sinks=2, window=8)
+
+
+def test_padded_batch_is_refused_with_a_clear_message():
+    model = tiny_llama()
+    ids = torch.randint(3, 256, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with attnkit.apply(model, "window", window=16), pytest.raises(ValueError, match="padded batches"):
+        model(ids, attention_mask=mask)
+
+
+def test_import_patches_nothing():
+    code = (
+        "import transformers.masking_utils as mu, transformers.modeling_utils as m;"
+        "before = (dict(m.ALL_ATTENTION_FUNCTIONS._global_mapping), dict(mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping));"
+        "import attnkit;"
+        "after = (dict(m.ALL_ATTENTION_FUNCTIONS._global_mapping), dict(mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping));"
+        "assert before == after and 'attnkit' not in after[0], 'import changed transformers'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma3-full", "gemma3-sliding"])
+def test_rotate_keys_equals_the_models_rope_at_the_shifted_position(which):
+    model = tiny_llama() if which == "llama" else tiny_gemma3()
+    layer_type = None if which == "llama" else which.split("-")[1] + "_attention"
+    rotary = find_rotary(model)
+    k = torch.randn(1, 2, 1, 16)
+    x = torch.zeros(1, 1, 16)
+
+    def rope_at(p: int) -> torch.Tensor:
+        pos = torch.tensor([[p]])
+        cos, sin = rotary(x, pos, layer_type) if layer_type else rotary(x, pos)
+        return apply_rotary_pos_emb(k, k, cos, sin)[1]
+
+    for p, shift in [(3, 5), (100, 1000), (1500, -700)]:
+        got = rotate_keys(rope_at(p), shift, inv_freq_for(model, layer_type))
+        assert torch.allclose(got, rope_at(p + shift), atol=1e-4), (p, shift, (got - rope_at(p + shift)).abs().max())
