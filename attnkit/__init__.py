@@ -4,11 +4,8 @@ Importing attnkit changes nothing in transformers: methods are registered and in
 ``attnkit.apply(...)`` blocks.
 """
 
-from attnkit.generate import Generation, generate, perplexity
-try:
-    from attnkit.models import load_model
-except ImportError:  # TEMP
-    pass
+from attnkit.inference import Generation, generate, perplexity
+from attnkit.models import load_model
 from attnkit.reference import dense_attention
 from attnkit.registry import make_method, methods
 from attnkit.session import Run, apply

