@@ -118,6 +118,22 @@ def test_window_and_sinks_kept_exactly(model):
                 assert run.cache.layers[i].evicted == seen - 13
 
 
+def test_streaming_sinks_sit_at_their_cache_relative_positions(model):
+    """Each sink key equals the dense model's key of that token, rotated forward by the tokens evicted so far."""
+    from attnkit.hf.rope import inv_freq_for, rotate_keys
+
+    ids = ids_for(70, seed=9)
+    with torch.no_grad():
+        with attnkit.apply(model, "full") as dense:
+            stream(model, ids[:, :4], chunk=4, decode=0)
+        with attnkit.apply(model, "streaming_llm", sinks=3, window=10) as run:
+            stream(model, ids, chunk=9, decode=20)
+    for i in global_layers(run):
+        layer = run.cache.layers[i]
+        want = rotate_keys(dense.cache.layers[i].keys[:, :, :3].float(), layer.evicted, inv_freq_for(model, run.layer_types[i]))
+        assert_close(layer.keys[:, :, :3], want, f"layer {i} sinks after {layer.evicted} evictions", ATTN_TOL[DTYPE])
+
+
 def test_h2o_keeps_recent_and_budget(model):
     ids = ids_for(50, seed=3)
     with torch.no_grad(), attnkit.apply(model, "h2o", heavy=8, recent=6) as run:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from attnkit.reference import dense_attention, expand_kv
 
@@ -31,12 +32,13 @@ def sdpa(
     mask: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """Fused attention. query (B, H, q, D); key/value (B, Hkv, n, D); mask (B, 1 or Hkv, q, n) bool -> (B, H, q, D).
+    """Fused attention. query (B, H, q, D); key/value (B, Hkv, n, D); mask (B, 1 or Hkv, q, n) bool, or a
+    ``CausalBias`` -> (B, H, q, D).
 
     GQA goes through ``enable_gqa`` so the cache is never copied per query head (repeating KV heads cost
     more than the attention itself on a 32K decode step).
     """
-    if mask is not None and mask.shape[1] not in (1, query.shape[1]):
+    if mask is not None and not isinstance(mask, CausalBias) and mask.shape[1] not in (1, query.shape[1]):
         mask = expand_kv(mask, query.shape[1])
     gqa = key.shape[1] != query.shape[1]
     with sdpa_kernel(_BACKENDS):
@@ -48,9 +50,15 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
 
     query (B, H, q, D); key/value (B, Hkv, n, D) -> (B, H, q, D) in the query's dtype.
     """
-    mask = layer.mask()
     wants = layer.wants_probs
-    if wants == "all" or softcap is not None:
+    q, n = query.shape[2], key.shape[2]
+    # A prefill chunk over a cache that holds every earlier token in order is plain bottom-right causal: give SDPA
+    # that bias instead of a (q, n) bool mask, which would push it to a slower masked kernel.
+    plain_causal = q > 1 and wants is None and softcap is None and run.recorder is None and layer.holds_prefix()
+    mask = None if plain_causal else layer.mask()
+    if plain_causal:
+        out = sdpa(query, key, value, causal_lower_right(q, n), scaling)
+    elif wants == "all" or softcap is not None:
         out, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)
         out = out.to(query.dtype)
         if wants:

@@ -151,6 +151,11 @@ class KVLayer(CacheLayerMixin):
     #: attnkit policies; a subclass that keeps stale slots must set False).
     all_visible_in_decode = True
 
+    def holds_prefix(self) -> bool:
+        """True when the layer holds every token seen so far, in position order, with no extra visibility rule:
+        its mask is then plain bottom-right causal (host ints only, no device check)."""
+        return self.n == self.seen and self.shared_layout and type(self).visible is KVLayer.visible
+
     def observe(self, probs: torch.Tensor) -> None:
         """Receive (B, H, q', n) attention probabilities of the queries named by :attr:`wants_probs`."""
 
@@ -198,7 +203,7 @@ class WindowLayer(KVLayer):
         self.sinks = sinks
         self.on_evict = on_evict
         self.evicted = 0  # tokens evicted so far
-        self.sink_keys: torch.Tensor | None = None  # un-shifted sink keys, kept by StreamingLLM
+        self.sink_keys: torch.Tensor | None = None  # float32 running copy of the shifted sink keys (StreamingLLM)
 
     def held_bytes(self) -> int:
         extra = 0 if self.sink_keys is None else self.sink_keys.nbytes

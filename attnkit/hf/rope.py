@@ -43,15 +43,19 @@ def inv_freq_for(model: nn.Module, layer_type: str | None = None) -> torch.Tenso
     return freq.detach().clone()
 
 
-def rotate_keys(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate post-RoPE keys (..., D) as if they sat ``offset`` positions later (negative: earlier).
-
-    Uses HF's rotate-half layout; with partial rotary (2 * len(inv_freq) < D) only the leading dims turn.
-    """
-    rot = 2 * inv_freq.shape[0]
-    angle = offset * inv_freq.to(device=keys.device, dtype=torch.float64)
+def rotation(offset: int, inv_freq: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (D_rot,) float32, of a shift by ``offset`` positions (angles computed in float64)."""
+    angle = offset * inv_freq.to(device=device, dtype=torch.float64)
     emb = torch.cat((angle, angle))
-    cos, sin = emb.cos().to(torch.float32), emb.sin().to(torch.float32)
+    return emb.cos().to(torch.float32), emb.sin().to(torch.float32)
+
+
+def apply_rotation(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate post-RoPE keys (..., D) by a precomputed shift, HF's rotate-half layout, in float32.
+
+    With partial rotary (len(cos) < D) only the leading dims turn. Returns the keys' dtype.
+    """
+    rot = cos.shape[0]
     k = keys[..., :rot].float()
     half = rot // 2
     rotated_half = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
@@ -59,3 +63,8 @@ def rotate_keys(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torc
     if rot == keys.shape[-1]:
         return out
     return torch.cat((out, keys[..., rot:]), dim=-1)
+
+
+def rotate_keys(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate post-RoPE keys (..., D) as if they sat ``offset`` positions later (negative: earlier)."""
+    return apply_rotation(keys, *rotation(offset, inv_freq, keys.device))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnkit.hf.cache import KVLayer, WindowLayer
-from attnkit.hf.rope import inv_freq_for, rotate_keys
+from attnkit.hf.rope import apply_rotation, inv_freq_for, rotation
 from attnkit.methods.base import LayerContext, Method, check_int
 
 
@@ -46,12 +46,17 @@ class StreamingLLM(Method):
 
     def make_layer(self, ctx: LayerContext) -> KVLayer:
         inv_freq = inv_freq_for(ctx.model, ctx.layer_type)
+        shifts: dict[int, tuple] = {}  # eviction size -> (cos, sin): decode always evicts 1, prefill one chunk
 
         def rotate_sinks(layer: WindowLayer, n_evicted: int) -> None:
-            # Rotate from the original sink keys by the total shift: one rounding, however long the stream.
+            # The running sink keys stay in float32 and turn by each eviction's shift: a few kernels per step,
+            # and no bf16 rounding accumulates however long the stream runs.
             s = layer.sinks
             if layer.sink_keys is None:
-                layer.sink_keys = layer.keys[:, :, :s].clone()
-            layer.keys[:, :, :s] = rotate_keys(layer.sink_keys, layer.evicted, inv_freq)
+                layer.sink_keys = layer.keys[:, :, :s].float()
+            if n_evicted not in shifts:
+                shifts[n_evicted] = rotation(n_evicted, inv_freq, layer.keys.device)
+            layer.sink_keys = apply_rotation(layer.sink_keys, *shifts[n_evicted])
+            layer.keys[:, :, :s] = layer.sink_keys
 
         return WindowLayer(self.window, self.sinks, ctx.layer_idx, ctx.run, on_evict=rotate_sinks)
