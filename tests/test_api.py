@@ -100,3 +100,13 @@ def test_rotate_keys_equals_the_models_rope_at_the_shifted_position(which):
     for p, shift in [(3, 5), (100, 1000), (1500, -700)]:
         got = rotate_keys(rope_at(p), shift, inv_freq_for(model, layer_type))
         assert torch.allclose(got, rope_at(p + shift), atol=1e-4), (p, shift, (got - rope_at(p + shift)).abs().max())
+
+
+@pytest.mark.parametrize("name", ["window", "streaming_llm", "h2o", "snapkv", "tokenselect"])
+@pytest.mark.parametrize("tokens", [16, 256, 4096])
+def test_for_budget_holds_or_reads_that_many_tokens(name, tokens):
+    method = attnkit.registry.method_class(name).for_budget(tokens)
+    if name == "tokenselect":
+        assert method.sinks + method.top_k + method.local == tokens
+    else:
+        assert method.kv_budget() == tokens

@@ -65,6 +65,14 @@ class Method:
     def settings(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def for_budget(cls, tokens: int) -> "Method":
+        """An instance holding about ``tokens`` KV entries per layer and head, for budget sweeps.
+
+        The default (methods without a budget, e.g. ``full``) ignores ``tokens`` and returns the defaults.
+        """
+        return cls()
+
     def kv_budget(self) -> int | None:
         """Tokens kept per layer and KV head between forwards (None: unbounded)."""
         return None

@@ -47,6 +47,12 @@ class TokenSelect(Method):
         check_int(self.name, "sinks", self.sinks, 0)
         check_int(self.name, "local", self.local, 0)
 
+    @classmethod
+    def for_budget(cls, tokens: int) -> "TokenSelect":
+        """Tokens read per step: the paper's 128 / 512 / 2048 proportions (1/21, 4/21, 16/21) of ``tokens``."""
+        sinks, local = max(1, tokens // 21), max(1, 4 * tokens // 21)
+        return cls(top_k=max(1, tokens - sinks - local), sinks=sinks, local=local)
+
     def select(self, query: torch.Tensor, key: torch.Tensor, past: int) -> torch.Tensor:
         """Indices (B, sinks + top_k + local) of the past slots to read, ascending.
 

@@ -69,6 +69,11 @@ class H2O(Method):
         check_int(self.name, "heavy", self.heavy, 0)
         check_int(self.name, "recent", self.recent, 1)
 
+    @classmethod
+    def for_budget(cls, tokens: int) -> "H2O":
+        # The paper's split: half heavy hitters, half recent tokens.
+        return cls(heavy=tokens // 2, recent=tokens - tokens // 2)
+
     def kv_budget(self) -> int:
         return self.heavy + self.recent
 

@@ -77,6 +77,10 @@ class SnapKV(Method):
             raise ValueError(f"{self.name}: kernel={self.kernel} is invalid; accepted: an odd integer >= 1")
         check_choice(self.name, "pooling", self.pooling, ("avg", "max"))
 
+    @classmethod
+    def for_budget(cls, tokens: int) -> "SnapKV":
+        return cls(budget=tokens, window=min(32, tokens // 4))
+
     def kv_budget(self) -> int:
         return self.budget
 

@@ -41,6 +41,11 @@ class StreamingLLM(Method):
         check_int(self.name, "sinks", self.sinks, 0)
         check_int(self.name, "window", self.window, 1)
 
+    @classmethod
+    def for_budget(cls, tokens: int) -> "StreamingLLM":
+        sinks = min(4, tokens - 1)
+        return cls(sinks=sinks, window=tokens - sinks)
+
     def kv_budget(self) -> int:
         return self.sinks + self.window
 

@@ -28,6 +28,10 @@ class Window(Method):
     def __post_init__(self) -> None:
         check_int(self.name, "window", self.window, 1)
 
+    @classmethod
+    def for_budget(cls, tokens: int) -> "Window":
+        return cls(window=tokens)
+
     def kv_budget(self) -> int:
         return self.window
 
