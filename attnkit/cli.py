@@ -1,4 +1,4 @@
-"""Command line: ``attnkit methods | generate | ppl``.
+"""Command line: ``attnkit methods | generate | ppl | eval | report``.
 
 Every expected error (bad method or setting, unknown model, missing file, method that cannot run on the model)
 is reported as one ``attnkit: error: ...`` line with exit code 2 (130 on Ctrl-C); ``--debug`` re-raises instead.
@@ -111,6 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=_number(int, 1), default=256, help="tokens per forward")
     p.add_argument("--csv", type=Path, help="write per-token NLL (target_pos,nll) to this file")
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("eval", parents=[common], help="sweep models x methods x budgets x tasks x lengths into a "
+                       "results database (resumable)")
+    p.add_argument("--model", default="smollm2-135m", help="model name(s), comma-separated (default: %(default)s)")
+    p.add_argument("--methods", default="full", help="comma-separated methods (default: %(default)s)")
+    p.add_argument("--budgets", default="1024",
+                   help="KV budgets, comma-separated: tokens (512) or a ratio of the context (0.25 or 25%%); "
+                        "methods without a budget (full) run once (default: %(default)s)")
+    p.add_argument("--tasks", default="ruler", help="task names or suites (ruler, retrieval, passkey, niah, ppl), "
+                   "comma-separated (default: %(default)s)")
+    p.add_argument("--lengths", default="4096", help="context lengths in tokens, comma-separated, e.g. 2048,4k "
+                   "(default: %(default)s)")
+    p.add_argument("--samples", type=_number(int, 1), default=20, help="samples per cell (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="task seed (default: %(default)s)")
+    p.add_argument("--db", type=Path, default=Path("results.db"), help="SQLite results database (default: %(default)s)")
+    p.add_argument("--shard", default="0/1", help="run only shard i of n of the grid, e.g. 0/4 (default: all)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: one Ray task per cell (one per GPU) (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap inputs in the tokenizer's chat template (default: on; --no-chat for base models)")
+    p.add_argument("--prefill-chunk", type=_number(int, 1), default=512, help="tokens per prefill forward")
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:FUNC]",
+                   help="import a module (and call FUNC) that registers tasks, methods or models; repeatable")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", parents=[common], help="HTML + Markdown report of a results database")
+    p.add_argument("db", type=Path, help="results database written by `attnkit eval`")
+    p.add_argument("-o", "--out", type=Path, default=Path("report"), help="output folder (default: %(default)s)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -204,6 +237,76 @@ def cmd_ppl(args: argparse.Namespace) -> int:
             w = csv.writer(f)
             w.writerow(["target_pos", "nll"])
             w.writerows((i + 1, f"{v:.6f}") for i, v in enumerate(nll.tolist()))
+    return 0
+
+
+def sweep_config(args: argparse.Namespace):
+    """The sweep described by ``attnkit eval`` arguments, every name validated (nothing loaded)."""
+    from attnkit.eval import runner
+    from attnkit.eval.tasks import expand_tasks
+
+    runner.import_plugins(args.plugins)
+    config = runner.SweepConfig(
+        models=runner.split_list(args.model), methods=runner.split_list(args.methods),
+        budgets=runner.split_list(args.budgets), tasks=expand_tasks(args.tasks),
+        lengths=runner.parse_lengths(args.lengths),
+        samples=args.samples, seed=args.seed, chat=args.chat, device=args.device, dtype=args.dtype,
+        prefill_chunk=args.prefill_chunk, shard=runner.parse_shard(args.shard), plugins=list(args.plugins),
+    )
+    runner.validate(config)
+    return config
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from attnkit.eval import runner
+    from attnkit.eval.executors import get_executor
+    from attnkit.eval.store import Store
+
+    config = sweep_config(args)
+    execute = get_executor(args.executor)
+    if not args.db.parent.is_dir():
+        raise FileNotFoundError(2, "No such file or directory", str(args.db.parent))
+    try:
+        store = Store(args.db)
+    except sqlite3.Error as exc:
+        raise ValueError(f"{args.db}: cannot open the results database ({exc})") from None
+    with store:
+        cells, mine = runner.prepare(config, store)
+        i, n = config.shard
+        shard = f" (shard {i}/{n}: {len(mine)} of {len(cells)} cells)" if n > 1 else ""
+        print(f"attnkit eval: {len(cells)} cells x {config.samples} samples{shard} -> {args.db}", file=sys.stderr)
+        try:
+            written = execute(mine, config, store, args.progress)
+        except KeyboardInterrupt:
+            if getattr(args, "debug", False):
+                raise
+            done = store.done_many(c.key for c in mine)
+            have = sum(len(done[c.key] & set(range(config.samples))) for c in mine)
+            print(f"attnkit: interrupted: {have}/{len(mine) * config.samples} samples are stored in {args.db}; "
+                  "run the same command again to resume", file=sys.stderr)
+            return 130
+        except sqlite3.Error as exc:
+            raise ValueError(f"{args.db}: {exc}") from None
+        print(f"attnkit eval: {written} new rows, {store.count()} in {args.db}", file=sys.stderr)
+        print(runner.summary_table(store, cells))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if not args.db.is_file():
+        raise FileNotFoundError(2, "No such file or directory", str(args.db))
+    try:
+        from attnkit.eval.report import write_report
+    except ImportError as exc:
+        if exc.name and exc.name.startswith("attnkit.eval.report"):
+            raise ValueError("this attnkit has no report module (attnkit.eval.report)") from None
+        raise ValueError(f"the report needs {exc.name or 'a missing package'}: {exc}") from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    html, md = write_report(args.db, args.out)
+    print(f"wrote {html}")
+    print(f"wrote {md}")
     return 0
 
 

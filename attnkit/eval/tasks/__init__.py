@@ -4,6 +4,9 @@ A task object has ``name``, ``family`` (retrieval | multihop | aggregation | qa 
 ("generate": score a generated answer; "ppl": per-position NLL of a text) and
 ``samples(tokenizer, length, n, seed, chat=True) -> list[Sample]``, deterministic per (length, seed), sized with
 the tokenizer so that prompt + max_new_tokens fit in ``length`` tokens.
+
+Registered: RULER's 13 tasks (``attnkit.eval.tasks.ruler``), ``passkey`` and ``niah_grid``
+(``attnkit.eval.tasks.passkey``) and ``ppl`` (``attnkit.eval.tasks.ppl``). See docs/eval.md, "Tasks".
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import importlib
 from typing import Any, Protocol
 
 from attnkit.eval.sample import Sample
+from attnkit.eval.tasks import metrics as _metrics  # noqa: F401  (adds "first_integer" to METRICS)
 
 RULER = [
     "niah_single_1", "niah_single_2", "niah_single_3",
@@ -72,3 +76,11 @@ def expand_tasks(spec: str) -> list[str]:
     if not out:
         raise ValueError(f"no tasks in '{spec}'")
     return out
+
+
+for _name in RULER:
+    register_task(_name, f"attnkit.eval.tasks.ruler:{_name}")
+register_task("passkey", "attnkit.eval.tasks.passkey:passkey")
+register_task("niah_grid", "attnkit.eval.tasks.passkey:niah_grid")
+register_task("ppl", "attnkit.eval.tasks.ppl:ppl")
+del _name

@@ -1,0 +1,165 @@
+"""Where a sweep's cells run: ``local`` (this process, in grid order) or ``ray`` (one Ray task per cell).
+
+Both write through :class:`~attnkit.eval.store.Store`, one committed row per sample, so either can be interrupted
+and rerun, and both can share a database with other sweeps. An executor is ``run(cells, config, store, progress)
+-> rows written``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from attnkit.eval.runner import Cell, CellResult, SweepConfig, import_plugins, run_cell
+from attnkit.eval.store import Store
+
+Executor = Callable[[list[Cell], SweepConfig, Store, bool], int]
+
+
+class _Progress:
+    """tqdm over samples (or cells) with cells done and the running mean score (generative) / perplexity."""
+
+    def __init__(self, cells: list[Cell], store: Store, total: int, initial: int, unit: str, enabled: bool,
+                 cells_done: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.kind = {c.key: c.kind for c in cells}
+        self.n_cells, self.cells_done = len(cells), cells_done
+        self.sums = {"generate": [0.0, 0], "ppl": [0.0, 0]}
+        for key, score in store.scores(self.kind):
+            self.add(key, score)
+        self.bar = tqdm(total=total, initial=initial, unit=unit, desc="eval", disable=not enabled, dynamic_ncols=True,
+                        smoothing=0.1, mininterval=0.5)
+        self.refresh()
+
+    def add(self, key: str, score: float) -> None:
+        acc = self.sums["ppl" if self.kind[key] == "ppl" else "generate"]
+        acc[0] += score
+        acc[1] += 1
+
+    def refresh(self) -> None:
+        post = {"cells": f"{self.cells_done}/{self.n_cells}"}
+        for name, (total, count) in self.sums.items():
+            if count:
+                post["score" if name == "generate" else "ppl"] = (
+                    f"{100 * total / count:.1f}%" if name == "generate" else f"{total / count:.2f}"
+                )
+        self.bar.set_postfix(post, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_local(cells: list[Cell], config: SweepConfig, store: Store, progress: bool = True) -> int:
+    """Cells one after another in this process; the bar counts samples."""
+    n = config.samples
+    done = store.done_many(c.key for c in cells)
+    initial = sum(len(done[c.key] & set(range(n))) for c in cells)
+    complete = sum(set(range(n)) <= done[c.key] for c in cells)
+    bar = _Progress(cells, store, len(cells) * n, initial, "sample", progress, complete)
+    written = 0
+
+    def on_sample(row: dict | None) -> None:
+        if row is not None:
+            bar.add(row["cell_key"], row["score"])
+        bar.refresh()
+        bar.bar.update(1)
+
+    try:
+        for cell in cells:
+            if set(range(n)) <= done[cell.key]:
+                continue
+            result = run_cell(cell, store, n, done[cell.key], on_sample=on_sample)
+            written += result.written
+            if result.samples and result.samples != n:  # a task that makes another number of samples than asked
+                bar.bar.total += result.samples - n
+            bar.cells_done += 1
+            bar.refresh()  # shown with the next sample (or at close)
+    finally:
+        bar.close()
+    return written
+
+
+# -- Ray ----------------------------------------------------------------------------------------------------------
+def _ray_cell(cell: Cell, db: str, n: int, plugins: list[str], paths: list[str]) -> CellResult:
+    """One cell inside a Ray worker: its own store connection, the driver's plugins, its GPU as ``cuda``."""
+    for path in paths:  # plugins may live next to the driver's script (not installed)
+        if path not in sys.path:
+            sys.path.append(path)
+    import_plugins(plugins)
+    device = "cuda" if cell.device.startswith("cuda") else cell.device
+    with Store(db) as store:
+        return run_cell(cell, store, n, device=device)
+
+
+def run_ray(cells: list[Cell], config: SweepConfig, store: Store, progress: bool = True) -> int:
+    """One Ray task per cell (one GPU each on CUDA, else one CPU), each writing into the same database.
+
+    Uses the cluster named by ``RAY_ADDRESS`` or an already initialised Ray, else starts a local instance with
+    all CPUs. The database must be on a disk every worker reaches locally (one host).
+    """
+    ray = require_ray()
+    n = config.samples
+    done = store.done_many(c.key for c in cells)
+    todo = [c for c in cells if not set(range(n)) <= done[c.key]]
+    bar = _Progress(cells, store, len(cells), len(cells) - len(todo), "cell", progress, len(cells) - len(todo))
+    if not todo:
+        bar.close()
+        return 0
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, **kwargs)
+    gpu = todo[0].device.startswith("cuda")
+    remote = ray.remote(**({"num_gpus": 1} if gpu else {"num_cpus": 1}))(_ray_cell)
+    db = str(store.path.resolve())
+    paths = [p for p in sys.path if p]
+    pending = [remote.remote(cell, db, n, list(config.plugins), paths) for cell in todo]
+    written = 0
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    result: CellResult = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:
+                    cause = getattr(err, "cause", None)
+                    if isinstance(cause, (ValueError, OSError, NotImplementedError)):
+                        raise cause from None
+                    raise RuntimeError(f"a Ray task failed: {cause or err}") from None
+                written += result.written
+                for score in result.scores:
+                    bar.add(result.key, score)
+                bar.cells_done += 1
+                bar.refresh()
+                bar.bar.update(1)
+    except BaseException:
+        for ref in pending:  # Ctrl-C or a failed cell: stop the rest; their finished samples are stored
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
+        if started:
+            ray.shutdown()
+    return written
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--executor ray needs Ray: pip install 'attnkit[ray]' (or pip install 'ray>=2.9')") from None
+    return ray
+
+
+EXECUTORS: dict[str, Executor] = {"local": run_local, "ray": run_ray}
+
+
+def get_executor(name: str) -> Executor:
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor '{name}'; available: {', '.join(EXECUTORS)}")
+    if name == "ray":
+        require_ray()
+    return EXECUTORS[name]

@@ -1,0 +1,433 @@
+"""Sweeps on a tiny random Llama with a byte tokenizer and two fake tasks: the grid, budgets, shards, resuming after
+Ctrl-C and kill -9, concurrent sweeps on one database, the Ray executor and the ``eval`` / ``report`` commands.
+
+This module doubles as the sweep plugin of its subprocesses and Ray workers: ``--plugin test_runner:install``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+import signal
+import sqlite3
+import string
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.eval import runner
+from attnkit.eval import tasks as tasks_mod
+from attnkit.eval.sample import Sample
+from attnkit.eval.store import Store
+from tiny import tiny_llama  # tests/ is on sys.path (conftest.py)
+
+TESTS = Path(__file__).parent
+PLUGIN = "test_runner:install"
+
+
+# -- the plugin: a byte tokenizer, a tiny model, two fake tasks ---------------------------------------------------
+class StubTokenizer:
+    """Bytes as token ids (vocab 256). ``FAKE_DELAY`` (seconds per call) slows sweeps down for the kill tests."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __init__(self) -> None:
+        self.delay = float(os.environ.get("FAKE_DELAY", "0"))
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        if self.delay:
+            time.sleep(self.delay)
+        ids = list(text.encode("utf-8"))
+        return types.SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return bytes(t % 256 for t in tokens).decode("utf-8", errors="replace")
+
+
+class FakeTask:
+    """Random letters sized to ``length`` bytes; sample i depends only on (seed, length, i), as tasks must."""
+
+    def __init__(self, name: str, kind: str) -> None:
+        self.name, self.kind = name, kind
+        self.family = "ppl" if kind == "ppl" else "retrieval"
+
+    def samples(self, tokenizer, length, n, seed, chat=True):
+        out = []
+        for i in range(n):
+            rng = random.Random(f"{self.name}-{seed}-{length}-{i}")
+            body = "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(length - 12))
+            out.append(Sample(self.name, i, length, body, "" if self.kind == "ppl" else "A:", (rng.choice("aeiou"),),
+                              4, "string_match_all", {"depth": i / max(1, n - 1)} if self.kind != "ppl" else {}))
+        return out
+
+
+def install() -> None:
+    tasks_mod.register_task("fake_gen", FakeTask("fake_gen", "generate"))
+    tasks_mod.register_task("fake_ppl", FakeTask("fake_ppl", "ppl"))
+    def load(device, dtype):
+        return tiny_llama(dtype=getattr(torch, dtype or "float32")).to(device), StubTokenizer()
+
+    runner.register_model("tiny", load, "tiny-llama-0")
+
+
+def uninstall() -> None:
+    for name in ("fake_gen", "fake_ppl"):
+        tasks_mod._TASKS.pop(name, None)
+    runner._MODELS.pop("tiny", None)
+    runner._LOADED.clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fake():
+    install()
+    yield
+    uninstall()
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+GRID = dict(models=["tiny"], methods=["full", "streaming_llm", "snapkv"], budgets=["48"],
+            tasks=["fake_gen", "fake_ppl"], lengths=[96, 160], samples=3, seed=7, plugins=[PLUGIN])  # fmt: skip
+N_ROWS = 12 * 3  # full: 2 tasks x 2 lengths; streaming_llm and snapkv: the same at one budget
+ARGV = ["--model", "tiny", "--methods", "full,streaming_llm,snapkv", "--budgets", "48", "--tasks", "fake_gen,fake_ppl",
+        "--lengths", "96,160", "--samples", "3", "--seed", "7", "--device", "cpu", "--plugin", PLUGIN]  # fmt: skip
+
+
+def config(**over) -> runner.SweepConfig:
+    return runner.SweepConfig(**{**GRID, **over})
+
+
+def results(db, digits: int | None = None) -> set[tuple]:
+    """What must not depend on interruptions: (cell_key, sample_index, score, prediction); asserts no duplicates."""
+    with Store(db) as store:
+        rows = store.rows()
+    keys = [(r["cell_key"], r["sample_index"]) for r in rows]
+    assert len(keys) == len(set(keys)), "duplicated rows"
+    return {(r["cell_key"], r["sample_index"], r["score"] if digits is None else round(r["score"], digits),
+             r["prediction"]) for r in rows}  # fmt: skip
+
+
+def count(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def sweep_process(db: Path, *extra: str, delay: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "FAKE_DELAY": str(delay)}  # fmt: skip
+    cmd = [sys.executable, "-m", "attnkit", "eval", *ARGV, "--db", str(db), "--no-progress", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> set[tuple]:
+    """The rows of one uninterrupted in-process sweep."""
+    db = tmp_path_factory.mktemp("ref") / "ref.db"
+    result = runner.run_sweep(config(), str(db), progress=False)
+    assert result.written == N_ROWS and result.stored == result.total == N_ROWS
+    return results(db)
+
+
+# -- parsing and the grid -------------------------------------------------------------------------------------------
+def test_budget_parsing():
+    assert runner.parse_budget("512") == ("tokens", 512)
+    assert runner.parse_budget(" 1 ") == ("tokens", 1)
+    assert runner.parse_budget("0.25") == ("ratio", 0.25)
+    assert runner.parse_budget("1.0") == ("ratio", 1.0)
+    assert runner.parse_budget("25%") == ("ratio", 0.25)
+    assert runner.resolve_budget("0.25", 2048) == 512
+    assert runner.resolve_budget("0.001", 100) == 1  # a ratio never resolves to 0 tokens
+    assert runner.resolve_budget("300", 100) == 300  # a budget past the length just evicts nothing
+    for bad in ["0", "-5", "1.5", "0.0", "abc", "", "nan", "150%", "12k"]:
+        with pytest.raises(ValueError, match="accepted: a token count >= 1"):
+            runner.parse_budget(bad)
+
+
+def test_lengths_and_shard_parsing():
+    assert runner.parse_lengths("2048,4k,8K,2048") == [2048, 4096, 8192]
+    for bad in ["abc", "8", "0", ""]:
+        with pytest.raises(ValueError):
+            runner.parse_lengths(bad)
+    assert runner.parse_shard("1/4") == (1, 4) and runner.parse_shard("0/1") == (0, 1)
+    for bad in ["4/4", "-1/2", "1", "a/b", "0/0"]:
+        with pytest.raises(ValueError, match="accepted: i/n"):
+            runner.parse_shard(bad)
+
+
+def grid(**over) -> list[runner.Cell]:
+    cfg = config(**over)
+    return runner.build_grid(cfg, {m: f"hash-{m}" for m in cfg.models})
+
+
+def test_grid_collapses_full_dedupes_budgets_and_resolves_ratios():
+    cells = grid(models=["a", "b"], budgets=["64", "0.5"], lengths=[128, 256])
+    assert [c.key for c in cells] == [c.key for c in grid(models=["a", "b"], budgets=["64", "0.5"], lengths=[128, 256])]
+    assert len({c.key for c in cells}) == len(cells)
+    per_model = [c for c in cells if c.model == "a"]
+    full = [c for c in per_model if c.method == "full"]
+    assert len(full) == 4 and all(c.budget == "" and c.budget_tokens is None for c in full)
+    snap = [(c.task, c.length, c.budget, c.budget_tokens) for c in per_model if c.method == "snapkv"]
+    # 0.5 of 128 is 64 tokens: the same cell as budget 64, kept once (under the budget listed first)
+    assert snap == [("fake_gen", 128, "64", 64), ("fake_gen", 256, "64", 64), ("fake_ppl", 128, "64", 64),
+                    ("fake_ppl", 256, "64", 64), ("fake_gen", 256, "0.5", 128),
+                    ("fake_ppl", 256, "0.5", 128)]  # fmt: skip
+    assert len(cells) == 2 * (4 + 6 + 6)
+    c = next(c for c in cells if c.method == "streaming_llm" and c.budget == "0.5" and c.length == 256)
+    assert c.settings == {"sinks": 4, "window": 124} and c.dtype == "float32" and c.label() == "streaming_llm/0.5"
+
+
+def test_cell_keys_ignore_sample_count_and_track_the_config():
+    base = {c.key for c in grid()}
+    assert {c.key for c in grid(samples=50)} == base  # more samples later reuse the finished ones
+    assert {c.key for c in grid(shard=(1, 2))} == base  # the grid is the same; shards pick from it
+    for over in [dict(seed=8), dict(chat=False), dict(prefill_chunk=64), dict(dtype="bfloat16"), dict(budgets=["40"])]:
+        changed = {c.key for c in grid(**over)}
+        assert changed != base and (over.get("budgets") or not changed & base), over
+    cfg = config()
+    other = runner.build_grid(cfg, {"tiny": "another-file"})
+    assert not {c.key for c in other} & base
+    on_gpu1 = {c.key for c in grid(device="cuda:1", dtype="float32")}
+    assert on_gpu1 == {c.key for c in grid(device="cuda", dtype="float32")}  # the GPU index is not part of the key
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 40])
+def test_shards_partition_the_grid(n):
+    cells = grid(budgets=["32", "48", "0.5"], lengths=[96, 160, 224])
+    parts = [runner.shard(cells, i, n) for i in range(n)]
+    keys = [c.key for part in parts for c in part]
+    assert len(keys) == len(set(keys)) == len(cells)  # disjoint, and together the whole grid
+    assert set(keys) == {c.key for c in cells}
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+
+
+def test_invalid_sweeps_fail_with_one_line():
+    with pytest.raises(ValueError, match="budget 3 .* for snapkv: snapkv: window=0 is invalid"):
+        grid(budgets=["3"])
+    with pytest.raises(ValueError, match="unknown method 'snapkw'.*did you mean 'snapkv'"):
+        grid(methods=["snapkw"])
+    with pytest.raises(ValueError, match="unknown task 'fake_genn'"):
+        grid(tasks=["fake_genn"])
+    with pytest.raises(ValueError, match="give --budgets for snapkv"):
+        grid(methods=["full", "snapkv"], budgets=[])
+    assert len(grid(methods=["full"], budgets=[])) == 4  # full needs none
+    with pytest.raises(ValueError, match="samples=0"):
+        grid(samples=0)
+
+
+# -- running --------------------------------------------------------------------------------------------------------
+def test_rows_record_scores_costs_and_provenance(tmp_path):
+    db = tmp_path / "r.db"
+    # chunks of 32: eviction methods then hold at most budget + 32 tokens, below the full 150-token prompt
+    cfg = config(lengths=[160], methods=["full", "streaming_llm"], samples=2, prefill_chunk=32)
+    runner.run_sweep(cfg, str(db), progress=False)
+    with Store(db) as store:
+        rows = store.rows()
+    assert len(rows) == 2 * 2 * 2
+    for r in rows:
+        assert r["model"] == "tiny" and r["model_hash"] == "tiny-llama-0" and r["device"] == "cpu"
+        assert r["dtype"] == "float32" and r["attnkit_version"] == attnkit.__version__ and r["git_commit"]
+        assert r["prefill_s"] > 0 and r["peak_mem_bytes"] > 2**20 and r["length"] == 160 and r["seed"] == 7
+        cfg = json.loads(r["config_json"])
+        assert cfg["model"] == "tiny" and cfg["task"] == r["task"] and cfg["settings"] == json.loads(r["settings_json"])
+        key_fields = ("model_hash", "method", "settings", "task", "length", "seed", "chat", "dtype", "device",
+                      "prefill_chunk")  # fmt: skip
+        assert runner.cell_key({k: cfg[k] for k in key_fields}) == r["cell_key"]
+        extra = json.loads(r["extra_json"])
+        if r["task"] == "fake_ppl":
+            assert r["family"] == "ppl" and r["prediction"] == "" and r["decode_s_per_token"] is None
+            assert len(extra["nll"]) == r["prompt_tokens"] - 1 == 160 - 12 - 1
+            assert r["score"] == pytest.approx(math.exp(sum(extra["nll"]) / len(extra["nll"])), rel=1e-3)
+        else:
+            assert r["family"] == "retrieval" and r["depth"] == r["sample_index"]  # i / (n - 1) with n = 2
+            assert r["decode_s_per_token"] > 0 and extra["new_tokens"] == 4 and 0 <= r["score"] <= 1
+            assert r["prompt_tokens"] == 160 - 12 + 2 and json.loads(r["references_json"])[0] in "aeiou"
+    kv = {(r["method"], r["task"]): r["kv_bytes_peak"] for r in rows}
+    assert kv[("streaming_llm", "fake_gen")] < kv[("full", "fake_gen")]
+    streaming = next(r for r in rows if r["method"] == "streaming_llm")
+    assert streaming["budget"] == "48" and streaming["budget_tokens"] == 48
+    assert json.loads(streaming["settings_json"]) == {"sinks": 4, "window": 44}
+
+
+def test_more_samples_later_reuse_the_stored_ones(tmp_path, reference):
+    db = tmp_path / "r.db"
+    assert runner.run_sweep(config(samples=2), str(db), progress=False).written == 12 * 2
+    with Store(db) as store:
+        before = {(r["cell_key"], r["sample_index"]): r["id"] for r in store.rows()}
+    again = runner.run_sweep(config(samples=3), str(db), progress=False)
+    assert again.written == 12 and again.stored == N_ROWS
+    with Store(db) as store:
+        assert all(before[(r["cell_key"], r["sample_index"])] == r["id"] for r in store.rows() if r["sample_index"] < 2)
+    assert results(db) == reference
+    assert runner.run_sweep(config(), str(db), progress=False).written == 0  # complete: nothing loaded or run
+
+
+def test_ctrl_c_then_rerun_gives_the_uninterrupted_rows(tmp_path, monkeypatch, reference):
+    db = tmp_path / "r.db"
+    runner.get_model("tiny", "cpu", "float32")  # loaded (and warmed up) before generate is patched
+    calls = []
+    real_generate, real_ppl = attnkit.generate, attnkit.perplexity
+
+    def interrupt_after(real, k):
+        def fn(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > k:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        return fn
+
+    monkeypatch.setattr(attnkit, "generate", interrupt_after(real_generate, 7))
+    monkeypatch.setattr(attnkit, "perplexity", interrupt_after(real_ppl, 7))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_sweep(config(), str(db), progress=False)
+    assert count(db) == 7  # every sample scored before the interrupt is stored
+    monkeypatch.setattr(attnkit, "generate", real_generate)
+    monkeypatch.setattr(attnkit, "perplexity", real_ppl)
+    result = runner.run_sweep(config(), str(db), progress=False)
+    assert result.written == N_ROWS - 7
+    assert results(db) == reference
+
+
+def test_sigkill_mid_sweep_then_rerun_gives_the_uninterrupted_rows(tmp_path, reference):
+    db = tmp_path / "r.db"
+    proc = sweep_process(db, delay=0.1)
+    deadline = time.time() + 120
+    while count(db) < 5 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert 5 <= count(db) < N_ROWS
+    proc = sweep_process(db)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert results(db) == reference
+    assert f"{N_ROWS} in {db}" in err
+
+
+def test_concurrent_sweeps_on_one_database(tmp_path, reference):
+    db = tmp_path / "r.db"
+    procs = [sweep_process(db, delay=0.01), sweep_process(db, delay=0.01),
+             sweep_process(db, "--shard", "1/2", delay=0.01)]  # the same grid twice, and an overlapping shard
+    outs = [p.communicate(timeout=240) for p in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err
+        assert "locked" not in err and "Traceback" not in err
+    assert results(db) == reference
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'ray>=2.9')")
+def test_ray_executor_on_a_local_cpu_instance(tmp_path, reference):
+    db = tmp_path / "r.db"
+    runner.run_sweep(config(methods=["full"], samples=1), str(db), progress=False)  # partly done: Ray skips it
+    result = runner.run_sweep(config(), str(db), executor="ray", progress=False)
+    assert result.written == N_ROWS - 4 and result.stored == N_ROWS
+    # Ray workers run torch on one thread: float sums may round differently, so perplexities match to 4 digits
+    assert results(db, digits=4) == {(k, i, round(s, 4), p) for k, i, s, p in reference}
+
+
+# -- the command line -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def loads(monkeypatch):
+    calls = []
+    real = runner.load
+    monkeypatch.setattr(runner, "load", lambda *a: calls.append(a) or real(*a))
+    runner._LOADED.clear()
+    return calls
+
+
+def cli_run(capsys, *argv):
+    from attnkit import cli
+
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--methods", "full,snapkw"], "unknown method 'snapkw' (did you mean 'snapkv'?)"),
+    (["--tasks", "fake_gen,fake_genn"], "unknown task 'fake_genn'"),
+    (["--budgets", "48,1.5"], "budget '1.5' is invalid"),
+    (["--budgets", "3"], "budget 3 (3 tokens at length 96) for snapkv"),
+    (["--lengths", "96,abc"], "length 'abc' is invalid"),
+    (["--shard", "2/2"], "shard '2/2' is invalid"),
+    (["--model", "tiny,smolm2-135m"], "unknown model 'smolm2-135m'"),
+    (["--plugin", "no_such_module"], "--plugin no_such_module: cannot import"),
+])  # fmt: skip
+def test_eval_validates_everything_before_loading(capsys, loads, tmp_path, change, words):
+    argv = list(ARGV)
+    for i in range(0, len(change), 2):
+        flag = change[i]
+        if flag in argv and flag != "--plugin":
+            argv[argv.index(flag) + 1] = change[i + 1]
+        else:
+            argv += change[i : i + 2]
+    code, _, err = cli_run(capsys, "eval", *argv, "--db", str(tmp_path / "r.db"))
+    assert code == 2 and err.startswith("attnkit: error: ") and len(err.strip().splitlines()) == 1, err
+    assert words in err, err
+    assert loads == []
+
+
+def test_eval_command_prints_a_summary_and_resumes(capsys, loads, tmp_path, reference):
+    db = tmp_path / "r.db"
+    code, out, err = cli_run(capsys, "eval", *ARGV, "--db", str(db), "--shard", "0/2", "--no-progress")
+    assert code == 0 and "shard 0/2: 6 of 12 cells" in err and f"18 new rows, 18 in {db}" in err
+    code, out, err = cli_run(capsys, "eval", *ARGV, "--db", str(db), "--no-progress")
+    assert code == 0 and f"18 new rows, {N_ROWS} in {db}" in err
+    assert results(db) == reference
+    lines = out.strip().splitlines()
+    assert lines[0] == "| method | budget | fake_gen | fake_ppl (ppl) | avg | ms/token | peak KV MiB |"
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["full", "streaming_llm", "snapkv"]
+    assert all("-" not in line.replace("---", "").split("|")[3] for line in lines[2:])
+    assert len(loads) == 1  # one model load per process
+    code, out, err = cli_run(capsys, "eval", *ARGV, "--db", str(db), "--no-progress")
+    assert code == 0 and f"0 new rows, {N_ROWS} in {db}" in err and len(loads) == 1  # nothing to do: nothing loaded
+
+
+def test_eval_ctrl_c_says_how_to_resume(capsys, monkeypatch, tmp_path):
+    runner.get_model("tiny", "cpu", "float32")  # loaded (and warmed up) before generate is patched
+    calls = []
+    real = attnkit.generate
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attnkit, "generate", interrupt)
+    code, out, err = cli_run(capsys, "eval", *ARGV, "--db", str(tmp_path / "r.db"), "--no-progress")
+    assert code == 130 and out == ""
+    assert err.splitlines()[-1] == (f"attnkit: interrupted: 2/{N_ROWS} samples are stored in {tmp_path / 'r.db'}; "
+                                    "run the same command again to resume")  # fmt: skip
+
+
+def test_eval_missing_db_folder(capsys, loads, tmp_path):
+    code, _, err = cli_run(capsys, "eval", *ARGV, "--db", str(tmp_path / "nope" / "r.db"))
+    assert code == 2 and "No such file or directory" in err and loads == []
+
+
+def test_report_command(capsys, tmp_path, reference):
+    code, _, err = cli_run(capsys, "report", str(tmp_path / "missing.db"))
+    assert code == 2 and "No such file or directory" in err
+    if importlib.util.find_spec("attnkit.eval.report") is None:
+        pytest.skip("attnkit.eval.report not written yet")
+    db = tmp_path / "r.db"
+    runner.run_sweep(config(samples=1), str(db), progress=False)
+    code, out, err = cli_run(capsys, "report", str(db), "-o", str(tmp_path / "rep"))
+    assert code == 0, err
+    html, md = (Path(line.removeprefix("wrote ")) for line in out.splitlines())
+    assert html.is_file() and md.is_file()
