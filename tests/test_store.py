@@ -95,3 +95,11 @@ def test_concurrent_writers_neither_fail_nor_duplicate(tmp_path):
             "SELECT COUNT(*) FROM (SELECT 1 FROM results GROUP BY cell_key, sample_index HAVING COUNT(*) > 1)"
         ).fetchone()[0]
         assert dupes == 0
+
+
+def test_store_creates_missing_parent_folders(tmp_path):
+    from attnkit.eval.store import Store
+
+    path = tmp_path / "new" / "dir" / "results.db"
+    Store(path)
+    assert path.is_file()

@@ -46,6 +46,7 @@ class Store:
 
     def __init__(self, path: str | os.PathLike, timeout: float = BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # `--db results/x.db` on a fresh clone
         # isolation_level=None: no implicit transactions; each INSERT is its own atomic, committed transaction and
         # never upgrades a read lock (which in WAL mode fails with SQLITE_BUSY without waiting).
         self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
