@@ -266,8 +266,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = sweep_config(args)
     execute = get_executor(args.executor)
-    if not args.db.parent.is_dir():
-        raise FileNotFoundError(2, "No such file or directory", str(args.db.parent))
     try:
         store = Store(args.db)
     except sqlite3.Error as exc:
