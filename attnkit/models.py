@@ -105,6 +105,9 @@ def load_model(
                 model, tokenizer = _from_pretrained(str(folder), torch_dtype, gguf_file=gguf_file)
         except (OSError, ValueError, ImportError) as err:
             raise ModelLoadError(f"{path}: cannot load model ({_first_line(err)})") from err
+    if kind == "gguf":
+        # transformers rebuilds the tokenizer from the GGUF's vocabulary; some versions get it wrong.
+        _check_gguf_tokenizer(tokenizer, _gguf_scalars(Path(source)), source)
     model.eval()
     model.to(torch_device)
     _fill_pad_tokens(model, tokenizer)
@@ -235,8 +238,55 @@ def _check_gguf(path: Path) -> None:
         )
 
 
-def _gguf_data_end(buf: mmap.mmap) -> int:
-    """Return the byte offset where a GGUF file's last tensor ends, parsing only the header."""
+def _gguf_scalars(path: Path) -> dict[str, object]:
+    """The scalar metadata of a GGUF file (e.g. ``tokenizer.ggml.add_bos_token``); arrays and strings skipped."""
+    scalars: dict[str, object] = {}
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        _gguf_data_end(buf, scalars)
+    return scalars
+
+
+# Common words that any real LLM vocabulary (32K+ entries) holds whole: a working tokenizer gives about
+# one token each. transformers 5.17 rebuilds Gemma-3's GGUF tokenizer without its merges and splits them
+# into pieces ("the" -> "t", "he"), which feeds the model text it never saw.
+_PROBE = "The number is in the text and the answer is the word"
+_PROBE_MAX_TOKENS_PER_WORD = 1.5
+
+
+def _check_gguf_tokenizer(tokenizer: PreTrainedTokenizerBase, scalars: dict[str, object], source: str) -> None:
+    """Make the tokenizer add BOS where the GGUF says so; refuse a tokenizer that splits common words.
+
+    transformers 5.18-5.22 drop Gemma-3's BOS token (the GGUF's ``tokenizer.ggml.add_bos_token`` is true),
+    and Gemma without BOS degrades badly; setting ``add_bos_token`` restores it on those versions.
+    """
+    import transformers  # for its version in the message
+
+    version = transformers.__version__
+    bos = tokenizer.bos_token_id
+    if scalars.get("tokenizer.ggml.add_bos_token") is True and bos is not None:
+        if tokenizer("a").input_ids[:1] != [bos]:
+            with contextlib.suppress(AttributeError, ValueError):
+                tokenizer.add_bos_token = True
+            if tokenizer("a").input_ids[:1] != [bos]:
+                raise ModelLoadError(
+                    f"{source}: the GGUF asks for a BOS token, but the tokenizer transformers {version} built "
+                    "from it does not add one; use transformers >= 5.23"
+                )
+    ids = tokenizer(_PROBE, add_special_tokens=False).input_ids
+    words = len(_PROBE.split())
+    if len(ids) > _PROBE_MAX_TOKENS_PER_WORD * words:
+        pieces = tokenizer.convert_ids_to_tokens(ids[:8])
+        raise ModelLoadError(
+            f"{source}: transformers {version} rebuilt this GGUF's tokenizer wrongly: {words} common words "
+            f"became {len(ids)} tokens ({pieces} ...); use transformers >= 5.18 (5.17 breaks Gemma-3 GGUFs)"
+        )
+
+
+def _gguf_data_end(buf: mmap.mmap, scalars: dict[str, object] | None = None) -> int:
+    """Return the byte offset where a GGUF file's last tensor ends, parsing only the header.
+
+    Scalar metadata values are stored into ``scalars`` when it is given.
+    """
     from gguf import GGML_QUANT_SIZES  # imported here: attnkit works without gguf until a GGUF is loaded
 
     order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # big-endian files exist
@@ -268,6 +318,8 @@ def _gguf_data_end(buf: mmap.mmap) -> int:
         pos += 12 + key_len
         if key == "general.alignment" and vtype == 4:
             alignment = u32.unpack_from(buf, pos)[0]
+        if scalars is not None and vtype in _GGUF_SCALARS:
+            scalars[key] = struct.unpack_from(order + _GGUF_SCALARS[vtype], buf, pos)[0]
         pos = skip(vtype, pos)
     data_end = 0
     for _ in range(n_tensors):

@@ -239,6 +239,55 @@ def test_smollm2_answers_paris():
     assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+class StubTokenizer:
+    """Just enough of a tokenizer for the GGUF tokenizer check: words or characters, BOS on or off."""
+
+    bos_token_id = 2
+
+    def __init__(self, split_words: bool = True, add_bos: bool = True, bos_settable: bool = True) -> None:
+        self.split_words, self._add_bos, self.bos_settable = split_words, add_bos, bos_settable
+
+    @property
+    def add_bos_token(self) -> bool:
+        return self._add_bos
+
+    @add_bos_token.setter
+    def add_bos_token(self, value: bool) -> None:
+        if self.bos_settable:
+            self._add_bos = value
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        pieces = text.split() if self.split_words else [c for c in text if c != " "]
+        ids = [10 + i for i in range(len(pieces))]
+        ids = [self.bos_token_id, *ids] if add_special_tokens and self._add_bos else ids
+        return type("Encoding", (), {"input_ids": ids})()
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [str(i) for i in ids]
+
+
+def test_gguf_tokenizer_check_restores_a_dropped_bos():
+    tok = StubTokenizer(add_bos=False)
+    models._check_gguf_tokenizer(tok, {"tokenizer.ggml.add_bos_token": True}, "m.gguf")
+    assert tok("a").input_ids[0] == tok.bos_token_id
+    models._check_gguf_tokenizer(untouched := StubTokenizer(add_bos=False), {}, "m.gguf")  # GGUF asks nothing
+    assert untouched("a").input_ids[0] != untouched.bos_token_id
+
+
+def test_gguf_tokenizer_check_refuses_what_it_cannot_fix():
+    with pytest.raises(ModelLoadError, match="BOS token.*transformers >= 5.23"):
+        stuck = StubTokenizer(add_bos=False, bos_settable=False)
+        models._check_gguf_tokenizer(stuck, {"tokenizer.ggml.add_bos_token": True}, "m.gguf")
+    with pytest.raises(ModelLoadError, match=r"m.gguf: transformers .* rebuilt this GGUF's tokenizer wrongly: 12"):
+        models._check_gguf_tokenizer(StubTokenizer(split_words=False), {}, "m.gguf")
+
+
+@needs_smollm2
+def test_gguf_scalars_reads_the_tokenizer_flags():
+    scalars = models._gguf_scalars(model_file("smollm2-135m"))
+    assert scalars["tokenizer.ggml.add_bos_token"] is False and scalars["tokenizer.ggml.eos_token_id"] == 2
+
+
 @pytest.mark.slow
 @needs_gemma
 def test_gemma3_loads():
@@ -247,6 +296,10 @@ def test_gemma3_loads():
     assert path.is_file() and path.with_name(path.name + ".sha256").read_text().strip() == expected
     model, tokenizer = load_model("gemma3-270m")
     assert model.config.model_type.startswith("gemma3") and tokenizer.pad_token is not None
+    # Gemma needs BOS, and whole-word tokens (transformers 5.17-5.22 got one or the other wrong).
+    assert tokenizer("a").input_ids[0] == tokenizer.bos_token_id
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" the special", add_special_tokens=False).input_ids) == [
+        "▁the", "▁special"]
     inputs = tokenizer("1, 2, 3, 4,", return_tensors="pt")  # a base model: no chat template
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
