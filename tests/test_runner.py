@@ -27,7 +27,7 @@ import attnkit
 from attnkit.eval import runner
 from attnkit.eval import tasks as tasks_mod
 from attnkit.eval.sample import Sample
-from attnkit.eval.store import Store
+from attnkit.eval.store import Store, source_hash
 from tiny import tiny_llama  # tests/ is on sys.path (conftest.py)
 
 TESTS = Path(__file__).parent
@@ -238,6 +238,7 @@ def test_rows_record_scores_costs_and_provenance(tmp_path):
     for r in rows:
         assert r["model"] == "tiny" and r["model_hash"] == "tiny-llama-0" and r["device"] == "cpu"
         assert r["dtype"] == "float32" and r["attnkit_version"] == attnkit.__version__ and r["git_commit"]
+        assert json.loads(r["config_json"])["attnkit_source"] == source_hash()
         assert r["prefill_s"] > 0 and r["peak_mem_bytes"] > 2**20 and r["length"] == 160 and r["seed"] == 7
         cfg = json.loads(r["config_json"])
         assert cfg["model"] == "tiny" and cfg["task"] == r["task"] and cfg["settings"] == json.loads(r["settings_json"])

@@ -70,6 +70,21 @@ def test_provenance_helpers():
 
     assert store_mod.attnkit_version() == attnkit.__version__
     assert store_mod.dumps({"b": 1, "a": [1, 2]}) == '{"a":[1,2],"b":1}'
+    assert len(store_mod.source_hash()) == 16
+
+
+def test_tree_hash_names_the_code(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("ignored")
+    first = store_mod.tree_hash(tmp_path)
+    (tmp_path / "notes.txt").write_text("changed, still ignored")
+    assert store_mod.tree_hash(tmp_path) == first
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert store_mod.tree_hash(tmp_path) != first
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "a.py").rename(tmp_path / "pkg" / "b.py")  # same bytes, another file
+    assert store_mod.tree_hash(tmp_path) != first
 
 
 def _writer(path: str, worker: int, count: int) -> None:

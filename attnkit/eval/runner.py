@@ -30,7 +30,7 @@ import torch
 
 import attnkit
 from attnkit.eval.sample import METRICS, Sample, build_prompt
-from attnkit.eval.store import Store, attnkit_version, dumps, git_commit
+from attnkit.eval.store import Store, attnkit_version, dumps, git_commit, source_hash
 from attnkit.eval.store import model_hash as file_model_hash
 from attnkit.eval.tasks import get_task
 from attnkit.methods.base import Method
@@ -366,7 +366,8 @@ def evaluate_sample(model, tokenizer, cell: Cell, task, sample: Sample) -> dict[
         kv_peak = run.peak_kv_bytes
     config = {**cell.key_config(), "model": cell.model, "budget": cell.budget, "budget_tokens": cell.budget_tokens,
               "family": cell.family, "kind": cell.kind, "device_name": _device_name(device),
-              "torch": torch.__version__, "transformers": _transformers_version(), "python": platform.python_version()}
+              "torch": torch.__version__, "transformers": _transformers_version(), "python": platform.python_version(),
+              "attnkit_source": source_hash()}
     return {
         "cell_key": cell.key,
         "sample_index": sample.index,

@@ -205,6 +205,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+@functools.cache
+def source_hash() -> str:
+    """sha256 (16 hex digits) of attnkit's own ``.py`` files: names the code that ran, also without git metadata.
+
+    A commit alone can mislead: a copy of the tree (a GPU machine, a wheel, ``-dirty``) may not match it.
+    """
+    return tree_hash(Path(__file__).resolve().parents[1])
+
+
+def tree_hash(root: Path) -> str:
+    """sha256 (16 hex digits) over the relative names and bytes of the ``.py`` files below ``root``."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def attnkit_version() -> str:
     import attnkit
 
