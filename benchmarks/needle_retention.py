@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,8 +75,12 @@ def main(argv: list[str] | None = None) -> None:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in methods:
-        if method_class(name).kind != "stored":
-            ap.error(f"method '{name}' is of kind '{method_class(name).kind}': it keeps every token; "
+        try:
+            kind = method_class(name).kind
+        except ValueError as err:  # unknown name: the registry's did-you-mean message
+            ap.error(str(err))
+        if kind != "stored":
+            ap.error(f"method '{name}' is of kind '{kind}': it keeps every token; "
                      "accepted: methods that evict (kind 'stored')")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +107,10 @@ def main(argv: list[str] | None = None) -> None:
                    "needle_tokens": [span.start, span.stop], "prompt_tokens": len(ids),
                    "prediction": gen.text, "layers": layers}
             done["rows"].append(row)
-            store.write_text(json.dumps(done, indent=1))  # after every sample: nothing is lost on interrupt
+            # after every sample, via a rename: an interrupt keeps the last complete file
+            tmp = store.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done, indent=1))
+            os.replace(tmp, store)
             print(f"{name} sample {s.index}: score {row['score']:.2f}, needle at {span.start}-{span.stop} "
                   f"of {len(ids)}, heads holding it by layer third {[round(x, 2) for x in thirds(layers)]}",
                   file=sys.stderr)
