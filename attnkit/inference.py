@@ -59,16 +59,45 @@ def encode(tokenizer, prompt: str | list[int] | torch.Tensor, chat: bool, device
     return ids.to(device)
 
 
-def forward_chunks(model, ids: torch.Tensor, cache: Cache, chunk: int, progress=None) -> torch.Tensor:
-    """Feed (B, L) ids through the model ``chunk`` tokens at a time; returns the last chunk's (B, q, V) logits."""
+def forward_chunks(
+    model,
+    ids: torch.Tensor,
+    cache: Cache,
+    chunk: int,
+    progress=None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Feed (B, L) ids through the model ``chunk`` tokens at a time; returns the last chunk's (B, q, V) logits.
+
+    attention_mask (B, L) marks padding (left-padded batches); position_ids (B, L) count each row's real tokens.
+    """
     arg = cache_argument(model)
     logits = None
     for start in range(0, ids.shape[1], chunk):
-        piece = ids[:, start : start + chunk]
-        logits = model(input_ids=piece, use_cache=True, **{arg: cache}).logits
+        end = min(start + chunk, ids.shape[1])
+        extra = {}
+        if attention_mask is not None:
+            extra["attention_mask"] = attention_mask[:, :end]
+        if position_ids is not None:
+            extra["position_ids"] = position_ids[:, start:end]
+        logits = model(input_ids=ids[:, start:end], use_cache=True, logits_to_keep=1, **{arg: cache}, **extra).logits
         if progress is not None:
-            progress.update(piece.shape[1])
+            progress.update(end - start)
     return logits
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(1, L_i) id rows -> (B, L) ids, left-padded with ``pad_id``, and the (B, L) attention mask (None if equal)."""
+    longest = max(r.shape[-1] for r in rows)
+    if all(r.shape[-1] == longest for r in rows):
+        return torch.cat(rows, dim=0), None
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long, device=rows[0].device)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        ids[i, longest - r.shape[-1] :] = r[0]
+        mask[i, longest - r.shape[-1] :] = 1
+    return ids, mask
 
 
 def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -83,11 +112,14 @@ def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+Prompt = str | list[int] | torch.Tensor
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,
     tokenizer,
-    prompt: str | list[int] | torch.Tensor,
+    prompt: Prompt | list[Prompt],
     max_new_tokens: int = 64,
     prefill_chunk: int = 512,
     do_sample: bool = False,
@@ -97,13 +129,17 @@ def generate(
     chat: bool = False,
     stop_at_eos: bool = True,
     answer_prefix: str = "",
-) -> Generation:
+) -> Generation | list[Generation]:
     """Generate with chunked prefill and a decode loop free of per-step host syncs.
 
     Inside ``attnkit.apply`` the active method runs; outside it the model runs densely with a DynamicCache.
     The prompt is fed ``prefill_chunk`` tokens at a time, so no L x L score matrix is formed and eviction methods
     hold at most budget + chunk tokens. Decoding keeps tokens on the device and checks for EOS every 16 steps.
     ``answer_prefix`` is appended after the chat template's assistant turn (RULER-style).
+
+    A list of prompts (strings, or token-id lists) is one batch: rows are left-padded, every method counts
+    sinks, windows, budgets and positions from each row's first real token, and one :class:`Generation` per
+    row is returned (timings are the batch's). A single prompt returns a single Generation.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid; accepted: an integer >= 1")
@@ -112,49 +148,75 @@ def generate(
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(f"temperature={temperature}, top_p={top_p} invalid; accepted: temperature > 0, 0 < top_p <= 1")
     device = next(model.parameters()).device
-    ids = encode(tokenizer, prompt, chat, device)
-    if answer_prefix:
-        extra = tokenizer(answer_prefix, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-        ids = torch.cat([ids, extra], dim=1)
+    batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
+    if isinstance(prompt, (list, tuple)) and len(prompt) == 0:
+        raise ValueError("the prompt list is empty")
+    rows = []
+    for p in prompt if batched else [prompt]:
+        r = encode(tokenizer, p, chat, device)
+        if answer_prefix:
+            extra = tokenizer(answer_prefix, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+            r = torch.cat([r, extra.expand(r.shape[0], -1)], dim=1)
+        rows.extend(r.split(1))
+    batched = batched or len(rows) > 1
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    ids, attention_mask = left_pad(rows, pad_id if pad_id is not None else 0)
+    position_ids = None
+    if attention_mask is not None:
+        position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = new_cache(model)
+    run = ACTIVE_RUNS.get(id(text_config(model)))
+    if run is not None:
+        run.capacity_hint = ids.shape[1] + max_new_tokens
+    try:
+        cache = new_cache(model)
+    finally:
+        if run is not None:
+            run.capacity_hint = 0
     arg = cache_argument(model)
     eos = tokenizer.eos_token_id
 
     _sync(device)
     t0 = time.perf_counter()
-    logits = forward_chunks(model, ids, cache, prefill_chunk)
+    logits = forward_chunks(model, ids, cache, prefill_chunk, attention_mask=attention_mask, position_ids=position_ids)
     token = _sample(logits[:, -1], do_sample, temperature, top_p, generator)
     _sync(device)
     t1 = time.perf_counter()
-    out = torch.empty((ids.shape[0], max_new_tokens), dtype=torch.long, device=device)
+    b = ids.shape[0]
+    out = torch.empty((b, max_new_tokens), dtype=torch.long, device=device)
     out[:, 0] = token
+    next_pos = None if position_ids is None else position_ids[:, -1:] + 1  # (B, 1)
     steps = 1
     for step in range(1, max_new_tokens):
         if stop_at_eos and eos is not None and step % 16 == 0 and bool((out[:, :step] == eos).any(-1).all()):
             break
-        logits = model(input_ids=token.unsqueeze(-1), use_cache=True, **{arg: cache}).logits
+        extra = {} if next_pos is None else {"position_ids": next_pos}
+        logits = model(input_ids=token.unsqueeze(-1), use_cache=True, **{arg: cache}, **extra).logits
         token = _sample(logits[:, -1], do_sample, temperature, top_p, generator)
         out[:, step] = token
+        if next_pos is not None:
+            next_pos = next_pos + 1
         steps += 1
     _sync(device)
     t2 = time.perf_counter()
 
-    tokens = out[0, :steps].tolist()
-    if stop_at_eos and eos is not None and eos in tokens:
-        tokens = tokens[: tokens.index(eos)]
-    run = ACTIVE_RUNS.get(id(text_config(model)))
     kv = cache.held_bytes() if hasattr(cache, "held_bytes") else _dense_bytes(cache)
-    return Generation(
-        text=tokenizer.decode(tokens, skip_special_tokens=True),
-        tokens=tokens,
-        prompt_tokens=ids.shape[1],
-        prefill_s=t1 - t0,
-        decode_s=t2 - t1,
-        decode_steps=steps - 1,
-        kv_bytes=kv,
-        stats=run.stats() if run is not None else {"method": "none"},
-    )
+    stats = run.stats() if run is not None else {"method": "none"}
+    gens = []
+    for i, row in enumerate(out[:, :steps].tolist()):
+        if stop_at_eos and eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        gens.append(Generation(
+            text=tokenizer.decode(row, skip_special_tokens=True),
+            tokens=row,
+            prompt_tokens=rows[i].shape[1],
+            prefill_s=t1 - t0,
+            decode_s=t2 - t1,
+            decode_steps=steps - 1,
+            kv_bytes=kv,
+            stats=stats,
+        ))
+    return gens if batched else gens[0]
 
 
 def _dense_bytes(cache: Cache) -> int:

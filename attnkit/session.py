@@ -46,6 +46,31 @@ class Run:
         self.cache: AttnkitCache | None = None
         self.peak_kv_bytes = 0
         self.recorder: Callable | None = None
+        #: tokens a generation will hold (prompt + new), set by attnkit.generate: caches allocate once
+        self.capacity_hint = 0
+        #: (B, L) bool, the current forward's 2D attention mask when it holds padding (else None)
+        self.pad_mask: torch.Tensor | None = None
+
+    def chunk_flags(self, q: int) -> torch.Tensor | None:
+        """(B, q) bool: which of the current chunk's tokens are real (None: all of them)."""
+        return None if self.pad_mask is None else self.pad_mask[:, -q:]
+
+    def note_attention_mask(self, mask: torch.Tensor | None) -> None:
+        """Take the forward's 2D attention mask: padding gets position -1 in every cache layer.
+
+        Only left padding is supported (a row's real tokens are contiguous and end at the last column); anything
+        else is refused, since eviction counts on each row's newest tokens being the last slots.
+        """
+        if mask is None or mask.ndim != 2 or bool(mask.all()):
+            self.pad_mask = None
+            return
+        m = mask.bool()
+        if not bool(m[:, -1].all()) or bool((m[:, 1:] < m[:, :-1]).any()):
+            raise ValueError(
+                "attnkit supports left-padded batches only (each row's real tokens contiguous and last); "
+                "use tokenizer.padding_side = 'left'"
+            )
+        self.pad_mask = m
 
     # -- caches ---------------------------------------------------------------------------------------------
     def new_layer(self, layer_idx: int) -> KVLayer:
@@ -147,6 +172,7 @@ class apply:  # noqa: N801 - used as a function-like context manager
             self.model.set_attn_implementation(self._saved)
 
     def _inject_cache(self, module, args, kwargs):
+        self.run.note_attention_mask(kwargs.get("attention_mask"))
         name = cache_argument(module)
         cache = kwargs.get(name, kwargs.get("past_key_values"))
         if isinstance(cache, AttnkitCache):

@@ -1,12 +1,13 @@
-"""Per-token decode latency: attnkit.generate (full, streaming_llm) against model.generate, in one run.
+"""Per-token decode latency: attnkit.generate (full, streaming_llm, tokenselect, quest) against model.generate.
 
 The model is Llama-3.1-8B-shaped (32 layers, 32 query / 8 KV heads, head_dim 128) with random bf16 weights:
 latency and memory depend on shapes, not on weight values. A random prompt of ``--context`` tokens is prefilled,
 then ``--new-tokens`` tokens are decoded greedily with EOS disabled. model.generate's per-token decode time is
 (t(N new) - t(1 new)) / (N - 1), so its prefill cancels out. Every figure is a ratio against the dense baselines
-measured in the same process. GPU only in practice (8B parameters).
+measured in the same process; the memory floor is (weights + KV bytes held) over the copy bandwidth measured in
+the same run. GPU only in practice (8B parameters).
 
-    python benchmarks/decode_latency.py --context 32768 --new-tokens 64 --out results/decode_latency.json
+    python benchmarks/decode_latency.py --context 131072 --batch 1 --new-tokens 64 --out results/decode_128k.json
 """
 
 from __future__ import annotations
@@ -70,53 +71,96 @@ def hf_generate_s(model, ids: torch.Tensor, new: int) -> float:
     return time.perf_counter() - t
 
 
+def copy_bandwidth_gbs(device: str) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured now: the floor's yardstick."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    src = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    sync()
+    return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1000) / 1e9
+
+
+def dense_kv_bytes(config: LlamaConfig, tokens: int, batch: int) -> int:
+    d = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * d * 2 * tokens * batch
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window", type=int, default=2044)
+    ap.add_argument("--budget", type=int, default=2048, help="tokens read per step by tokenselect and quest")
+    ap.add_argument("--methods", default="full,streaming_llm,tokenselect,quest")
+    ap.add_argument("--skip-hf", action="store_true", help="skip model.generate (two extra prefills)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("results/decode_latency.json"))
     args = ap.parse_args(argv)
 
     model = build_model(args.layers, args.device)
     tok = IdTokenizer()
-    ids = torch.randint(0, LLAMA_31_8B["vocab_size"], (1, args.context), device=args.device)
+    ids = torch.randint(0, LLAMA_31_8B["vocab_size"], (args.batch, args.context), device=args.device)
     rows: dict[str, dict] = {}
+    bandwidth = copy_bandwidth_gbs(args.device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     # warm-up: kernels, allocator, cuBLAS handles
-    attnkit.generate(model, tok, ids[:, :256], max_new_tokens=4, prefill_chunk=256, stop_at_eos=False)
+    attnkit.generate(model, tok, ids[:1, :256], max_new_tokens=4, prefill_chunk=256, stop_at_eos=False)
 
-    t1 = hf_generate_s(model, ids, 1)
-    tn = hf_generate_s(model, ids, args.new_tokens)
-    rows["model.generate (dense)"] = {"ms_per_token": 1000 * (tn - t1) / (args.new_tokens - 1), "prefill_s": t1}
-
-    g = attnkit.generate(model, tok, ids, max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk,
-                         stop_at_eos=False)
-    rows["attnkit.generate (no method)"] = {"ms_per_token": 1000 * g.s_per_token, "prefill_s": g.prefill_s,
-                                            "kv_bytes": g.kv_bytes}
-    for name, settings in [("full", {}), ("streaming_llm", {"sinks": args.sinks, "window": args.window})]:
-        with attnkit.apply(model, name, **settings) as run:
-            g = attnkit.generate(model, tok, ids, max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk,
-                                 stop_at_eos=False)
-            rows[f"attnkit {name}"] = {"ms_per_token": 1000 * g.s_per_token, "prefill_s": g.prefill_s,
-                                       "kv_bytes": run.kv_bytes(), "settings": settings}
+    if not args.skip_hf:
+        t1 = hf_generate_s(model, ids, 1)
+        tn = hf_generate_s(model, ids, args.new_tokens)
+        rows["model.generate (dense)"] = {"ms_per_token": 1000 * (tn - t1) / (args.new_tokens - 1), "prefill_s": t1,
+                                          "kv_bytes": dense_kv_bytes(model.config, args.context, args.batch)}
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
-    base = rows["model.generate (dense)"]["ms_per_token"]
+    k = args.budget
+    method_settings = {
+        "full": {},
+        "streaming_llm": {"sinks": args.sinks, "window": args.window},
+        "tokenselect": {"top_k": k - k // 21 - 4 * k // 21, "sinks": k // 21, "local": 4 * k // 21},
+        "quest": {"budget": k, "page": 16},
+    }
+    for name in [m for m in args.methods.split(",") if m]:
+        settings = method_settings[name]
+        with attnkit.apply(model, name, **settings) as run:
+            g = attnkit.generate(model, tok, list(ids.unbind(0)) if args.batch > 1 else ids,
+                                 max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk, stop_at_eos=False)
+            g = g[0] if isinstance(g, list) else g
+            rows[f"attnkit {name}"] = {"ms_per_token": 1000 * g.s_per_token, "prefill_s": g.prefill_s,
+                                       "kv_bytes": run.kv_bytes(), "settings": settings}
+        del run, g
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    base = rows.get("attnkit full", next(iter(rows.values())))["ms_per_token"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"\nLlama-3.1-8B-shaped ({args.layers} layers), random bf16 weights, batch 1, context {args.context}, "
-          f"{args.new_tokens} new tokens, {device}, torch {torch.__version__}")
-    print("| run | ms / token | vs model.generate | prefill s | KV MiB held |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"\nLlama-3.1-8B-shaped ({args.layers} layers), random bf16 weights, batch {args.batch}, context "
+          f"{args.context}, {args.new_tokens} new tokens, {device}, torch {torch.__version__}, copy bandwidth "
+          f"{bandwidth:.0f} GB/s, weights {weight_bytes / 1e9:.1f} GB")
+    print("| run | ms / token | tokens/s | vs attnkit full | vs floor | prefill s | KV MiB held |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
-        kv = f"{r['kv_bytes'] / 2**20:.0f}" if "kv_bytes" in r else "-"
-        print(f"| {name} | {r['ms_per_token']:.2f} | {base / r['ms_per_token']:.2f}x | {r['prefill_s']:.2f} | {kv} |")
+        kv = r.get("kv_bytes", 0)
+        floor_ms = 1000 * (weight_bytes + kv) / (bandwidth * 1e9 / 2)  # the copy figure counts read + write
+        r["floor_ms"] = floor_ms
+        r["tokens_per_s"] = 1000 * args.batch / r["ms_per_token"]
+        print(f"| {name} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {base / r['ms_per_token']:.2f}x | "
+              f"{r['ms_per_token'] / floor_ms:.2f}x | {r['prefill_s']:.2f} | {kv / 2**20:.0f} |")
     result = {"device": device, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
-              "rows": rows}
+              "copy_bandwidth_gbs": bandwidth, "weight_bytes": weight_bytes, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     return result

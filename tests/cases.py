@@ -15,6 +15,7 @@ TINY = {
     "h2o": ({"heavy": 64, "recent": 64}, {"heavy": 8, "recent": 6}),
     "snapkv": ({"budget": 128, "window": 8}, {"budget": 16, "window": 4, "kernel": 3}),
     "tokenselect": ({"top_k": 128, "sinks": 4, "local": 8}, {"top_k": 8, "sinks": 2, "local": 4}),
+    "quest": ({"budget": 128, "page": 4, "dense_layers": 0}, {"budget": 16, "page": 4, "dense_layers": 1}),
 }
 
 # the same for SmolLM2 on a ~400-token prompt
@@ -25,6 +26,7 @@ REAL = {
     "h2o": ({"heavy": 512, "recent": 512}, {"heavy": 48, "recent": 48}),
     "snapkv": ({"budget": 1024, "window": 32}, {"budget": 96, "window": 16}),
     "tokenselect": ({"top_k": 1024, "sinks": 16, "local": 64}, {"top_k": 32, "sinks": 8, "local": 32}),
+    "quest": ({"budget": 1024, "page": 16}, {"budget": 96, "page": 16}),
 }
 
 METHODS = list(TINY)

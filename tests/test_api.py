@@ -64,12 +64,12 @@ def test_rope_method_on_model_without_rope_is_refused():
         attnkit.apply(model, "streaming_llm", sinks=2, window=8)
 
 
-def test_padded_batch_is_refused_with_a_clear_message():
+def test_right_padded_batch_is_refused_with_a_clear_message():
     model = tiny_llama()
     ids = torch.randint(3, 256, (2, 10))
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    with attnkit.apply(model, "window", window=16), pytest.raises(ValueError, match="padded batches"):
+    mask[1, -3:] = 0
+    with attnkit.apply(model, "window", window=16), pytest.raises(ValueError, match="left-padded batches only"):
         model(ids, attention_mask=mask)
 
 

@@ -4,7 +4,7 @@ transformers hands every attention function ``(module, query, key, value, attent
 **kwargs)`` with q, k, v after RoPE and after the cache update. Ours dispatches on the module's config to the
 active :class:`~attnkit.session.Run`, takes the cache layer that just updated (``run.current[layer_idx]``), and
 lets the method attend. The mask function returns no mask: masks come from the positions the cache layer
-stores, which stay right under eviction; it only rejects padded batches, which attnkit does not support yet.
+stores, which stay right under eviction and padding (the run hands each layer the forward's 2D attention mask).
 """
 
 from __future__ import annotations
@@ -62,18 +62,24 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
         out, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)
         out = out.to(query.dtype)
         if wants:
-            layer.observe(probs)
+            layer.observe(only_real_queries(layer, probs))
     else:
         out = sdpa(query, key, value, mask, scaling)
         if wants:  # "last:<w>": probabilities of the chunk's last w queries only
             w = min(int(wants.split(":")[1]), query.shape[2])
             sub_mask = None if mask is None else mask[:, :, -w:]
             _, probs, _ = dense_attention(query[:, :, -w:], key, value, sub_mask, scaling)
-            layer.observe(probs)
+            layer.observe(only_real_queries(layer, probs))
     if run.recorder is not None:
         run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask, scaling=scaling, out=out))
     layer.compact()
     return out
+
+
+def only_real_queries(layer, probs: torch.Tensor) -> torch.Tensor:
+    """Zero the (B, H, q', n) probabilities of pad queries, which see everything and must score nothing."""
+    real = layer.real_queries(probs.shape[2])
+    return probs if real is None else probs * real
 
 
 def attnkit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -98,13 +104,8 @@ def attnkit_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
-def attnkit_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
+def attnkit_mask(*args, **kwargs) -> None:
     """Mask function paired with :func:`attnkit_attention`: masks are built from cache positions instead."""
-    if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
-        raise ValueError(
-            "attnkit methods do not support padded batches yet (the attention mask has zeros); "
-            "run one sequence at a time or batch sequences of equal length"
-        )
     return None
 
 

@@ -4,13 +4,18 @@ Every attnkit cache layer stores keys and values in slots of a preallocated buff
 absolute position of the token held there. Attention masks are built from those positions, so a layer may evict
 and compact freely: causality, sliding windows and "what was kept" all follow from ``pos``.
 
-Shapes: keys / values (B, Hkv, capacity, D); pos (B, Hkv, capacity) int64, -1 in empty slots.
+Shapes: keys / values (B, Hkv, capacity, D); pos (B, Hkv, capacity) int64, -1 in empty slots and padding.
+
+Padded batches (left padding): every row streams the same number of slots, pads included; a pad slot gets
+position -1 and is never visible, and positions count real tokens per row (``count``, (B, 1) on the device), so
+sinks, windows and budgets count from each row's first real token. Pad queries attend to every stored slot (their
+outputs are discarded; this keeps their hidden states finite so that no NaN reaches real rows).
 Host-side counters (``n``, ``seen``) are derived from tensor shapes only, so no step ever syncs with the device.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -49,7 +54,10 @@ class KVLayer(CacheLayerMixin):
         self.n = 0  # valid slots (host int)
         self.seen = 0  # tokens appended so far = next absolute position
         self.pos: torch.Tensor | None = None
-        self.qpos: torch.Tensor | None = None  # (q,) positions of the last chunk's queries
+        self.qpos: torch.Tensor | None = None  # (B, q) positions of the last chunk's queries (-1: padding)
+        self.count: torch.Tensor | None = None  # (B, 1) real tokens seen per row (device)
+        self.count_before: torch.Tensor | None = None  # (B, 1) real tokens before the last chunk
+        self.padded = False  # some stored slot is padding (host flag, set from the run's attention mask)
 
     # -- transformers CacheLayerMixin API -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -58,7 +66,29 @@ class KVLayer(CacheLayerMixin):
         self.keys = key_states.new_empty((b, h, 0, d))
         self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
         self.pos = torch.empty((b, h, 0), dtype=torch.long, device=self.device)
+        self.count = torch.zeros((b, 1), dtype=torch.long, device=self.device)
         self.is_initialized = True
+        hint = 0 if self.run is None else self.run.capacity_hint
+        if hint:  # one allocation for the whole generation (prompt + new tokens), not 1.5x growth steps
+            self.reserve(self.initial_capacity(hint))
+
+    def initial_capacity(self, tokens: int) -> int:
+        """Slots to allocate up front for a generation of ``tokens`` tokens (methods with a budget hold less)."""
+        return tokens
+
+    def new_positions(self, q: int) -> torch.Tensor:
+        """(B, q) positions of the chunk's tokens counted from each row's first real token (-1 for padding)."""
+        flags = None if self.run is None else self.run.chunk_flags(q)
+        self.count_before = self.count
+        if flags is None:
+            new_pos = self.count + torch.arange(q, device=self.device)
+            self.count = self.count + q
+        else:
+            self.padded = True
+            real = flags.long().cumsum(1)
+            new_pos = torch.where(flags, self.count + real - 1, -1)
+            self.count = self.count + real[:, -1:]
+        return new_pos
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -68,10 +98,10 @@ class KVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         self.reserve(self.n + q)
-        new_pos = torch.arange(self.seen, self.seen + q, device=self.device)
+        new_pos = self.new_positions(q)
         self.keys[:, :, self.n : self.n + q] = key_states
         self.values[:, :, self.n : self.n + q] = value_states
-        self.pos[:, :, self.n : self.n + q] = new_pos
+        self.pos[:, :, self.n : self.n + q] = new_pos.unsqueeze(1)
         self.n += q
         self.seen += q
         self.qpos = new_pos
@@ -91,7 +121,8 @@ class KVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.n = self.seen = 0
-        self.keys = self.values = self.pos = self.qpos = None
+        self.keys = self.values = self.pos = self.qpos = self.count = self.count_before = None
+        self.padded = False
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -126,24 +157,40 @@ class KVLayer(CacheLayerMixin):
 
     # -- hooks for the attention function ---------------------------------------------------------------------
     def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor | None:
-        """Extra visibility rule on top of causality: (q,) x (B, Hkv, n) -> (B, Hkv, q, n) bool, or None."""
+        """Extra visibility rule on top of causality: (B', 1, q, 1) x (B', H', 1, n) -> (B', H', q, n) bool, or
+        None."""
         return None
 
     def mask(self) -> torch.Tensor | None:
-        """(B, Hkv, q, n) bool, or (1, 1, q, n) for shared layouts: what each query of the chunk may attend to.
+        """(B, Hkv, q, n) bool, or (1 or B, 1, q, n) for shared layouts: what each query of the chunk may see.
 
-        None when every stored slot is visible to every query (a decode step over a compacted cache), so the
-        attention call can take the unmasked fast path.
+        None when every stored slot is visible to every query (a decode step over a compacted, unpadded cache),
+        so the attention call can take the unmasked fast path.
         """
         kpos = self.stored_pos()
-        if self.shared_layout:  # one (1, 1, q, n) mask broadcasts over batch and heads: no L x L per head
-            kpos = kpos[:1, :1]
         qpos = self.qpos
-        if qpos.shape[0] == 1 and self.all_visible_in_decode:
+        if self.shared_layout:  # one mask broadcasts over heads (and over rows when unpadded): no L x L per head
+            kpos = kpos[:, :1] if self.padded else kpos[:1, :1]
+            qpos = qpos if self.padded else qpos[:1]
+        if qpos.shape[1] == 1 and self.all_visible_in_decode and not self.padded:
             return None
-        m = kpos.unsqueeze(-2) <= qpos.view(1, 1, -1, 1)
-        extra = self.visible(qpos, kpos)
-        return m if extra is None else m & extra
+        k = kpos.unsqueeze(-2)  # (B', H', 1, n)
+        qq = qpos.view(qpos.shape[0], 1, -1, 1)  # (B', 1, q, 1)
+        m = k <= qq
+        if self.padded:
+            m = m & (k >= 0)
+        extra = self.visible(qq, k)
+        m = m if extra is None else m & extra
+        if self.padded:  # pad queries see everything: finite garbage instead of NaN rows
+            m = m | (qq < 0)
+        return m
+
+    def real_queries(self, last: int | None = None) -> torch.Tensor | None:
+        """(B, 1, q', 1) float 1/0 weights of the chunk's (last ``last``) queries, None when none is padding."""
+        if not self.padded:
+            return None
+        qpos = self.qpos if last is None else self.qpos[:, -last:]
+        return (qpos >= 0).to(torch.float32).view(qpos.shape[0], 1, -1, 1)
 
     #: True when every batch row and KV head holds the same positions (no per-head eviction)
     shared_layout = True
@@ -154,7 +201,9 @@ class KVLayer(CacheLayerMixin):
     def holds_prefix(self) -> bool:
         """True when the layer holds every token seen so far, in position order, with no extra visibility rule:
         its mask is then plain bottom-right causal (host ints only, no device check)."""
-        return self.n == self.seen and self.shared_layout and type(self).visible is KVLayer.visible
+        return (
+            self.n == self.seen and self.shared_layout and not self.padded and type(self).visible is KVLayer.visible
+        )
 
     def observe(self, probs: torch.Tensor) -> None:
         """Receive (B, H, q', n) attention probabilities of the queries named by :attr:`wants_probs`."""
@@ -169,17 +218,20 @@ class KVLayer(CacheLayerMixin):
             buf = getattr(self, name)
             gather = idx.view(*idx.shape, *([1] * (buf.ndim - 3))).expand(*idx.shape, *buf.shape[3:])
             buf[:, :, :k] = torch.gather(buf[:, :, : self.n], 2, gather)
-        self.pos[:, :, k : self.n] = -1
+            if name not in ("keys", "values"):  # freed slots must not hand stale state (e.g. scores) to new tokens
+                buf[:, :, k : self.n] = -1 if name == "pos" else 0
         self.n = k
 
-    def recent_and_top(self, scores: torch.Tensor, keep: int, recent: int) -> torch.Tensor:
-        """Slot indices (B, Hkv, keep), ascending: the last ``recent`` slots plus the best-scored others.
+    def keep_recent_and_top(self, scores: torch.Tensor, keep: int, recent: int) -> None:
+        """Compact to each row's ``recent`` newest real tokens plus the best-scored others, ``keep`` slots in all.
 
-        scores: (B, Hkv, n - recent) for the older slots (slots are in position order).
+        scores: (B, Hkv, n) float for the stored slots. Recency counts real tokens per row, so a padded row
+        keeps the same tokens as that prompt alone; padding is dropped first (it may fill a short row's keep).
         """
-        top = scores.topk(keep - recent, dim=-1).indices
-        tail = torch.arange(self.n - recent, self.n, device=scores.device).expand(*scores.shape[:2], recent)
-        return torch.cat([top.sort(dim=-1).values, tail], dim=-1)
+        pos = self.stored_pos()
+        newest = self.count.view(-1, 1, 1) - recent  # (B, 1, 1): a row's recent tokens have pos >= newest
+        priority = scores.float().masked_fill(pos >= newest, float("inf")).masked_fill(pos < 0, float("-inf"))
+        self.keep_slots(priority.topk(keep, dim=-1).indices.sort(dim=-1).values)
 
 
 class WindowLayer(KVLayer):
@@ -187,7 +239,13 @@ class WindowLayer(KVLayer):
     and the model's own sliding-window layers with ``window = sliding_window - 1``).
 
     Within a prefill chunk each query sees the sinks and the ``window`` tokens before it, exactly as if tokens
-    had been fed one at a time. ``on_evict(layer, n_evicted)`` lets StreamingLLM re-rotate the sinks.
+    had been fed one at a time. With ``rope_inv_freq`` (StreamingLLM) the sink keys sit at cache-relative
+    positions: after each eviction they are the float32 originals turned by the row's eviction count (angles in
+    float64), so no rounding accumulates however long the stream runs.
+
+    Layout between forwards: slots [0, sinks) hold each row's tokens at positions 0..sinks-1 (a row's sink slot
+    is empty while that token is still inside the window region), then the window region, right-aligned: all
+    rows append in lockstep, so a row's newest tokens are the last slots whatever its padding.
     """
 
     def __init__(
@@ -196,14 +254,37 @@ class WindowLayer(KVLayer):
         sinks: int = 0,
         layer_idx: int = 0,
         run: "Run | None" = None,
-        on_evict: Callable[["WindowLayer", int], None] | None = None,
+        rope_inv_freq: torch.Tensor | None = None,
     ) -> None:
         super().__init__(layer_idx, run)
         self.window = window
         self.sinks = sinks
-        self.on_evict = on_evict
-        self.evicted = 0  # tokens evicted so far
-        self.sink_keys: torch.Tensor | None = None  # float32 running copy of the shifted sink keys (StreamingLLM)
+        self.rope_inv_freq = rope_inv_freq
+        self.evicted = 0  # slots evicted so far (= tokens, unpadded)
+        self.sink_keys: torch.Tensor | None = None  # (B, Hkv, sinks, D) float32 unrotated sink keys (StreamingLLM)
+
+    def initial_capacity(self, tokens: int) -> int:
+        return min(tokens, self.sinks + self.window + 512)  # budget + a typical prefill chunk; grows if needed
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n_before = self.n
+        out = super().update(key_states, value_states, *args, **kwargs)
+        if self.rope_inv_freq is not None and self.sinks and (self.padded or n_before < self.sinks):
+            self._store_sink_originals(key_states)
+        return out
+
+    def _store_sink_originals(self, key_states: torch.Tensor) -> None:
+        """Keep float32 copies of the chunk's keys at positions < sinks (per row: padding shifts them)."""
+        b, h, q, d = key_states.shape
+        s = self.sinks
+        if self.sink_keys is None:
+            self.sink_keys = torch.zeros((b, h, s, d), dtype=torch.float32, device=key_states.device)
+        target = torch.where((self.qpos >= 0) & (self.qpos < s), self.qpos, s)  # (B, q); s = discard slot
+        scratch = torch.cat([self.sink_keys, self.sink_keys.new_zeros((b, h, 1, d))], dim=2)
+        index = target.view(b, 1, q, 1).expand(b, h, q, d)
+        # scatter_ picks one writer per target: only the discard slot receives several
+        scratch.scatter_(2, index, key_states.float())
+        self.sink_keys.copy_(scratch[:, :, :s])
 
     def held_bytes(self) -> int:
         extra = 0 if self.sink_keys is None else self.sink_keys.nbytes
@@ -218,10 +299,12 @@ class WindowLayer(KVLayer):
         return self.sinks == 0
 
     def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        near = (qpos.view(1, 1, -1, 1) - kpos.unsqueeze(-2)) <= self.window
-        return near | (kpos < self.sinks).unsqueeze(-2)
+        near = (qpos - kpos) <= self.window
+        return near | (kpos < self.sinks)
 
     def compact(self) -> None:
+        if self.padded:
+            return self._compact_padded()
         sinks = min(self.sinks, self.seen)
         keep_recent = min(self.window, self.seen - sinks)
         drop = self.n - sinks - keep_recent
@@ -233,8 +316,43 @@ class WindowLayer(KVLayer):
         self.pos[:, :, sinks + keep_recent : self.n] = -1
         self.n = sinks + keep_recent
         self.evicted += drop
-        if self.on_evict is not None:
-            self.on_evict(self, drop)
+        self._turn_sinks()
+
+    def _compact_padded(self) -> None:
+        """Per row: the sink region gathers the tokens at positions < sinks found before the window region."""
+        s, w, n = self.sinks, self.window, self.n
+        if n <= s + w:
+            return
+        head = self.pos[:, :, : n - w]  # (B, Hkv, n - w) slots that leave the window region
+        sink_bufs = None
+        if s:
+            match = head.unsqueeze(-1) == torch.arange(s, device=self.device)  # (B, Hkv, n - w, s)
+            found = match.any(2)  # (B, Hkv, s)
+            slot = match.to(torch.int8).argmax(2)  # (B, Hkv, s)
+            sink_bufs = []
+            for buf in (self.keys, self.values):
+                sink_bufs.append(torch.gather(buf, 2, slot.unsqueeze(-1).expand(*slot.shape, buf.shape[-1])))
+            sink_pos = torch.where(found, torch.arange(s, device=self.device), -1)
+        for buf in (self.keys, self.values, self.pos):
+            buf[:, :, s : s + w] = buf[:, :, n - w : n].clone()
+        if s:
+            self.keys[:, :, :s], self.values[:, :, :s] = sink_bufs
+            self.pos[:, :, :s] = sink_pos
+        self.pos[:, :, s + w : n] = -1
+        self.n = s + w
+        self.evicted += n - s - w
+        self._turn_sinks()
+
+    def _turn_sinks(self) -> None:
+        """StreamingLLM: sinks sit at cache-relative positions, i.e. turned by each row's eviction count."""
+        if self.rope_inv_freq is None or not self.sinks or self.sink_keys is None:
+            return
+        from attnkit.hf.rope import apply_rotation, rotation_rows
+
+        shift = (self.count - self.sinks - self.window).clamp_min(0).view(-1)  # (B,) real tokens evicted
+        cos, sin = rotation_rows(shift, self.rope_inv_freq)  # (B, D_rot) each
+        turned = apply_rotation(self.sink_keys, cos.view(-1, 1, 1, cos.shape[-1]), sin.view(-1, 1, 1, sin.shape[-1]))
+        self.keys[:, :, : self.sinks] = turned.to(self.keys.dtype)
 
 
 class AttnkitCache(Cache):

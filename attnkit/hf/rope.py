@@ -50,12 +50,23 @@ def rotation(offset: int, inv_freq: torch.Tensor, device: torch.device) -> tuple
     return emb.cos().to(torch.float32), emb.sin().to(torch.float32)
 
 
+def rotation_rows(offsets: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (B, D_rot) float32, of per-row shifts ``offsets`` (B,) int on the device.
+
+    Angles are formed in float64 (a shift of 10^6 positions keeps ~1e-10 rad of precision), with no host sync.
+    """
+    angle = offsets.to(torch.float64).unsqueeze(-1) * inv_freq.to(device=offsets.device, dtype=torch.float64)
+    emb = torch.cat((angle, angle), dim=-1)
+    return emb.cos().to(torch.float32), emb.sin().to(torch.float32)
+
+
 def apply_rotation(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate post-RoPE keys (..., D) by a precomputed shift, HF's rotate-half layout, in float32.
 
-    With partial rotary (len(cos) < D) only the leading dims turn. Returns the keys' dtype.
+    cos / sin: (D_rot,) or broadcastable to keys' leading dims with a last dim of D_rot. With partial rotary
+    (D_rot < D) only the leading dims turn. Returns the keys' dtype.
     """
-    rot = cos.shape[0]
+    rot = cos.shape[-1]
     k = keys[..., :rot].float()
     half = rot // 2
     rotated_half = torch.cat((-k[..., half:], k[..., :half]), dim=-1)

@@ -53,22 +53,39 @@ class TokenSelect(Method):
         sinks, local = max(1, tokens // 21), max(1, 4 * tokens // 21)
         return cls(top_k=max(1, tokens - sinks - local), sinks=sinks, local=local)
 
-    def select(self, query: torch.Tensor, key: torch.Tensor, past: int) -> torch.Tensor:
-        """Indices (B, sinks + top_k + local) of the past slots to read, ascending.
+    def select(self, query: torch.Tensor, key: torch.Tensor, layer: KVLayer, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots (B, sinks + top_k + local) of the past to read, and which of them are real picks (B, same) bool.
 
-        query (B, H, q, D); key (B, Hkv, n, D) whose first ``past`` slots precede the chunk.
+        query (B, H, q, D); key (B, Hkv, n, D) whose first ``past`` slots precede the chunk. Sinks, local window
+        and candidates count real tokens per row (``layer.count_before``); with left padding a row's token at
+        position p sits at slot pad + p. Entries are unique; an invalid entry (a short row) points at slot 0.
         """
         b, h, _, d = query.shape
         hkv = key.shape[1]
-        lo, hi = self.sinks, past - self.local
-        fingerprint = query.mean(2).view(b, hkv, h // hkv, d).float()  # (B, Hkv, G, D)
-        scores = torch.einsum("bkgd,bknd->bkgn", fingerprint, key[:, :, lo:hi].float())  # (B, Hkv, G, Nc)
-        votes = scores.softmax(-1).sum((1, 2))  # (B, Nc)
-        top = votes.topk(self.top_k, dim=-1).indices.sort(dim=-1).values + lo
         dev = key.device
-        head = torch.arange(lo, device=dev).expand(b, lo)
-        tail = torch.arange(hi, past, device=dev).expand(b, past - hi)
-        return torch.cat([head, top, tail], dim=-1)
+        kpos = layer.stored_pos()[:, 0, :past]  # (B, past)
+        before = layer.count_before  # (B, 1) real tokens before the chunk
+        lo, hi = self.sinks, before - self.local
+        candidate = (kpos >= lo) & (kpos < hi)  # (B, past)
+        fingerprint = query.mean(2).view(b, hkv, h // hkv, d).float()  # (B, Hkv, G, D)
+        scores = torch.einsum("bkgd,bknd->bkgn", fingerprint, key[:, :, :past].float())  # (B, Hkv, G, past)
+        if layer.padded:
+            scores = scores.masked_fill(~candidate.view(b, 1, 1, past), float("-inf"))
+            votes = torch.nan_to_num(scores.softmax(-1), nan=0.0).sum((1, 2))  # (B, past)
+            votes = votes.masked_fill(~candidate, float("-inf"))
+        else:  # every row holds the same candidate range [sinks, past - local): vote over it alone
+            votes = torch.full((b, past), float("-inf"), device=dev)
+            votes[:, self.sinks : past - self.local] = scores[..., self.sinks : past - self.local].softmax(-1).sum((1, 2))
+        top = votes.topk(self.top_k, dim=-1).indices.sort(dim=-1).values  # (B, top_k)
+        top_ok = candidate.gather(1, top)
+        pad = layer.seen - layer.count  # (B, 1) pad slots before each row's first real token
+        head = pad + torch.arange(self.sinks, device=dev)  # (B, sinks)
+        head_ok = (torch.arange(self.sinks, device=dev) < hi) & (head < past)
+        tail = torch.arange(past - self.local, past, device=dev).clamp_min(0).expand(b, self.local)
+        tail_ok = kpos.gather(1, tail) >= 0
+        idx = torch.cat([head.clamp_max(past - 1), top, tail], dim=-1)
+        ok = torch.cat([head_ok, top_ok, tail_ok], dim=-1)
+        return idx.masked_fill(~ok, 0), ok
 
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         n, q = key.shape[2], query.shape[2]
@@ -76,19 +93,27 @@ class TokenSelect(Method):
         if past - self.sinks - self.local <= self.top_k or softcap is not None:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
         b, hkv = key.shape[:2]
-        idx = self.select(query, key, past)
-        idx = torch.cat([idx, torch.arange(past, n, device=key.device).expand(b, q)], dim=-1)  # + the chunk
+        idx, ok = self.select(query, key, layer, past)
+        chunk = torch.arange(past, n, device=key.device).expand(b, q)
+        idx = torch.cat([idx, chunk], dim=-1)  # + the chunk itself
         gather = idx.view(b, 1, -1, 1).expand(b, hkv, -1, key.shape[-1])
         k_sel, v_sel = torch.gather(key, 2, gather), torch.gather(value, 2, gather)
         kpos = torch.gather(layer.stored_pos()[:, 0], 1, idx)  # (B, m)
         mask = None
-        if q > 1:
-            mask = (kpos.unsqueeze(1) <= layer.qpos.view(1, -1, 1)).unsqueeze(1)  # (B, 1, q, m)
+        if q > 1 or layer.padded:
+            ok = torch.cat([ok, kpos[:, past - n :] >= 0], dim=-1).view(b, 1, 1, -1)  # (B, 1, 1, m)
+            qpos = layer.qpos.view(b, 1, q, 1)
+            mask = (kpos.view(b, 1, 1, -1) <= qpos) & ok | (qpos < 0)  # (B, 1, q, m); pad queries see all
         out = sdpa(query, k_sel, v_sel, mask, scaling)
         if run.recorder is not None:
-            chosen = torch.zeros(b, n, dtype=torch.bool, device=key.device).scatter_(1, idx, True)
-            causal = layer.stored_pos()[:, :1].unsqueeze(-2) <= layer.qpos.view(1, 1, -1, 1)  # (B, 1, q, n)
-            mask = causal & chosen.view(b, 1, 1, n)
-            run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask, scaling=scaling, out=out))
+            ok_full = ok if mask is not None else torch.ones_like(idx, dtype=torch.bool).view(b, 1, 1, -1)
+            chosen = torch.zeros(b, n, dtype=torch.bool, device=key.device)
+            chosen.scatter_(1, idx, ok_full.view(b, -1))  # invalid entries point at slot 0 with False
+            chosen[:, 0] |= (idx == 0).logical_and(ok_full.view(b, -1)).any(-1)
+            full_mask = layer.mask()
+            if full_mask is None:
+                full_mask = torch.ones(b, 1, q, n, dtype=torch.bool, device=key.device)
+            run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value,
+                              mask=full_mask & chosen.view(b, 1, 1, n), scaling=scaling, out=out))
         layer.compact()
         return out

@@ -34,12 +34,14 @@ class H2OLayer(KVLayer):
         per_kv = probs.sum(2).view(b, self.keys.shape[1], -1, n).sum(2)  # (B, Hkv, n)
         self.acc[:, :, :n] += per_kv
 
+    def initial_capacity(self, tokens: int) -> int:
+        return min(tokens, self.heavy + self.recent + 512)
+
     def compact(self) -> None:
         budget = self.heavy + self.recent
         if self.n <= budget:
             return
-        idx = self.recent_and_top(self.acc[:, :, : self.n - self.recent], budget, self.recent)
-        self.keep_slots(idx)
+        self.keep_recent_and_top(self.acc[:, :, : self.n], budget, self.recent)
 
 
 @dataclass

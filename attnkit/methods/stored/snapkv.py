@@ -25,7 +25,7 @@ class SnapKVLayer(KVLayer):
 
     @property
     def wants_probs(self) -> str | None:
-        q = self.qpos.shape[0]
+        q = self.qpos.shape[1]
         return f"last:{self.cfg.window}" if q > 1 and self.n > self.cfg.budget else None
 
     def observe(self, probs: torch.Tensor) -> None:
@@ -50,6 +50,8 @@ class SnapKVLayer(KVLayer):
         k = cfg.kernel
         pool = F.max_pool1d if cfg.pooling == "max" else F.avg_pool1d
         pooled = pool(older.flatten(0, 1).unsqueeze(1), k, stride=1, padding=k // 2).view_as(older)
+        # Padding never wins a slot (zero-padded pooling treats it as the unpadded prompt's edge, as alone).
+        pooled = pooled.masked_fill(self.pos[:, :, : n_obs - w] < 0, float("-inf"))
         top = pooled.topk(cfg.budget - w, dim=-1).indices.sort(dim=-1).values
         tail = torch.arange(n_obs - w, self.n, device=top.device).expand(*top.shape[:2], -1)
         self.keep_slots(torch.cat([top, tail], dim=-1))

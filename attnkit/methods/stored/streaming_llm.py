@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnkit.hf.cache import KVLayer, WindowLayer
-from attnkit.hf.rope import apply_rotation, inv_freq_for, rotation
+from attnkit.hf.rope import inv_freq_for
 from attnkit.methods.base import LayerContext, Method, check_int
 
 
@@ -21,8 +21,8 @@ class StreamingLLM(Method):
     RoPE scores depend only on position differences, so we keep queries and window keys at their absolute
     positions (their differences already equal the slot differences) and rotate the S sink keys forward by the
     number of evicted tokens each time tokens are evicted, using the model's own rotary frequencies (rope scaling
-    included). This gives exactly the paper's q.k scores at every decode step while re-rotating S keys instead of
-    the whole window. Deviation: within one prefill chunk all queries see the sinks at the shift of the chunk's
+    included): the float32 originals are turned by the row's whole eviction count, angles in float64. This gives
+    exactly the paper's q.k scores at every decode step while re-rotating S keys instead of the whole window. Deviation: within one prefill chunk all queries see the sinks at the shift of the chunk's
     start (feed chunk=1 for the paper's token-by-token behaviour); windows and causality inside a chunk are exact.
     RoPE types whose frequencies change with length (dynamic NTK, LongRoPE) are rejected.
 
@@ -51,17 +51,4 @@ class StreamingLLM(Method):
 
     def make_layer(self, ctx: LayerContext) -> KVLayer:
         inv_freq = inv_freq_for(ctx.model, ctx.layer_type)
-        shifts: dict[int, tuple] = {}  # eviction size -> (cos, sin): decode always evicts 1, prefill one chunk
-
-        def rotate_sinks(layer: WindowLayer, n_evicted: int) -> None:
-            # The running sink keys stay in float32 and turn by each eviction's shift: a few kernels per step,
-            # and no bf16 rounding accumulates however long the stream runs.
-            s = layer.sinks
-            if layer.sink_keys is None:
-                layer.sink_keys = layer.keys[:, :, :s].float()
-            if n_evicted not in shifts:
-                shifts[n_evicted] = rotation(n_evicted, inv_freq, layer.keys.device)
-            layer.sink_keys = apply_rotation(layer.sink_keys, *shifts[n_evicted])
-            layer.keys[:, :, :s] = layer.sink_keys
-
-        return WindowLayer(self.window, self.sinks, ctx.layer_idx, ctx.run, on_evict=rotate_sinks)
+        return WindowLayer(self.window, self.sinks, ctx.layer_idx, ctx.run, rope_inv_freq=inv_freq)

@@ -1,0 +1,255 @@
+"""attnkit.kernels: the torch path against the dense reference (CPU, always), the Triton kernels (CUDA, or a
+small subset through the Triton interpreter on CPU with TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+
+import pytest
+import torch
+
+from attnkit import kernels
+from attnkit.kernels import torch_ref
+from attnkit.reference import dense_attention
+
+
+def make_buffers(
+    batch: int, heads: int, kv_heads: int, dim: int, cap: int, dtype: torch.dtype, device: str = "cpu",
+    holes: float = 0.2, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q (B, H, 1, D), k, v (B, Hkv, cap, D) and pos (B, Hkv, cap) with a fraction of -1 holes."""
+    gen = torch.Generator().manual_seed(seed)
+    # q scaled up so softmaxes are peaked enough for a wrong mask to show.
+    q = (2 * torch.randn(batch, heads, 1, dim, generator=gen)).to(device, dtype)
+    k = torch.randn(batch, kv_heads, cap, dim, generator=gen).to(device, dtype)
+    v = torch.randn(batch, kv_heads, cap, dim, generator=gen).to(device, dtype)
+    pos = torch.arange(cap).expand(batch, kv_heads, cap).clone()
+    pos[torch.rand(batch, kv_heads, cap, generator=gen) < holes] = -1
+    return q, k, v, pos.to(device)
+
+
+def dense_mask(pos: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, Hkv, 1, cap) bool: valid slot below n."""
+    return ((pos >= 0) & (torch.arange(pos.shape[-1], device=pos.device) < n)).unsqueeze(2)
+
+
+def sparse_mask(pos: torch.Tensor, idx: torch.Tensor, page_size: int) -> torch.Tensor:
+    """(B, Hkv, 1, cap) bool: valid slot whose page is among idx (built by membership, not by gathering)."""
+    page_of_slot = torch.arange(pos.shape[-1], device=pos.device) // page_size
+    selected = (page_of_slot[:, None] == idx.unsqueeze(2)).any(-1)  # (B, Hkv, cap)
+    return (selected & (pos >= 0)).unsqueeze(2)
+
+
+def random_pages(batch: int, kv_heads: int, pages: int, k: int, unused: int = 1, seed: int = 0) -> torch.Tensor:
+    """(B, Hkv, k) unique page ids, the first ``unused`` entries of each row set to -1."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(pages, generator=gen)[:k] for _ in range(batch * kv_heads)])
+    idx = idx.view(batch, kv_heads, -1).clone()
+    idx[..., :unused] = -1
+    return idx
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert torch.isfinite(out).all(), "non-finite output (poisoned memory read back?)"
+    err = (out.float() - ref).abs().max().item()
+    assert err <= tol * max(ref.abs().max().item(), 1e-3), f"max error {err:.3g}, ref max {ref.abs().max().item():.3g}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch path (CPU, always)
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2, 1])
+@pytest.mark.parametrize("n_as_tensor", [False, True])
+def test_torch_decode_matches_reference(kv_heads: int, n_as_tensor: bool) -> None:
+    q, k, v, pos = make_buffers(2, 8, kv_heads, 32, 50, torch.float32)
+    n = 37
+    out = torch_ref.decode_attention(q, k, v, pos, torch.tensor([n]) if n_as_tensor else n, scale=0.3)
+    ref = dense_attention(q, k, v, dense_mask(pos, n), scaling=0.3)[0]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_decode_empty_rows_are_zero() -> None:
+    q, k, v, pos = make_buffers(2, 4, 2, 16, 20, torch.float32)
+    pos[1] = -1
+    out = torch_ref.decode_attention(q, k, v, pos, 20)
+    assert (out[1] == 0).all() and (out[0] != 0).any()
+    assert (torch_ref.decode_attention(q, k, v, pos, 0) == 0).all()
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+def test_torch_sparse_matches_reference(page_size: int) -> None:
+    cap = 150  # not a multiple of 16 or 64: a partial last page
+    q, k, v, pos = make_buffers(2, 8, 2, 32, cap, torch.float32)
+    pages = -(-cap // page_size)
+    idx = random_pages(2, 2, pages, min(5, pages), unused=1)
+    out = torch_ref.sparse_decode_attention(q, k, v, pos, idx, page_size)
+    ref = dense_attention(q, k, v, sparse_mask(pos, idx, page_size))[0]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_out_buffer_is_written() -> None:
+    q, k, v, pos = make_buffers(1, 4, 1, 16, 30, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    result = kernels.decode_attention(q, k, v, pos, 30, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, torch_ref.decode_attention(q, k, v, pos, 30))
+
+
+def naive_quest(q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    batch, heads = q.shape[:2]
+    _, kv_heads, pages = summary.shape[:3]
+    group = heads // kv_heads
+    scores = torch.empty(batch, kv_heads, pages)
+    for b, h, p in itertools.product(range(batch), range(kv_heads), range(pages)):
+        kmax, kmin = summary[b, h, p, 0].float(), summary[b, h, p, 1].float()
+        if torch.isinf(kmax).all():
+            scores[b, h, p] = float("-inf")
+            continue
+        qg = q[b, h * group : (h + 1) * group, 0].float()
+        scores[b, h, p] = torch.maximum(qg * kmax, qg * kmin).sum()
+    return scores
+
+
+def test_quest_scores_match_naive_bound() -> None:
+    q, k, v, pos = make_buffers(2, 8, 2, 16, 70, torch.float32)
+    pos[0, 0, 16:32] = -1  # page 1 of row 0, head 0 empty
+    summary = kernels.page_summaries(k, pos, 16)
+    assert summary.shape == (2, 2, 5, 2, 16)
+    scores = kernels.quest_scores(q, summary)
+    torch.testing.assert_close(scores, naive_quest(q, summary), atol=1e-4, rtol=1e-5)
+    assert scores[0, 0, 1] == float("-inf") and torch.isfinite(scores[1]).all()
+    # It is an upper bound of every valid key's q.k in the page, for each head of the group.
+    qk = torch.einsum("bhgd,bhnd->bhgn", q.view(2, 2, 4, 16), k).sum(2)  # group-summed q.k per slot
+    for p in range(5):
+        keys = slice(16 * p, 16 * (p + 1))
+        ok = pos[..., keys] >= 0
+        assert (qk[..., keys].masked_fill(~ok, float("-inf")).amax(-1) <= scores[..., p] + 1e-4).all()
+
+
+def test_update_page_summary_matches_recompute() -> None:
+    _, k, _, _ = make_buffers(2, 4, 2, 8, 40, torch.float32)
+    page_size = 8
+    pos = torch.full((2, 2, 40), -1)
+    summary = kernels.page_summaries(k, pos, page_size)
+    assert (summary[..., 0, :] == float("-inf")).all() and (summary[..., 1, :] == float("inf")).all()
+    for slot in [0, 1, 7, 8, 9, 33, 39]:
+        pos[..., slot] = slot
+        kernels.update_page_summary(summary, k[:, :, slot : slot + 1], torch.tensor(slot), page_size)
+        torch.testing.assert_close(summary, kernels.page_summaries(k, pos, page_size))
+
+
+def test_topk_pages_rules() -> None:
+    scores = torch.tensor([[[5.0, 1.0, 4.0, 3.0, 9.0, 8.0]]])
+    idx = kernels.topk_pages(scores, 2, 4, force_last=False)  # pages 4, 5 excluded
+    assert sorted(idx.flatten().tolist()) == [0, 2]
+    idx = kernels.topk_pages(scores, 2, torch.tensor([4]), force_last=True)  # page 3 forced in
+    assert sorted(idx.flatten().tolist()) == [0, 3]
+    idx = kernels.topk_pages(scores, 4, 2, force_last=True)  # only 2 selectable pages: pad with -1
+    assert sorted(idx.flatten().tolist()) == [-1, -1, 0, 1]
+    idx = kernels.topk_pages(scores, 8, 6, force_last=False)  # k > P
+    assert sorted(idx.flatten().tolist()) == [-1, -1, 0, 1, 2, 3, 4, 5]
+    empty = torch.tensor([[[float("-inf"), 2.0, float("-inf")]]])  # pages without valid keys are never taken
+    assert sorted(kernels.topk_pages(empty, 2, 3, force_last=False).flatten().tolist()) == [-1, 1]
+    assert (kernels.topk_pages(scores, 3, 0, force_last=True) == -1).all()
+
+
+def test_backend_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert kernels.backend("cpu") == "torch"
+    monkeypatch.setenv("ATTNKIT_KERNELS", "torch")
+    assert kernels.backend("cuda") == "torch"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels: swept on CUDA; a small subset on CPU through the interpreter (TRITON_INTERPRET=1).
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
+ON_GPU = torch.cuda.is_available() and HAS_TRITON
+TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
+needs_triton = pytest.mark.skipif(
+    not (ON_GPU or INTERPRET),
+    reason="Triton kernels need a CUDA GPU; the torch path above is what CPU and CI use",
+)
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+
+if ON_GPU:
+    # The sweep of the brief; batch and GQA ratio cycle with the case index to keep the count moderate.
+    DTYPES = [torch.bfloat16, torch.float16]
+    DENSE_CASES = [
+        (length, ratio, dim, dtype, 1 + 2 * (i % 2))
+        for i, (length, ratio, dim, dtype) in enumerate(
+            itertools.product([1, 77, 1000, 4099], [1, 4, 8], [64, 128, 256], DTYPES)
+        )
+    ]
+    SPARSE_CASES = [
+        (length, [1, 4, 8][i % 3], dim, dtype, 1 + 2 * (i % 2), page)
+        for i, (length, dim, dtype, page) in enumerate(
+            itertools.product([1, 77, 1000, 4099], [64, 128, 256], DTYPES, [1, 16, 64])
+        )
+    ]
+else:
+    # The interpreter computes bf16 tl.dot wrongly (numpy has no bf16), so it checks fp16 and fp32.
+    DENSE_CASES = [(77, 4, 64, torch.float16, 3), (200, 1, 128, torch.float32, 1), (1, 8, 64, torch.float32, 1)]
+    SPARSE_CASES = [
+        (77, 4, 64, torch.float16, 3, 16),
+        (300, 8, 128, torch.float32, 1, 1),
+        (150, 1, 64, torch.float32, 1, 64),
+    ]
+
+
+def _triton():
+    from attnkit.kernels import triton_decode
+
+    return triton_decode
+
+
+def _poison(like: torch.Tensor) -> torch.Tensor:
+    """A NaN-filled buffer like ``like``; also leaves freed NaN memory for the kernels' scratch allocations."""
+    scratch = torch.full((1 << 20,), float("nan"), device=like.device)
+    del scratch
+    return torch.full_like(like, float("nan"))
+
+
+@needs_triton
+@pytest.mark.parametrize("length,ratio,dim,dtype,batch", DENSE_CASES)
+def test_triton_dense(length: int, ratio: int, dim: int, dtype: torch.dtype, batch: int) -> None:
+    kv_heads = 2
+    cap = length + 37  # slots past n hold data that must be ignored
+    q, k, v, pos = make_buffers(batch, kv_heads * ratio, kv_heads, dim, cap, dtype, TRITON_DEVICE, seed=length)
+    if batch > 1:
+        pos[1] = -1  # a row with nothing to attend to
+    n = torch.tensor([length], device=TRITON_DEVICE, dtype=torch.int32)
+    out = _triton().decode_attention(q, k, v, pos, n, out=_poison(q))
+    ref = dense_attention(q, k, v, dense_mask(pos, length))[0]
+    assert_close_rel(out, ref, TOL[dtype])
+    out_int = _triton().decode_attention(q, k, v, pos, length, out=_poison(q))
+    assert_close_rel(out_int, ref, TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("length,ratio,dim,dtype,batch,page", SPARSE_CASES)
+def test_triton_sparse(length: int, ratio: int, dim: int, dtype: torch.dtype, batch: int, page: int) -> None:
+    kv_heads = 2
+    q, k, v, pos = make_buffers(batch, kv_heads * ratio, kv_heads, dim, length, dtype, TRITON_DEVICE, seed=length)
+    pages = -(-length // page)
+    select = min(pages, 40 if page == 1 else 9)
+    idx = random_pages(batch, kv_heads, pages, select, unused=1 if select > 1 else 0, seed=length).to(TRITON_DEVICE)
+    ref = dense_attention(q, k, v, sparse_mask(pos, idx, page))[0]
+    for ids in (idx, idx.int()):
+        out = _triton().sparse_decode_attention(q, k, v, pos, ids, page, out=_poison(q))
+        assert_close_rel(out, ref, TOL[dtype])
+
+
+@needs_triton
+def test_triton_matches_quest_pipeline() -> None:
+    """Selection + sparse kernel end to end against the torch path, with the dispatching API."""
+    dtype = torch.float16
+    q, k, v, pos = make_buffers(1, 8, 2, 64, 200, dtype, TRITON_DEVICE)
+    summary = kernels.page_summaries(k, pos, 16)
+    idx = kernels.topk_pages(kernels.quest_scores(q, summary), 4, 13, force_last=True)
+    out = _triton().sparse_decode_attention(q, k, v, pos, idx, 16)
+    ref = torch_ref.sparse_decode_attention(q.float(), k.float(), v.float(), pos, idx, 16)
+    assert_close_rel(out, ref, TOL[dtype])
