@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         kv = r.get("kv_bytes", 0)
-        floor_ms = 1000 * (weight_bytes + kv) / (bandwidth * 1e9 / 2)  # the copy figure counts read + write
+        floor_ms = 1000 * (weight_bytes + kv) / (bandwidth * 1e9)  # bytes read once at the copy's read + write rate
         r["floor_ms"] = floor_ms
         r["tokens_per_s"] = 1000 * args.batch / r["ms_per_token"]
         print(f"| {name} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {base / r['ms_per_token']:.2f}x | "

@@ -253,3 +253,83 @@ def test_triton_matches_quest_pipeline() -> None:
     out = _triton().sparse_decode_attention(q, k, v, pos, idx, 16)
     ref = torch_ref.sparse_decode_attention(q.float(), k.float(), v.float(), pos, idx, 16)
     assert_close_rel(out, ref, TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fused Quest scoring (attnkit.kernels.triton_select) and select_pages.
+
+
+def _select():
+    from attnkit.kernels import triton_select
+
+    return triton_select
+
+
+def masked_reference(q: torch.Tensor, summary: torch.Tensor, n_valid: int, force_last: bool) -> torch.Tensor:
+    """topk_pages' masked scores of quest_scores, from an fp32 copy of the summary (the kernel accumulates in fp32)."""
+    scores = torch_ref.quest_scores(q.float(), summary.float())
+    page_ids = torch.arange(scores.shape[-1], device=scores.device)
+    scores = scores.masked_fill(page_ids >= n_valid, float("-inf"))
+    if force_last:
+        scores = scores.masked_fill(page_ids == n_valid - 1, float("inf"))
+    return scores
+
+
+if ON_GPU:
+    SELECT_CASES = [
+        (cap, ratio, dim, dtype, 1 + (i % 2), page)
+        for i, (cap, ratio, dim, dtype, page) in enumerate(
+            itertools.product([1, 200, 5000], [1, 4, 8], [64, 128, 256], DTYPES, [16, 64])
+        )
+    ]
+else:
+    SELECT_CASES = [(200, 4, 64, torch.float16, 2, 16), (150, 1, 128, torch.float32, 1, 64)]
+
+
+@needs_triton
+@pytest.mark.parametrize("cap,ratio,dim,dtype,batch,page", SELECT_CASES)
+def test_triton_quest_scores_masked(cap: int, ratio: int, dim: int, dtype: torch.dtype, batch: int, page: int) -> None:
+    kv_heads = 2
+    q, k, _, pos = make_buffers(batch, kv_heads * ratio, kv_heads, dim, cap, dtype, TRITON_DEVICE, seed=cap)
+    pages = -(-cap // page)
+    if pages > 2:
+        pos[0, 0, page : 2 * page] = -1  # an empty page inside the valid range
+    summary = torch_ref.page_summaries(k, pos, page).contiguous()
+    for n_valid, force in [(pages, True), (max(1, pages - 2), False), (max(1, pages // 2), True), (0, True)]:
+        ref = masked_reference(q, summary, n_valid, force)
+        n_dev = torch.tensor([n_valid], device=TRITON_DEVICE, dtype=torch.int32)
+        for n_arg in (n_valid, n_dev):
+            out = torch.full((batch, kv_heads, pages), float("nan"), device=TRITON_DEVICE)
+            got = _select().quest_scores_masked(q, summary, n_arg, force, out=out)
+            assert got.data_ptr() == out.data_ptr() and got.dtype == torch.float32
+            inf = torch.isinf(ref)
+            assert torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], ref[inf])
+            scale = ref[~inf].abs().max().item() if (~inf).any() else 1.0
+            assert ((got[~inf] - ref[~inf]).abs() <= 1e-4 * max(scale, 1.0)).all()
+
+
+def test_select_pages_matches_topk_pages() -> None:
+    """Same selected set as quest_scores + topk_pages (random fp32 data: no ties), on whatever path dispatches."""
+    device = "cuda" if ON_GPU else "cpu"
+    for dtype in ([torch.bfloat16, torch.float16] if ON_GPU else [torch.float32]):
+        q, k, _, pos = make_buffers(2, 8, 2, 64, 300, dtype, device, seed=3)
+        summary = torch_ref.page_summaries(k, pos, 16)  # 19 pages
+        for kk, n_valid, force in [(4, 19, True), (4, 10, False), (30, 19, True), (5, 0, True)]:
+            n_arg = torch.tensor([n_valid], device=device) if kk == 4 else n_valid
+            got = kernels.select_pages(q, summary, kk, n_arg, force_last=force)
+            ref = torch_ref.topk_pages(masked_reference(q, summary, 19, False), kk, n_valid, force)
+            assert got.shape == (2, 2, kk)
+            assert torch.equal(got.sort(-1).values.cpu(), ref.sort(-1).values.cpu())
+
+
+@needs_triton
+def test_triton_select_pages_matches_topk_pages() -> None:
+    """The Triton scoring + torch.topk against topk_pages on random scores without ties."""
+    dtype = torch.float16 if INTERPRET and not ON_GPU else torch.bfloat16
+    q, k, _, pos = make_buffers(1, 8, 2, 64, 400, dtype, TRITON_DEVICE, seed=5)
+    pos[0, 1, :64] = -1  # pages 0-3 of head 1 empty
+    summary = torch_ref.page_summaries(k, pos, 16)  # 25 pages
+    for kk, n_valid, force in [(6, 25, True), (6, 11, False), (40, 25, True)]:
+        got = _select().select_pages(q, summary, kk, torch.tensor([n_valid], device=TRITON_DEVICE), force)
+        ref = torch_ref.topk_pages(masked_reference(q, summary, 25, False), kk, n_valid, force)
+        assert torch.equal(got.sort(-1).values.cpu(), ref.sort(-1).values.cpu())

@@ -3,7 +3,8 @@
 ``decode_attention`` and ``sparse_decode_attention`` dispatch per call: the Triton kernels
 (:mod:`attnkit.kernels.triton_decode`) when the tensors are on CUDA and triton imports, else the pure-torch path
 (:mod:`attnkit.kernels.torch_ref`, also the reference the kernels are tested against). ``ATTNKIT_KERNELS=torch``
-forces the torch path. Page summaries, Quest scores and top-k are plain torch ops on either device.
+forces the torch path. Page summaries, Quest scores and top-k are plain torch ops on either device;
+``select_pages`` fuses scoring and masking into one Triton kernel on CUDA (:mod:`attnkit.kernels.triton_select`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "decode_attention",
     "page_summaries",
     "quest_scores",
+    "select_pages",
     "sparse_decode_attention",
     "topk_pages",
     "update_page_summary",
@@ -38,6 +40,16 @@ def _triton_module() -> ModuleType | None:
     return triton_decode
 
 
+@functools.cache
+def _select_module() -> ModuleType | None:
+    """The Triton page-scoring module, or None where triton is missing or broken (imported once, lazily)."""
+    try:
+        from attnkit.kernels import triton_select
+    except Exception:
+        return None
+    return triton_select
+
+
 def backend(device: torch.device | str) -> str:
     """``"triton"`` or ``"torch"``: the path ``decode_attention`` takes for bf16/fp16 tensors on ``device``."""
     if os.environ.get("ATTNKIT_KERNELS", "").lower() == "torch":
@@ -48,8 +60,9 @@ def backend(device: torch.device | str) -> str:
 
 
 def _impl(q: torch.Tensor) -> ModuleType:
-    # float32 stays on the torch path: tl.dot would round fp32 inputs to tf32 on the GPU.
-    if q.dtype in (torch.bfloat16, torch.float16) and backend(q.device) == "triton":
+    # float32 stays on the torch path: tl.dot would round fp32 inputs to tf32 on the GPU; the kernels are built
+    # for head dims 64 / 128 / 256 (tiny test models use 16).
+    if q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128, 256) and backend(q.device) == "triton":
         return _triton_module()
     return torch_ref
 
@@ -108,3 +121,40 @@ def sparse_decode_attention(
     out : (B, H, 1, D) in q's dtype, zero for rows with no valid selected slot
     """
     return _impl(q).sparse_decode_attention(q, k, v, pos, idx, page_size, scale, out)
+
+
+def select_pages(
+    q: torch.Tensor,
+    summary: torch.Tensor,
+    k: int,
+    n_valid_pages: int | torch.Tensor,
+    force_last: bool = True,
+) -> torch.Tensor:
+    """Quest selection: ``topk_pages(quest_scores(q, summary), k, n_valid_pages, force_last)``.
+
+    On CUDA with a bf16/fp16 summary and D in (64, 128, 256) the scores and masks are one Triton kernel
+    (:func:`attnkit.kernels.triton_select.quest_scores_masked`, fp32 accumulation, no host sync) followed by
+    ``torch.topk``; elsewhere the torch path. Scores may differ in the last bits between the paths (torch rounds
+    its matvec to the summary dtype), so near-ties can pick different pages.
+
+    Parameters
+    ----------
+    q : (B, H, 1, D)
+    summary : (B, Hkv, P, 2, D)
+    k : pages to select
+    n_valid_pages : int or 0-d/1-element device tensor; pages ``>= n_valid_pages`` are never selected
+    force_last : always select page ``n_valid_pages - 1``
+
+    Returns
+    -------
+    idx : (B, Hkv, k) int64 unique page ids in no particular order, -1 padding (as :func:`topk_pages`)
+    """
+    if (
+        summary.dtype in (torch.bfloat16, torch.float16)
+        and q.shape[-1] in (64, 128, 256)
+        and summary.is_contiguous()
+        and backend(summary.device) == "triton"
+        and _select_module() is not None
+    ):
+        return _select_module().select_pages(q, summary, k, n_valid_pages, force_last)
+    return topk_pages(quest_scores(q, summary), k, n_valid_pages, force_last)

@@ -2,12 +2,13 @@
 
 Both kernels share one structure. Program ``(bh, s)`` takes the G = H / Hkv query heads of KV head ``bh`` (the
 GQA group, padded to 16 rows so ``tl.dot`` applies) over split ``s`` of its key range, runs an fp32 online
-softmax (base 2), and writes an unnormalised-free partial: ``out_s = softmax_s @ V_s`` and ``lse_s``. A second
-kernel merges the splits with the usual log-sum-exp weights. The number of splits depends only on the buffer
+softmax (base 2), and writes a normalised partial ``out_s = softmax_s @ V_s`` with its ``lse_s``. A second
+kernel merges the splits with log-sum-exp weights. The number of splits depends only on the buffer
 shape, never on ``n`` or the selection, so a decode step launches identical grids every time (CUDA-graph
 capturable); ``n`` is read on the device and splits past it run zero loop iterations (lse = -inf, out = 0).
 
-Shapes as in :mod:`attnkit.kernels.torch_ref`.
+Shapes as in :mod:`attnkit.kernels.torch_ref`. Configs are fixed per head dim (no autotune); at these configs
+ptxas reports 80-128 registers for the dense kernel and 113-176 for the sparse one on sm_90, no spills.
 """
 
 from __future__ import annotations

@@ -108,12 +108,15 @@ class Quest(Method):
 
     def select(self, query: torch.Tensor, layer: QuestLayer) -> torch.Tensor:
         """(B, Hkv, budget // page) page ids (-1: none) for a decode query (B, H, 1, D)."""
-        pages = -(-layer.n // self.page) if not layer.padded else layer.summary.shape[2]
-        scores = kernels.quest_scores(query, layer.summary[:, :, :pages])  # (B, Hkv, P)
-        if layer.padded:  # each row's page being written: the one holding its newest token
-            last = ((layer.count - 1) // self.page).view(-1, 1, 1)
-            scores = scores.masked_fill(torch.arange(pages, device=scores.device) == last, float("inf"))
-        return kernels.topk_pages(scores, self.budget // self.page, pages, force_last=not layer.padded)
+        k = self.budget // self.page
+        if not layer.padded:  # one fused scoring kernel on CUDA; the page being written is the last one
+            pages = -(-layer.n // self.page)
+            return kernels.select_pages(query, layer.summary, k, pages, force_last=True)
+        pages = layer.summary.shape[2]
+        scores = kernels.quest_scores(query, layer.summary)  # (B, Hkv, P)
+        last = ((layer.count - 1) // self.page).view(-1, 1, 1)  # each row's page being written
+        scores = scores.masked_fill(torch.arange(pages, device=scores.device) == last, float("inf"))
+        return kernels.topk_pages(scores, k, pages, force_last=False)
 
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         q, n = query.shape[2], key.shape[2]

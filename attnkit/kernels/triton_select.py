@@ -1,0 +1,141 @@
+"""Fused Quest page scoring in Triton (GPU; also run by the Triton interpreter on CPU in tests).
+
+:func:`quest_scores_masked` does in one launch what :func:`attnkit.kernels.torch_ref.quest_scores` followed by the
+masking half of :func:`attnkit.kernels.torch_ref.topk_pages` do in about ten small torch kernels: program
+``(bh, blk)`` builds the group weights ``[sum_g relu(q_g), sum_g min(q_g, 0)]`` of KV head ``bh`` from q in fp32,
+reads ``BLOCK_P`` pages of the summary once, and writes the fp32 bound with the selection masks applied:
+-inf for empty pages and pages ``>= n_valid_pages``, +inf for page ``n_valid_pages - 1`` when ``force_last``.
+The grid depends on the summary shape only and ``n_valid_pages`` may be read on the device: no host sync,
+identical launches every decode step (CUDA-graph capturable). The top-k itself stays :func:`torch.topk`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _block_p(head_dim: int) -> int:
+    """Pages per program: a (BLOCK_P, 2, D) half-precision tile of 8 KiB."""
+    return {64: 64, 128: 32, 256: 16}.get(head_dim, 32)
+
+
+@triton.jit(do_not_specialize=["n_int"])
+def _quest_masked_kernel(
+    q_ptr, s_ptr, n_ptr, n_int, out_ptr,
+    stride_qb, stride_qh,
+    Hkv, G, P,
+    N_FROM_PTR: tl.constexpr, FORCE_LAST: tl.constexpr,
+    D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    offs_p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < P
+
+    q_ptrs = q_ptr + b * stride_qb + (h * G + offs_g[:, None]) * stride_qh + offs_d[None, :]
+    qg = tl.load(q_ptrs, mask=offs_g[:, None] < G, other=0.0).to(tl.float32)  # padded rows add 0 to both sums
+    w_pos = tl.sum(tl.maximum(qg, 0.0), axis=0)  # (D,)
+    w_neg = tl.sum(tl.minimum(qg, 0.0), axis=0)
+
+    # summary is contiguous (B, Hkv, P, 2, D): page p of row bh starts at (bh * P + p) * 2D.
+    rows = (bh.to(tl.int64) * P + offs_p.to(tl.int64)) * (2 * D)
+    ptrs = s_ptr + rows[:, None] + offs_d[None, :]
+    kmax = tl.load(ptrs, mask=p_mask[:, None], other=0.0).to(tl.float32)
+    kmin = tl.load(ptrs + D, mask=p_mask[:, None], other=0.0).to(tl.float32)
+    score = tl.sum(kmax * w_pos[None, :] + kmin * w_neg[None, :], axis=1)  # (BLOCK_P,) fp32
+
+    if N_FROM_PTR:
+        n = tl.load(n_ptr).to(tl.int32)
+    else:
+        n = n_int
+    # An empty page holds max = -inf (and min = +inf), so its score above is -inf or NaN: mark it explicitly.
+    first_max = tl.load(s_ptr + rows, mask=p_mask, other=0.0).to(tl.float32)
+    drop = (first_max == float("-inf")) | (offs_p >= n)
+    score = tl.where(drop, float("-inf"), score)
+    if FORCE_LAST:
+        score = tl.where(offs_p == n - 1, float("inf"), score)  # after the masks, as topk_pages does
+    tl.store(out_ptr + bh.to(tl.int64) * P + offs_p, score, mask=p_mask)
+
+
+def quest_scores_masked(
+    q: torch.Tensor,
+    summary: torch.Tensor,
+    n_valid_pages: int | torch.Tensor,
+    force_last: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quest scores with the selection masks, fused: ``topk_pages``' masked scores of ``quest_scores``.
+
+    Parameters
+    ----------
+    q : (B, H, 1, D), contiguous in its last dimension
+    summary : (B, Hkv, P, 2, D) contiguous, as from :func:`attnkit.kernels.torch_ref.page_summaries`
+        (bf16/fp16 on the GPU; fp32 also works, in the interpreter tests)
+    n_valid_pages : int, or 0-d/1-element int tensor on q's device (read by the kernel: no sync)
+    force_last : give page ``n_valid_pages - 1`` a score of +inf (overrides the -inf of an empty page)
+    out : optional (B, Hkv, P) float32 contiguous buffer, written in place
+
+    Returns
+    -------
+    scores : (B, Hkv, P) float32; unscaled (a positive scale does not change the ranking); accumulated in fp32
+        from the exact summary values (torch_ref rounds its matvec to the summary dtype).
+    """
+    batch, heads, one, dim = q.shape
+    if summary.dim() != 5 or summary.shape[0] != batch or summary.shape[3] != 2 or summary.shape[4] != dim:
+        raise ValueError(f"summary {tuple(summary.shape)} must be (B, Hkv, P, 2, D) for q {tuple(q.shape)}")
+    kv_heads, pages = summary.shape[1], summary.shape[2]
+    if one != 1 or heads % kv_heads or dim & (dim - 1):
+        raise ValueError(f"unsupported shapes q {tuple(q.shape)}, summary {tuple(summary.shape)}")
+    if not summary.is_contiguous() or q.stride(-1) != 1:
+        raise ValueError("summary must be contiguous and q contiguous in its last dimension")
+    if out is None:
+        out = torch.empty(batch, kv_heads, pages, device=q.device, dtype=torch.float32)
+    elif tuple(out.shape) != (batch, kv_heads, pages) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({batch}, {kv_heads}, {pages}) float32 tensor")
+    if pages == 0 or batch * kv_heads == 0:
+        return out
+    from_ptr = isinstance(n_valid_pages, torch.Tensor)
+    n_arg = n_valid_pages.reshape(-1) if from_ptr else out  # a dummy pointer when n is an int
+    if from_ptr and n_arg.device != q.device:
+        n_arg = n_arg.to(q.device)
+    group = heads // kv_heads
+    block = _block_p(dim)
+    _quest_masked_kernel[(batch * kv_heads, triton.cdiv(pages, block))](
+        q, summary, n_arg, 0 if from_ptr else int(n_valid_pages), out,
+        q.stride(0), q.stride(1),
+        kv_heads, group, pages,
+        N_FROM_PTR=from_ptr, FORCE_LAST=bool(force_last),
+        D=dim, G_PAD=max(2, triton.next_power_of_2(group)), BLOCK_P=block,
+        num_warps=4,
+    )
+    return out
+
+
+def topk_from_masked(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``topk_pages``' second half on already-masked scores: (B, Hkv, k) int64 ids, -1 for -inf picks / padding."""
+    pages = scores.shape[-1]
+    take = min(k, pages)
+    top, idx = torch.topk(scores, take, dim=-1, sorted=False)
+    idx = idx.masked_fill(top == float("-inf"), -1)
+    if take < k:
+        idx = torch.nn.functional.pad(idx, (0, k - take), value=-1)
+    return idx
+
+
+def select_pages(
+    q: torch.Tensor,
+    summary: torch.Tensor,
+    k: int,
+    n_valid_pages: int | torch.Tensor,
+    force_last: bool = True,
+    scores_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused scoring + :func:`torch.topk`; same output as ``topk_pages(quest_scores(q, summary), ...)``."""
+    scores = quest_scores_masked(q, summary, n_valid_pages, force_last, out=scores_out)
+    return topk_from_masked(scores, k)

@@ -1,0 +1,67 @@
+"""CPU decode cost per method on SmolLM2-135M (float32): a method's bookkeeping must stay small where attention is.
+
+Prefills an ``--context``-token prompt (Paul Graham essays) through each method at one KV budget, decodes
+``--new-tokens`` greedily with EOS off, and prints ms per decoded token and the ratio to ``full`` measured in the
+same process (target: every method <= 1.1x full at 8K).
+
+    python benchmarks/cpu_decode_overhead.py --context 8192 --budget 1024 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import attnkit
+from attnkit.data import essays_text
+from attnkit.registry import method_class
+
+
+class NoEos:
+    def __init__(self, tok):
+        self.tok, self.eos_token_id, self.pad_token_id = tok, None, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--methods", default="full,window,streaming_llm,h2o,snapkv,tokenselect,quest")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", type=Path, default=Path("results/cpu_decode_overhead.json"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = attnkit.load_model("smollm2-135m")
+    ids = tok(essays_text(), return_tensors="pt").input_ids[:, : args.context - 1]
+    rows = {}
+    for name in args.methods.split(","):
+        method = method_class(name).for_budget(args.budget)
+        with attnkit.apply(model, method):
+            g = attnkit.generate(model, NoEos(tok), ids, max_new_tokens=args.new_tokens, prefill_chunk=512,
+                                 stop_at_eos=False)
+        rows[name] = {"ms_per_token": 1000 * g.s_per_token, "prefill_s": g.prefill_s, "settings": method.settings()}
+        print(f"{name}: {rows[name]['ms_per_token']:.1f} ms/token", flush=True)
+    base = rows["full"]["ms_per_token"] if "full" in rows else float("nan")
+    print(f"\nSmolLM2-135M float32, CPU ({torch.get_num_threads()} threads), context {ids.shape[1]}, budget "
+          f"{args.budget}, {args.new_tokens} new tokens")
+    print("| method | ms / token | vs full | prefill s |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, r in rows.items():
+        r["vs_full"] = r["ms_per_token"] / base
+        print(f"| {name} | {r['ms_per_token']:.1f} | {r['vs_full']:.2f}x | {r['prefill_s']:.1f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"torch": torch.__version__, "args": vars(args) | {"out": str(args.out)},
+                                    "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
