@@ -17,7 +17,8 @@ timing; "bytes" is what each piece must read):
 * ``quest_torch_pP``: :func:`attnkit.kernels.quest_scores` (the torch scoring, ~10 small kernels with the masks
   of ``topk_pages``) -- here the scores alone.
 * ``quest_fused_pP``: :func:`attnkit.kernels.triton_select.quest_scores_masked`, scores and masks in one kernel.
-* ``topk_pP``: ``torch.topk(sorted=False)`` alone on precomputed fp32 scores (2048 / P of them per KV head).
+* ``topk_pP``: ``torch.topk(sorted=False)`` alone on precomputed fp32 scores (2048 / P of them per KV head);
+  ``topk_bisect_pP``: attnkit's one-program-per-row bisection top-k on the same scores.
 * ``sparse_kernel_pP``: :func:`attnkit.kernels.sparse_decode_attention` alone on a precomputed selection.
 * ``sparse_fused_pP``: the whole step with :func:`attnkit.kernels.select_pages` + the sparse kernel.
 
@@ -213,6 +214,9 @@ def breakdown(context: int, sets: list[dict[str, torch.Tensor]]) -> list[tuple[s
         def topk(i: int, page: int = page, take: int = take) -> torch.Tensor:
             return torch.topk(sets[i][f"scores{page}"], take, dim=-1, sorted=False).indices
 
+        def topk_bisect(i: int, page: int = page, take: int = take) -> torch.Tensor:
+            return triton_select.topk_bisect(sets[i][f"scores{page}"], take)
+
         def sparse_kernel(i: int, page: int = page) -> torch.Tensor:
             s = sets[i]
             return kernels.sparse_decode_attention(s["q"], s["k"], s["v"], s["pos"], s[f"idx{page}"], page,
@@ -227,6 +231,7 @@ def breakdown(context: int, sets: list[dict[str, torch.Tensor]]) -> list[tuple[s
             (f"quest_torch_p{page}", quest_torch, summary_bytes),
             (f"quest_fused_p{page}", quest_fused, summary_bytes),
             (f"topk_p{page}", topk, score_bytes),
+            (f"topk_bisect_p{page}", topk_bisect, score_bytes),
             (f"sparse_kernel_p{page}", sparse_kernel, kv_sparse),
             (f"sparse_fused_p{page}", sparse_fused, kv_sparse + summary_bytes),
         ]

@@ -333,3 +333,20 @@ def test_triton_select_pages_matches_topk_pages() -> None:
         got = _select().select_pages(q, summary, kk, torch.tensor([n_valid], device=TRITON_DEVICE), force)
         ref = torch_ref.topk_pages(masked_reference(q, summary, 25, False), kk, n_valid, force)
         assert torch.equal(got.sort(-1).values.cpu(), ref.sort(-1).values.cpu())
+
+
+@needs_triton
+def test_triton_topk_bisect_matches_topk_pages() -> None:
+    """One-program bisection top-k == torch top-k as sets, with -inf (invalid), +inf (forced) and k > valid."""
+    from attnkit.kernels.triton_select import topk_bisect
+
+    g = torch.Generator().manual_seed(7)
+    cases = [(10, 4), (300, 128), (5, 8)] if INTERPRET and not ON_GPU else [(10, 4), (300, 128), (5, 8), (2048, 32), (8192, 128), (16384, 32)]
+    for pages, k in cases:
+        scores = torch.randn(3, pages, generator=g)
+        scores[0, : pages // 3] = float("-inf")
+        scores[1, 2] = float("inf")
+        scores[2, : max(0, pages - 2)] = float("-inf") if pages < 50 else scores[2, : max(0, pages - 2)]
+        got = topk_bisect(scores.to(TRITON_DEVICE), k).cpu()
+        want = torch_ref.topk_pages(scores, k, pages, force_last=False)
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values), f"P={pages}, k={k}"
