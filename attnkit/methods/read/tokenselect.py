@@ -106,10 +106,8 @@ class TokenSelect(Method):
             mask = (kpos.view(b, 1, 1, -1) <= qpos) & ok | (qpos < 0)  # (B, 1, q, m); pad queries see all
         out = sdpa(query, k_sel, v_sel, mask, scaling)
         if run.recorder is not None:
-            ok_full = ok if mask is not None else torch.ones_like(idx, dtype=torch.bool).view(b, 1, 1, -1)
-            chosen = torch.zeros(b, n, dtype=torch.bool, device=key.device)
-            chosen.scatter_(1, idx, ok_full.view(b, -1))  # invalid entries point at slot 0 with False
-            chosen[:, 0] |= (idx == 0).logical_and(ok_full.view(b, -1)).any(-1)
+            read = idx if mask is None else idx.masked_fill(~ok.view(b, -1), n)  # invalid entries -> spare slot n
+            chosen = torch.zeros(b, n + 1, dtype=torch.bool, device=key.device).scatter_(1, read, True)[:, :n]
             full_mask = layer.mask()
             if full_mask is None:
                 full_mask = torch.ones(b, 1, q, n, dtype=torch.bool, device=key.device)
