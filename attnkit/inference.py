@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache
 
+from attnkit.graphs import StaticDecoder, static_unavailable
 from attnkit.hf.attention import ACTIVE_RUNS
 from attnkit.session import cache_argument, text_config
 
@@ -129,6 +132,8 @@ def generate(
     chat: bool = False,
     stop_at_eos: bool = True,
     answer_prefix: str = "",
+    cuda_graphs: bool = True,
+    static_decode: bool | None = None,
 ) -> Generation | list[Generation]:
     """Generate with chunked prefill and a decode loop free of per-step host syncs.
 
@@ -140,6 +145,12 @@ def generate(
     A list of prompts (strings, or token-id lists) is one batch: rows are left-padded, every method counts
     sinks, windows, budgets and positions from each row's first real token, and one :class:`Generation` per
     row is returned (timings are the batch's). A single prompt returns a single Generation.
+
+    Decoding inside ``attnkit.apply`` on CUDA takes fixed-shape steps (:mod:`attnkit.graphs`) replayed from one
+    CUDA graph per call; ``cuda_graphs=False`` (or ``ATTNKIT_CUDA_GRAPHS=0``) runs the same steps eagerly, for
+    debugging, with the same tokens. ``static_decode`` forces the fixed-shape steps on (also on CPU) or off (the
+    dynamic path, which is also what runs where a method cannot take them; ``stats["decode"]`` says which ran
+    and why).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid; accepted: an integer >= 1")
@@ -185,23 +196,40 @@ def generate(
     b = ids.shape[0]
     out = torch.empty((b, max_new_tokens), dtype=torch.long, device=device)
     out[:, 0] = token
-    next_pos = None if position_ids is None else position_ids[:, -1:] + 1  # (B, 1)
+    next_pos = position_ids[:, -1:] + 1 if position_ids is not None else None  # (B, 1)
+    decoder, mode = _static_decoder(model, cache, run, device, max_new_tokens - 1, cuda_graphs, static_decode)
+    if decoder is not None and next_pos is None:
+        next_pos = torch.full((b, 1), ids.shape[1], dtype=torch.long, device=device)
     steps = 1
-    for step in range(1, max_new_tokens):
-        if stop_at_eos and eos is not None and step % 16 == 0 and bool((out[:, :step] == eos).any(-1).all()):
-            break
-        extra = {} if next_pos is None else {"position_ids": next_pos}
-        logits = model(input_ids=token.unsqueeze(-1), use_cache=True, **{arg: cache}, **extra).logits
-        token = _sample(logits[:, -1], do_sample, temperature, top_p, generator)
-        out[:, step] = token
-        if next_pos is not None:
-            next_pos = next_pos + 1
-        steps += 1
-    _sync(device)
-    t2 = time.perf_counter()
+    try:
+        for step in range(1, max_new_tokens):
+            if stop_at_eos and eos is not None and step % 16 == 0 and bool((out[:, :step] == eos).any(-1).all()):
+                break
+            if decoder is not None:
+                logits = decoder.step(token, next_pos)
+            else:
+                extra = {} if next_pos is None else {"position_ids": next_pos}
+                logits = model(input_ids=token.unsqueeze(-1), use_cache=True, **{arg: cache}, **extra).logits[:, -1]
+            token = _sample(logits, do_sample, temperature, top_p, generator)
+            out[:, step] = token
+            if next_pos is not None:
+                next_pos = next_pos + 1
+            steps += 1
+        _sync(device)
+        t2 = time.perf_counter()
+    finally:
+        if decoder is not None:
+            mode = decoder.mode
+            decoder.close()
+    timing = {}
+    if decoder is not None and decoder.replays:
+        timing = {"capture_s": decoder.capture_s, "graph_steps": decoder.replays,
+                  "steady_s_per_token": (t2 - decoder.ready_at) / decoder.replays}
 
     kv = cache.held_bytes() if hasattr(cache, "held_bytes") else _dense_bytes(cache)
     stats = run.stats() if run is not None else {"method": "none"}
+    stats["decode"] = mode
+    stats.update(timing)
     gens = []
     for i, row in enumerate(out[:, :steps].tolist()):
         if stop_at_eos and eos is not None and eos in row:
@@ -217,6 +245,22 @@ def generate(
             stats=stats,
         ))
     return gens if batched else gens[0]
+
+
+def _static_decoder(model, cache, run, device, steps: int, cuda_graphs: bool, static_decode: bool | None):
+    """The fixed-shape decoder for this generation (or None) and a one-line description of the decode mode."""
+    if static_decode is None:
+        static_decode = device.type == "cuda"
+    if not static_decode or steps < 1:
+        return None, "dynamic"
+    reason = static_unavailable(run, cache)
+    if reason is not None:
+        if run is not None:  # the user asked for an attnkit method: say why it decodes eagerly
+            warnings.warn(f"attnkit: {run.method.name} decodes eagerly: {reason}", stacklevel=3)
+        return None, f"dynamic ({reason})"
+    graphs = cuda_graphs and os.environ.get("ATTNKIT_CUDA_GRAPHS", "1") != "0"
+    decoder = StaticDecoder(model, cache, steps, graphs)
+    return decoder, decoder.mode
 
 
 def _dense_bytes(cache: Cache) -> int:

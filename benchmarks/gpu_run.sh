@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests kernels decode32 decode128)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests kernels decode32 decode128 decode32b8 decode64b8)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -12,14 +12,16 @@ for s in $stages; do
   case $s in
     tests)
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 python3 -m pytest -q -p no:cacheprovider \
-        tests/test_kernels.py tests/test_methods.py tests/test_api.py tests/test_padded_batch.py 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
+        tests/test_kernels.py tests/test_methods.py tests/test_api.py tests/test_padded_batch.py tests/test_static_decode.py 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
     kernels)
       python3 benchmarks/attention_kernels.py --out "$OUT/kernels.json" 2>&1 | tail -40 | tee "$OUT/kernels.log" ;;
     decode32)
-      python3 benchmarks/decode_latency.py --context 32768 --new-tokens 32 --out "$OUT/decode_32k.json" 2>&1 | tail -12 | tee "$OUT/decode_32k.log" ;;
+      python3 benchmarks/decode_latency.py --context 32768 --new-tokens 32 --out "$OUT/decode_32k.json" 2>&1 | tail -14 | tee "$OUT/decode_32k.log" ;;
     decode128)
-      python3 benchmarks/decode_latency.py --context 131072 --new-tokens 32 --out "$OUT/decode_128k.json" 2>&1 | tail -12 | tee "$OUT/decode_128k.log" ;;
+      python3 benchmarks/decode_latency.py --context 131072 --new-tokens 32 --out "$OUT/decode_128k.json" 2>&1 | tail -14 | tee "$OUT/decode_128k.log" ;;
+    decode64b8)
+      python3 benchmarks/decode_latency.py --context 65536 --batch 8 --new-tokens 32 --skip-hf --skip-compile --out "$OUT/decode_64k_b8.json" 2>&1 | tail -14 | tee "$OUT/decode_64k_b8.log" ;;
     decode32b8)
-      python3 benchmarks/decode_latency.py --context 32768 --batch 8 --new-tokens 16 --skip-hf --out "$OUT/decode_32k_b8.json" 2>&1 | tail -12 | tee "$OUT/decode_32k_b8.log" ;;
+      python3 benchmarks/decode_latency.py --context 32768 --batch 8 --new-tokens 16 --skip-hf --out "$OUT/decode_32k_b8.json" 2>&1 | tail -14 | tee "$OUT/decode_32k_b8.log" ;;
   esac
 done

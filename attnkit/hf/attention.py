@@ -50,6 +50,10 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
 
     query (B, H, q, D); key/value (B, Hkv, n, D) -> (B, H, q, D) in the query's dtype.
     """
+    if layer.static:  # fixed-shape decode step: device-held slots, no mask, no compaction
+        out = layer.static_attend(query, scaling, softcap)
+        layer.static_after()
+        return out
     wants = layer.wants_probs
     q, n = query.shape[2], key.shape[2]
     # A prefill chunk over a cache that holds every earlier token in order is plain bottom-right causal: give SDPA

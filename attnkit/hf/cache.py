@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from attnkit import kernels
+
 if TYPE_CHECKING:
     from attnkit.session import Run
 
@@ -96,6 +98,8 @@ class KVLayer(CacheLayerMixin):
         """Append (B, Hkv, q, D) new states; return the (B, Hkv, n, D) stored states including them."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.static:
+            return self.static_write(key_states, value_states)
         q = key_states.shape[-2]
         self.reserve(self.n + q)
         new_pos = self.new_positions(q)
@@ -122,7 +126,7 @@ class KVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.n = self.seen = 0
         self.keys = self.values = self.pos = self.qpos = self.count = self.count_before = None
-        self.padded = False
+        self.padded = self.static = False
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -154,6 +158,90 @@ class KVLayer(CacheLayerMixin):
     def stored_pos(self) -> torch.Tensor:
         """(B, Hkv, n) absolute positions of the stored tokens."""
         return self.pos[:, :, : self.n]
+
+    # -- fixed-shape decode (CUDA graphs) ---------------------------------------------------------------------
+    #: True between :meth:`begin_static` and :meth:`end_static`: single-token steps write at a device-held slot
+    static = False
+
+    def static_unsupported(self) -> str | None:
+        """Why this layer cannot take fixed-shape decode steps (None: it can)."""
+        if not self.is_initialized:
+            return "the cache is empty (no prefill ran)"
+        return None
+
+    def static_span(self, steps: int) -> int:
+        """Slots a static decode of ``steps`` tokens may use (the attention reads exactly these)."""
+        return self.n + steps
+
+    def begin_static(self, steps: int) -> None:
+        """Prepare up to ``steps`` single-token decode steps with no shape change and no host sync.
+
+        Buffers are sized once here (one spare slot past the span); the slot each step writes is ``wslot``
+        (B, Hkv, 1) on the device; ``qpos``, ``count`` and ``count_before`` become private buffers updated in
+        place. Host counters advance by :meth:`advance_host` (the graph runner calls it after each replay).
+        """
+        self.span = self.static_span(steps)
+        self.reserve(self.span + 1)
+        b, h = self.keys.shape[:2]
+        self.count = self.count.clone()
+        self.count_before = self.count.clone()
+        self.qpos = self.count.clone()
+        self.wslot = torch.full((b, h, 1), self.n, dtype=torch.long, device=self.device)
+        self.pad_static = self.seen - self.count  # (B, 1): constant while decoding
+        self.static = True
+
+    def row_pad(self) -> torch.Tensor:
+        """(B, 1) pad slots before each row's first real token (left padding; slot = pad + position)."""
+        return self.pad_static if self.static else self.seen - self.count
+
+    def static_write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one token per row (B, Hkv, 1, D) at ``wslot``; returns the whole (B, Hkv, cap, D) buffers."""
+        if key_states.shape[-2] != 1 or self.pad_mask_active():
+            raise RuntimeError("a static (fixed-shape) decode step takes one unpadded token per row")
+        self.count_before.copy_(self.count)
+        self.qpos.copy_(self.count)
+        self.count.add_(1)
+        b, h, _, d = key_states.shape
+        self.keys.scatter_(2, self.wslot.unsqueeze(-1).expand(b, h, 1, d), key_states)
+        self.values.scatter_(2, self.wslot.unsqueeze(-1).expand(b, h, 1, value_states.shape[-1]), value_states)
+        self.pos.scatter_(2, self.wslot, self.qpos.view(b, 1, 1).expand(b, h, 1))
+        self.advance_host()
+        if self.run is not None:
+            self.run.current[self.layer_idx] = self
+        return self.keys, self.values
+
+    def pad_mask_active(self) -> bool:
+        return self.run is not None and self.run.pad_mask is not None
+
+    def advance_host(self) -> None:
+        """Host counters after one static step (what the step did on the device)."""
+        self.n = min(self.n + 1, self.span)
+        self.seen += 1
+
+    def host_state(self) -> tuple:
+        return self.n, self.seen
+
+    def set_host_state(self, state: tuple) -> None:
+        self.n, self.seen = state
+
+    def static_attend(self, query: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+        """(B, H, 1, D) decode query over the valid slots of the span -> (B, H, 1, D)."""
+        if softcap is None:
+            return kernels.decode_attention(query, self.keys, self.values, self.pos, self.span, scaling)
+        from attnkit.reference import dense_attention
+
+        span = self.span
+        mask = (self.pos[:, :, :span] >= 0).unsqueeze(2)
+        out, _, _ = dense_attention(query, self.keys[:, :, :span], self.values[:, :, :span], mask, scaling, softcap)
+        return out.to(query.dtype)
+
+    def static_after(self) -> None:
+        """End of a static step's attention: advance the write slot (append-only layers)."""
+        self.wslot.add_(1)
+
+    def end_static(self) -> None:
+        """Back to the dynamic layout (append-only layers already hold it)."""
+        self.static = False
 
     # -- hooks for the attention function ---------------------------------------------------------------------
     def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor | None:
@@ -269,9 +357,64 @@ class WindowLayer(KVLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n_before = self.n
         out = super().update(key_states, value_states, *args, **kwargs)
-        if self.rope_inv_freq is not None and self.sinks and (self.padded or n_before < self.sinks):
+        if self.rope_inv_freq is not None and self.sinks and (self.static or self.padded or n_before < self.sinks):
             self._store_sink_originals(key_states)
         return out
+
+    # -- fixed-shape decode: the window region becomes a ring of window + 1 slots -----------------------------
+    def static_span(self, steps: int) -> int:
+        return self.sinks + self.window + 1
+
+    def begin_static(self, steps: int) -> None:
+        super().begin_static(steps)
+        end = self._region_end()
+        self._relayout(end)
+        self.n = self.span
+        self.wslot.fill_(end)
+
+    def end_static(self) -> None:
+        super().end_static()
+        end = self._region_end()
+        self._relayout(end)
+        self.n = end
+
+    def _region_end(self) -> int:
+        """Slot after the window region in the dynamic layout (one host sync: at the start or end of a decode)."""
+        longest = int(self.count.max())
+        return self.sinks + min(self.window, max(longest - self.sinks, 0))
+
+    def _relayout(self, end: int) -> None:
+        """Per row: the token at position p < sinks to slot p, the newest ``end - sinks`` others right-aligned
+        to end at slot ``end``; everything else (padding, tokens already out of the window) is dropped."""
+        s, n, cap = self.sinks, self.n, self.capacity
+        pos = self.pos[:, :, :n]
+        cnt = self.count.view(-1, 1, 1)
+        recent = (pos >= s) & (pos >= cnt - (end - s))
+        dest = torch.where((pos >= 0) & (pos < s), pos, torch.where(recent, end - cnt + pos, cap))
+        for name in ("keys", "values", "pos"):
+            buf = getattr(self, name)
+            fresh = buf.new_full((*buf.shape[:2], cap + 1, *buf.shape[3:]), -1 if name == "pos" else 0)
+            index = dest.view(*dest.shape, *([1] * (buf.ndim - 3))).expand(*dest.shape, *buf.shape[3:])
+            fresh.scatter_(2, index, buf[:, :, :n])
+            buf.copy_(fresh[:, :, :cap])
+
+    def static_after(self) -> None:
+        """Advance the ring; the slot written next holds the oldest window token, which leaves now (as
+        :meth:`compact` evicts it), unless it is a sink of a row shorter than the sinks: that one moves to its
+        slot in the sink region."""
+        s = self.sinks
+        nxt = self.wslot + 1
+        nxt = torch.where(nxt >= s + self.window + 1, s, nxt)  # (B, Hkv, 1)
+        if s:
+            old = self.pos.gather(2, nxt)
+            dest = torch.where((old >= 0) & (old < s), old, nxt)
+            for buf in (self.keys, self.values):
+                shape = (*nxt.shape, buf.shape[-1])
+                buf.scatter_(2, dest.unsqueeze(-1).expand(shape), buf.gather(2, nxt.unsqueeze(-1).expand(shape)))
+            self.pos.scatter_(2, dest, old)
+        self.pos.scatter_(2, nxt, -1)
+        self.wslot.copy_(nxt)
+        self._turn_sinks()
 
     def _store_sink_originals(self, key_states: torch.Tensor) -> None:
         """Keep float32 copies of the chunk's keys at positions < sinks (per row: padding shifts them)."""

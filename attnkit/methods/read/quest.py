@@ -106,30 +106,39 @@ class Quest(Method):
             return KVLayer(ctx.layer_idx, ctx.run)
         return QuestLayer(self.page, ctx.layer_idx, ctx.run)
 
-    def select(self, query: torch.Tensor, layer: QuestLayer) -> torch.Tensor:
-        """(B, Hkv, budget // page) page ids (-1: none) for a decode query (B, H, 1, D)."""
+    def select(self, query: torch.Tensor, layer: QuestLayer) -> tuple[torch.Tensor, int]:
+        """Entries to read for a decode query (B, H, 1, D) and their page size: (B, Hkv, budget // page) page
+        ids, or with padding (B, Hkv, budget) slot ids (-1: none). Device-only: also runs in a static step."""
         k = self.budget // self.page
         if not layer.padded:  # one fused scoring kernel on CUDA; the page being written is the last one
-            pages = -(-layer.n // self.page)
-            return kernels.select_pages(query, layer.summary, k, pages, force_last=True)
+            if layer.static:
+                pages = layer.wslot[:1, :1, 0] // self.page + 1  # (1, 1) on the device
+            else:
+                pages = -(-layer.n // self.page)
+            return kernels.select_pages(query, layer.summary, k, pages, force_last=True), self.page
         pages = layer.summary.shape[2]
         scores = kernels.quest_scores(query, layer.summary)  # (B, Hkv, P)
         last = ((layer.count - 1) // self.page).view(-1, 1, 1)  # each row's page being written
         scores = scores.masked_fill(torch.arange(pages, device=scores.device) == last, float("inf"))
-        return kernels.topk_pages(scores, k, pages, force_last=False)
+        idx = kernels.topk_pages(scores, k, pages, force_last=False)
+        # page j of row b sits at slots pad_b + j * page ...: read it as token indices
+        limit = layer.span if layer.static else layer.n
+        pad = layer.row_pad().view(-1, 1, 1, 1)
+        slots = pad + idx.unsqueeze(-1) * self.page + torch.arange(self.page, device=idx.device)
+        return slots.masked_fill((idx.unsqueeze(-1) < 0) | (slots >= limit), -1).flatten(-2), 1
 
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         q, n = query.shape[2], key.shape[2]
-        if not isinstance(layer, QuestLayer) or q > 1 or n <= self.budget or softcap is not None:
+        if not isinstance(layer, QuestLayer) or softcap is not None:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
-        idx = self.select(query, layer)
-        page = self.page
-        if layer.padded:  # page j of row b sits at slots pad_b + j * page ...: read it as token indices
-            pad = (layer.seen - layer.count).view(-1, 1, 1, 1)
-            slots = pad + idx.unsqueeze(-1) * page + torch.arange(page, device=idx.device)
-            idx = slots.masked_fill((idx.unsqueeze(-1) < 0) | (slots >= n), -1).flatten(-2)
-            page = 1
+        if not layer.static and (q > 1 or n <= self.budget):
+            return attend_layer(run, layer, query, key, value, scaling, softcap)
+        # A static step always selects: with no more pages than the budget, every page is read (= dense).
+        idx, page = self.select(query, layer)
         out = kernels.sparse_decode_attention(query, layer.keys, layer.values, layer.pos, idx, page, scaling)
+        if layer.static:
+            layer.static_after()
+            return out
         if run.recorder is not None:
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value,
                               mask=read_mask(idx, page, layer), scaling=scaling, out=out))

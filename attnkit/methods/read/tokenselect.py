@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnkit import kernels
 from attnkit.hf.attention import attend_layer, sdpa
 from attnkit.hf.cache import KVLayer
 from attnkit.methods.base import Method, check_int
@@ -87,7 +88,42 @@ class TokenSelect(Method):
         ok = torch.cat([head_ok, top_ok, tail_ok], dim=-1)
         return idx.masked_fill(~ok, 0), ok
 
+    def select_static(self, query: torch.Tensor, layer: KVLayer) -> torch.Tensor:
+        """Slots (B, Hkv, sinks + top_k + local + 1) a fixed-shape decode step reads (-1: none).
+
+        The same choice as :meth:`select` over the whole static span (empty slots are no candidates), with no
+        shape depending on the step; the current token is the last entry. With fewer candidates than ``top_k``
+        every candidate is read, which is the dense layer.
+        """
+        b, h, _, d = query.shape
+        keys = layer.keys[:, :, : layer.span]
+        hkv = keys.shape[1]
+        dev = keys.device
+        kpos = layer.pos[:, 0, : layer.span]  # (B, span)
+        hi = layer.count_before - self.local  # (B, 1)
+        candidate = (kpos >= self.sinks) & (kpos < hi)
+        fingerprint = query.reshape(b, hkv, h // hkv, d)
+        scores = torch.matmul(fingerprint, keys.transpose(-1, -2)).float()  # (B, Hkv, G, span)
+        scores = scores.masked_fill(~candidate.view(b, 1, 1, -1), float("-inf"))
+        votes = torch.nan_to_num(scores.softmax(-1), nan=0.0).sum((1, 2)).masked_fill(~candidate, float("-inf"))
+        best, top = votes.topk(min(self.top_k, votes.shape[-1]), dim=-1)  # (B, top_k)
+        top = top.masked_fill(best == float("-inf"), -1)
+        cur = layer.wslot[:, :1, 0]  # (B, 1) slot being written (all rows append in lockstep)
+        ar = torch.arange(self.sinks, device=dev)
+        head = layer.row_pad() + ar
+        head = head.masked_fill((ar >= hi) | (head >= cur), -1)
+        tail = cur - self.local + torch.arange(self.local, device=dev)  # (B, local)
+        tail_ok = (tail >= 0) & (kpos.gather(1, tail.clamp_min(0)) >= 0)
+        idx = torch.cat([head, top, tail.masked_fill(~tail_ok, -1), cur], dim=-1)
+        return idx.unsqueeze(1).expand(b, hkv, -1).contiguous()
+
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
+        if layer.static and softcap is None:
+            out = kernels.sparse_decode_attention(
+                query, layer.keys, layer.values, layer.pos, self.select_static(query, layer), 1, scaling
+            )
+            layer.static_after()
+            return out
         n, q = key.shape[2], query.shape[2]
         past = n - q
         if past - self.sinks - self.local <= self.top_k or softcap is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit.hf.cache import KVLayer
+from attnkit.reference import dense_attention
 from attnkit.methods.base import LayerContext, Method, check_int
 
 
@@ -36,6 +37,36 @@ class H2OLayer(KVLayer):
 
     def initial_capacity(self, tokens: int) -> int:
         return min(tokens, self.heavy + self.recent + 512)
+
+    def static_span(self, steps: int) -> int:
+        return min(self.n + steps, self.heavy + self.recent + 1)
+
+    def static_attend(self, query: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+        """Attend over the span, score, and pick the slot to evict (written by the next token): in place."""
+        span = self.span
+        pos = self.pos[:, :, :span]
+        keys, values = self.keys[:, :, :span], self.values[:, :, :span]
+        out, probs, _ = dense_attention(query, keys, values, (pos >= 0).unsqueeze(2), scaling, softcap)
+        self.observe(probs)
+        newest = self.count.view(-1, 1, 1) - self.recent
+        priority = self.acc[:, :, :span].masked_fill(pos >= newest, float("inf")).masked_fill(pos < 0, float("-inf"))
+        # Before the budget is reached the lowest priority is an empty slot (-inf), and "evicting" it is a no-op.
+        self.evict = priority.argmin(-1, keepdim=True)  # (B, Hkv, 1)
+        return out.to(query.dtype)
+
+    def static_after(self) -> None:
+        self.pos.scatter_(2, self.evict, -1)
+        self.acc.scatter_(2, self.evict, 0.0)
+        self.wslot.copy_(self.evict)
+
+    def end_static(self) -> None:
+        """Valid slots to the front (in slot order), as :meth:`keep_slots` leaves them."""
+        super().end_static()
+        valid = self.pos[:, :, : self.n] >= 0
+        keep = int(valid.sum(-1).max())
+        order = (~valid).to(torch.int8).argsort(dim=-1, stable=True)[..., :keep].sort(dim=-1).values
+        self.keep_slots(order)
+        self.padded = self.padded or bool((self.pos[:, :, :keep] < 0).any())
 
     def compact(self) -> None:
         budget = self.heavy + self.recent

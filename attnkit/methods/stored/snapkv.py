@@ -39,6 +39,11 @@ class SnapKVLayer(KVLayer):
             self.compress()
         return super().update(key_states, value_states, *args, **kwargs)
 
+    def begin_static(self, steps: int) -> None:
+        if self.scores is not None:  # the prompt's compression happens before the first fixed-shape step
+            self.compress()
+        super().begin_static(steps)
+
     def compact(self) -> None:
         if self.cfg.every_chunk and self.scores is not None:
             self.compress()
