@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests kernels decode32 decode128 decode32b8 decode64b8)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -19,6 +19,10 @@ for s in $stages; do
       python3 benchmarks/decode_latency.py --context 32768 --new-tokens 32 --out "$OUT/decode_32k.json" 2>&1 | tail -14 | tee "$OUT/decode_32k.log" ;;
     decode128)
       python3 benchmarks/decode_latency.py --context 131072 --new-tokens 32 --out "$OUT/decode_128k.json" 2>&1 | tail -14 | tee "$OUT/decode_128k.log" ;;
+    profile32)
+      (cd benchmarks && python3 decode_profile.py --context 32768 --out "$OUT/profile_32k.json") 2>&1 | grep -v Warning | tail -14 | tee "$OUT/profile_32k.log" ;;
+    profile128)
+      (cd benchmarks && python3 decode_profile.py --context 131072 --out "$OUT/profile_128k.json") 2>&1 | grep -v Warning | tail -14 | tee "$OUT/profile_128k.log" ;;
     decode64b8)
       python3 benchmarks/decode_latency.py --context 65536 --batch 8 --new-tokens 32 --skip-hf --skip-compile --out "$OUT/decode_64k_b8.json" 2>&1 | tail -14 | tee "$OUT/decode_64k_b8.log" ;;
     decode32b8)

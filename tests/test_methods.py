@@ -226,7 +226,7 @@ def test_kv_bytes_are_the_tensors_held(model, method):
         stream(model, ids, chunk=8, decode=4)
         held = 0
         for layer in run.cache.layers:
-            for name in ("keys", "values", "sink_keys"):
+            for name in ("keys", "values", "_sink_scratch"):
                 t = getattr(layer, name, None)
                 held += t.numel() * t.element_size() if t is not None else 0
         assert run.kv_bytes() == held

@@ -122,3 +122,17 @@ def test_generate_tokens_identical_with_and_without_graphs(model, method):
     assert [x.tokens for x in a] == [x.tokens for x in b], method
     want = "cuda_graph" if DEVICE.type == "cuda" else "static"
     assert a[0].stats["decode"].startswith(want), a[0].stats["decode"]
+
+
+@pytest.mark.parametrize("method", ["full", "quest"])
+def test_generate_allocates_the_cache_once(method):
+    from attnkit.hf.cache import _round_up
+    from tiny import tiny_llama
+
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    prompt = prompts()[0]
+    with attnkit.apply(model, method, **TINY[method][0]) as run:
+        attnkit.generate(model, IdTok(), prompt, max_new_tokens=20, prefill_chunk=8, static_decode=True)
+        caps = {layer.capacity for layer in run.cache.layers}
+    # prompt + new tokens, rounded to the allocation granule: no growth step during prefill or decode
+    assert caps == {_round_up(len(prompt) + 20)}, caps

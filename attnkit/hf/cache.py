@@ -60,6 +60,8 @@ class KVLayer(CacheLayerMixin):
         self.count: torch.Tensor | None = None  # (B, 1) real tokens seen per row (device)
         self.count_before: torch.Tensor | None = None  # (B, 1) real tokens before the last chunk
         self.padded = False  # some stored slot is padding (host flag, set from the run's attention mask)
+        # tokens the generation this cache is built for will hold (0: unknown); read now, the run resets it
+        self.capacity_hint = 0 if run is None else run.capacity_hint
 
     # -- transformers CacheLayerMixin API -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -70,7 +72,7 @@ class KVLayer(CacheLayerMixin):
         self.pos = torch.empty((b, h, 0), dtype=torch.long, device=self.device)
         self.count = torch.zeros((b, 1), dtype=torch.long, device=self.device)
         self.is_initialized = True
-        hint = 0 if self.run is None else self.run.capacity_hint
+        hint = self.capacity_hint
         if hint:  # one allocation for the whole generation (prompt + new tokens), not 1.5x growth steps
             self.reserve(self.initial_capacity(hint))
 
@@ -420,17 +422,16 @@ class WindowLayer(KVLayer):
         """Keep float32 copies of the chunk's keys at positions < sinks (per row: padding shifts them)."""
         b, h, q, d = key_states.shape
         s = self.sinks
-        if self.sink_keys is None:
-            self.sink_keys = torch.zeros((b, h, s, d), dtype=torch.float32, device=key_states.device)
+        if self.sink_keys is None:  # one spare row past the sinks takes every other token's write
+            self._sink_scratch = torch.zeros((b, h, s + 1, d), dtype=torch.float32, device=key_states.device)
+            self.sink_keys = self._sink_scratch[:, :, :s]
         target = torch.where((self.qpos >= 0) & (self.qpos < s), self.qpos, s)  # (B, q); s = discard slot
-        scratch = torch.cat([self.sink_keys, self.sink_keys.new_zeros((b, h, 1, d))], dim=2)
         index = target.view(b, 1, q, 1).expand(b, h, q, d)
         # scatter_ picks one writer per target: only the discard slot receives several
-        scratch.scatter_(2, index, key_states.float())
-        self.sink_keys.copy_(scratch[:, :, :s])
+        self._sink_scratch.scatter_(2, index, key_states.float())
 
     def held_bytes(self) -> int:
-        extra = 0 if self.sink_keys is None else self.sink_keys.nbytes
+        extra = 0 if self.sink_keys is None else self._sink_scratch.nbytes
         return super().held_bytes() + extra
 
     def reset(self) -> None:

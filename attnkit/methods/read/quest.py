@@ -47,6 +47,13 @@ class QuestLayer(KVLayer):
     def _fold(self, keys: torch.Tensor, qpos: torch.Tensor) -> None:
         """Fold the chunk's keys (B, Hkv, q, D) into the summaries of their pages (padding into a spare page)."""
         b, h, q, d = keys.shape
+        if self.static:  # one real token per row: gather its page's bounds, fold, scatter back (no plane copies)
+            page = (qpos // self.page).view(b, 1, 1, 1, 1).expand(b, h, 1, 2, d)
+            cur = self.summary.gather(2, page)  # (B, Hkv, 1, 2, D)
+            new = keys.to(cur.dtype)
+            folded = torch.stack([torch.maximum(cur[:, :, :, 0], new), torch.minimum(cur[:, :, :, 1], new)], dim=3)
+            self.summary.scatter_(2, page, folded)
+            return
         spare = self.summary.shape[2]
         page = torch.where(qpos >= 0, qpos // self.page, spare)  # (B, q)
         index = page.view(b, 1, q, 1).expand(b, h, q, d)
