@@ -350,3 +350,43 @@ def test_triton_topk_bisect_matches_topk_pages() -> None:
         got = topk_bisect(scores.to(TRITON_DEVICE), k).cpu()
         want = torch_ref.topk_pages(scores, k, pages, force_last=False)
         assert torch.equal(got.sort(-1).values, want.sort(-1).values), f"P={pages}, k={k}"
+
+
+def test_torch_tokenselect_votes_are_summed_head_softmaxes() -> None:
+    q, k, _, pos = make_buffers(2, 8, 2, 16, 60, torch.float32)
+    pos = pos[:, :1].expand(-1, 2, -1).contiguous()  # TokenSelect's full cache: one layout for all KV heads
+    hi = torch.tensor([[40], [25]])
+    votes = torch_ref.tokenselect_votes(q, k, pos, 3, hi, 50)
+    for b in range(2):
+        cand = (pos[b, 0, :50] >= 3) & (pos[b, 0, :50] < hi[b, 0])
+        want = torch.zeros(50)
+        for h in range(8):
+            s = (q[b, h, 0] @ k[b, h // 4, :50].T).masked_fill(~cand, float("-inf"))
+            want += s.softmax(-1)
+        assert torch.allclose(votes[b][cand], want[cand], atol=1e-5)
+        assert torch.isneginf(votes[b][~cand]).all()
+
+
+TS_CASES = (
+    [(cap, ratio, dim, dtype, batch) for cap, ratio, dim, dtype, batch in
+     [(77, 4, 64, torch.bfloat16, 1), (1000, 1, 128, torch.float16, 3), (4099, 8, 128, torch.bfloat16, 1),
+      (4099, 4, 256, torch.bfloat16, 2), (300, 8, 64, torch.float16, 1)]]
+    if ON_GPU else [(77, 4, 64, torch.float16, 1)]
+)
+
+
+@needs_triton
+@pytest.mark.parametrize("cap,ratio,dim,dtype,batch", TS_CASES)
+def test_triton_tokenselect_votes_match_torch(cap: int, ratio: int, dim: int, dtype: torch.dtype, batch: int) -> None:
+    from attnkit.kernels import triton_select
+
+    kv_heads = 2
+    q, k, _, pos = make_buffers(batch, kv_heads * ratio, kv_heads, dim, cap, dtype, TRITON_DEVICE, seed=cap)
+    pos = pos[:, :1].expand(-1, kv_heads, -1).contiguous()
+    span = cap - 3  # slots past the span are never candidates
+    hi = torch.tensor([[cap - 9 - 5 * b] for b in range(batch)], device=TRITON_DEVICE)
+    got = triton_select.tokenselect_votes(q, k, pos, 4, hi, span)
+    want = torch_ref.tokenselect_votes(q, k, pos, 4, hi, span)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    fin = torch.isfinite(want)
+    assert torch.allclose(got[fin], want[fin], rtol=1e-3, atol=1e-5), (got[fin] - want[fin]).abs().max()

@@ -25,6 +25,7 @@ __all__ = [
     "quest_scores",
     "select_pages",
     "sparse_decode_attention",
+    "tokenselect_votes",
     "topk_pages",
     "update_page_summary",
 ]
@@ -158,3 +159,24 @@ def select_pages(
     ):
         return _select_module().select_pages(q, summary, k, n_valid_pages, force_last)
     return topk_pages(quest_scores(q, summary), k, n_valid_pages, force_last)
+
+
+def tokenselect_votes(
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor, span: int
+) -> torch.Tensor:
+    """TokenSelect soft votes (B, span) float32 over the candidate slots (``lo <= pos < hi[b]``), -inf elsewhere.
+
+    On CUDA with bf16/fp16 keys and D in (64, 128, 256): one Triton pass over the candidate keys
+    (:func:`attnkit.kernels.triton_select.tokenselect_votes`, fp32 scores) plus three torch kernels; elsewhere the
+    torch reference (:func:`attnkit.kernels.torch_ref.tokenselect_votes`). See the latter for the shapes.
+    """
+    if (
+        k.dtype in (torch.bfloat16, torch.float16)
+        and q.dtype == k.dtype
+        and q.shape[-1] in (64, 128, 256)
+        and k.stride(-1) == 1
+        and backend(k.device) == "triton"
+        and _select_module() is not None
+    ):
+        return _select_module().tokenselect_votes(q, k, pos, lo, hi, span)
+    return torch_ref.tokenselect_votes(q, k, pos, lo, hi, span)

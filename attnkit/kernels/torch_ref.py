@@ -260,3 +260,32 @@ def topk_pages(
     if take < k:
         idx = torch.nn.functional.pad(idx, (0, k - take), value=-1)
     return idx
+
+
+def tokenselect_votes(
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor, span: int
+) -> torch.Tensor:
+    """TokenSelect's soft votes over the first ``span`` slots (Wu et al. 2024).
+
+    Parameters
+    ----------
+    q : (B, H, 1, D) decode queries
+    k : (B, Hkv, cap, D); query head h reads KV head h // (H // Hkv)
+    pos : (B, Hkv, cap) positions (the same for every KV head: TokenSelect keeps the full cache)
+    lo : candidates have position >= lo (after the sinks)
+    hi : (B, 1) int; candidates of row b have position < hi[b] (before the local window)
+    span : slots considered
+
+    Returns
+    -------
+    votes : (B, span) float32, sum over heads of softmax_j(q_h . k_j) over the candidates (unscaled q.k, as the
+        official code); -inf off the candidates (so a row without candidates is all -inf).
+    """
+    b, h, _, d = q.shape
+    keys = k[:, :, :span]
+    kpos = pos[:, 0, :span]
+    candidate = (kpos >= lo) & (kpos < hi.view(-1, 1))
+    scores = torch.matmul(q.reshape(b, keys.shape[1], h // keys.shape[1], d).float(), keys.float().transpose(-1, -2))
+    scores = scores.masked_fill(~candidate.view(b, 1, 1, -1), NEG_INF)
+    votes = torch.nan_to_num(scores.softmax(-1), nan=0.0).sum((1, 2))
+    return votes.masked_fill(~candidate, NEG_INF)

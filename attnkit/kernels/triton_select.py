@@ -190,3 +190,84 @@ def select_pages(
     if scores.shape[-1] <= BISECT_MAX:
         return topk_bisect(scores, k)
     return topk_from_masked(scores, k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TokenSelect soft voting: per-head softmax of q.k over the candidate slots, summed over heads.
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit(do_not_specialize=["lo"])
+def _ts_scores_kernel(
+    q_ptr, k_ptr, pos_ptr, hi_ptr, s_ptr, m_ptr, l_ptr,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_pb,
+    Hkv, G, span, split_len, n_splits, lo,
+    D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (bh, split): raw scores q_g . k of KV head bh's group over its split of the span (-inf off the
+    candidates, whose keys are never loaded), and the split's running max / exp-sum per query head."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < G
+    q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g[:, None]) * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    hi = tl.load(hi_ptr + b)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    rows = (bh.to(tl.int64) * G + offs_g).to(tl.int64)  # score rows of this program's query heads
+    start = split * split_len
+    end = tl.minimum(span, start + split_len)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    for block in range(start, end, BLOCK_N):
+        slots = block + offs_n
+        in_range = slots < end
+        p = tl.load(pos_ptr + b * stride_pb + slots, mask=in_range, other=-1)
+        cand = in_range & (p >= lo) & (p < hi)
+        k = tl.load(k_base + slots.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=cand[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k))  # (G_PAD, BLOCK_N) fp32
+        s = tl.where(cand[None, :], s, float("-inf"))
+        tl.store(s_ptr + rows[:, None] * span + slots[None, :], s, mask=g_mask[:, None] & in_range[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2((m_i - m_safe) * 1.4426950408889634) + tl.sum(
+            tl.exp2((s - m_safe[:, None]) * 1.4426950408889634), axis=1)
+        m_i = m_new
+    tl.store(m_ptr + rows * n_splits + split, m_i, mask=g_mask)
+    tl.store(l_ptr + rows * n_splits + split, l_i, mask=g_mask)
+
+
+def tokenselect_votes(
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor, span: int
+) -> torch.Tensor:
+    """Triton path of :func:`attnkit.kernels.torch_ref.tokenselect_votes` (same contract): one pass over the
+    candidate keys writes fp32 scores and per-split softmax statistics; the votes are three torch kernels."""
+    from attnkit.kernels.triton_decode import _block_n, num_splits
+
+    batch, heads, one, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    block = _block_n(dim)
+    splits, split_len = num_splits(span, batch * kv_heads, block)
+    scores = torch.empty((batch, kv_heads, group, span), device=q.device, dtype=torch.float32)
+    m = torch.empty((batch, kv_heads, group, splits), device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    hi = hi.reshape(batch).to(torch.int64).contiguous()
+    _ts_scores_kernel[(batch * kv_heads, splits)](
+        q, k, pos, hi, scores, m, l,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), pos.stride(0),
+        kv_heads, group, span, split_len, splits, int(lo),
+        D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block, num_warps=4, num_stages=2,
+    )
+    top = m.amax(-1, keepdim=True)  # (B, Hkv, G, 1)
+    top = torch.where(top == float("-inf"), 0.0, top)
+    total = (l * torch.exp(m - top)).sum(-1, keepdim=True)  # exp(-inf) = 0 for splits without candidates
+    weights = torch.exp(scores - top).div_(torch.where(total > 0, total, 1.0))
+    votes = weights.sum((1, 2))  # (B, span)
+    kpos = pos[:, 0, :span]
+    return votes.masked_fill_(~((kpos >= lo) & (kpos < hi.view(-1, 1))), float("-inf"))

@@ -95,17 +95,11 @@ class TokenSelect(Method):
         shape depending on the step; the current token is the last entry. With fewer candidates than ``top_k``
         every candidate is read, which is the dense layer.
         """
-        b, h, _, d = query.shape
-        keys = layer.keys[:, :, : layer.span]
-        hkv = keys.shape[1]
-        dev = keys.device
+        b, hkv = query.shape[0], layer.keys.shape[1]
+        dev = layer.keys.device
         kpos = layer.pos[:, 0, : layer.span]  # (B, span)
-        hi = layer.count_before - self.local  # (B, 1)
-        candidate = (kpos >= self.sinks) & (kpos < hi)
-        fingerprint = query.reshape(b, hkv, h // hkv, d)
-        scores = torch.matmul(fingerprint, keys.transpose(-1, -2)).float()  # (B, Hkv, G, span)
-        scores = scores.masked_fill(~candidate.view(b, 1, 1, -1), float("-inf"))
-        votes = torch.nan_to_num(scores.softmax(-1), nan=0.0).sum((1, 2)).masked_fill(~candidate, float("-inf"))
+        hi = layer.count_before - self.local  # (B, 1): candidates lie in [sinks, hi)
+        votes = kernels.tokenselect_votes(query, layer.keys, layer.pos, self.sinks, hi, layer.span)  # (B, span)
         best, top = votes.topk(min(self.top_k, votes.shape[-1]), dim=-1)  # (B, top_k)
         top = top.masked_fill(best == float("-inf"), -1)
         cur = layer.wslot[:, :1, 0]  # (B, 1) slot being written (all rows append in lockstep)
