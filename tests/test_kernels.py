@@ -390,3 +390,70 @@ def test_triton_tokenselect_votes_match_torch(cap: int, ratio: int, dim: int, dt
     assert torch.equal(torch.isneginf(got), torch.isneginf(want))
     fin = torch.isfinite(want)
     assert torch.allclose(got[fin], want[fin], rtol=1e-3, atol=1e-5), (got[fin] - want[fin]).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash prefill path runs on CUDA only (CPU uses SDPA)")
+@pytest.mark.parametrize("q,n,heads,kv_heads,dim", [(64, 64, 8, 8, 64), (100, 1000, 32, 8, 128), (1, 300, 8, 2, 128),
+                                                    (512, 4099, 16, 2, 256), (7, 9, 4, 1, 64)])
+def test_flash_prefill_is_bottom_right_causal(q: int, n: int, heads: int, kv_heads: int, dim: int) -> None:
+    from attnkit.hf.attention import causal_prefill
+
+    gen = torch.Generator().manual_seed(q + n)
+    query = torch.randn(2, heads, q, dim, generator=gen).cuda().bfloat16()
+    key = torch.randn(2, kv_heads, n, dim, generator=gen).cuda().bfloat16()
+    value = torch.randn(2, kv_heads, n, dim, generator=gen).cuda().bfloat16()
+    mask = (torch.arange(n).view(1, -1) <= torch.arange(n - q, n).view(-1, 1)).cuda().view(1, 1, q, n)
+    want, _, _ = dense_attention(query, key, value, mask, dim**-0.5)
+    got = causal_prefill(query, key, value, dim**-0.5)
+    assert_close_rel(got.float(), want.float(), TOL[torch.bfloat16])
+
+
+@needs_triton
+def test_fused_cache_append_and_ring_match_the_torch_path() -> None:
+    """The fused bookkeeping kernels against the torch ops they replace (append: scatters and a sink original;
+    ring: advance, rescue of a short row's sink, free, and the StreamingLLM sink turn)."""
+    from attnkit.hf.cache import WindowLayer
+    from attnkit.kernels import triton_cache
+
+    dev, dtype = TRITON_DEVICE, torch.float16
+    gen = torch.Generator().manual_seed(0)
+    b, h, cap, d, s, w = 2, 3, 24, 64, 4, 10
+    keys = torch.randn(b, h, cap, d, generator=gen).to(dev, dtype)
+    vals = torch.randn(b, h, cap, d, generator=gen).to(dev, dtype)
+    pos = torch.randint(-1, 30, (b, h, cap), generator=gen).to(dev)
+    kn = torch.randn(b, h, 1, d, generator=gen).to(dev, dtype)
+    vn = torch.randn(b, h, 1, d, generator=gen).to(dev, dtype)
+    wslot = torch.tensor([[[5], [7], [s + w]], [[s], [9], [2]]], device=dev)
+    qpos = torch.tensor([[2], [17]], device=dev)
+    sk = torch.zeros(b, h, s + 1, d, device=dev)
+    k1, v1, p1, s1 = keys.clone(), vals.clone(), pos.clone(), sk.clone()
+    triton_cache.append(k1, v1, p1, kn, vn, wslot, qpos, s1[:, :, :s], s)
+    k2, v2, p2, s2 = keys.clone(), vals.clone(), pos.clone(), sk.clone()
+    k2.scatter_(2, wslot.unsqueeze(-1).expand(b, h, 1, d), kn)
+    v2.scatter_(2, wslot.unsqueeze(-1).expand(b, h, 1, d), vn)
+    p2.scatter_(2, wslot, qpos.view(b, 1, 1).expand(b, h, 1))
+    s2[0, :, 2] = kn[0, :, 0].float()  # row 0's token is at position 2 < sinks; row 1's is not a sink
+    assert torch.equal(k1, k2) and torch.equal(v1, v2) and torch.equal(p1, p2) and torch.equal(s1, s2)
+
+    inv = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(dev)
+    count = torch.tensor([[40], [3]], device=dev)
+    pos[1, 0, s] = 1  # a short row's sink in the ring, in the slot the ring reuses next
+    sinks = torch.randn(b, h, s + 1, d, generator=gen).to(dev)
+    got = [keys.clone(), vals.clone(), pos.clone(), torch.full_like(wslot, s + w)]
+    triton_cache.ring_after(*got, count, s, w, sinks[:, :, :s], inv)
+    layer = WindowLayer(w, s, 0, None, rope_inv_freq=inv)
+    want = [keys.clone(), vals.clone(), pos.clone(), torch.full_like(wslot, s + w)]
+    layer.keys, layer.values, layer.pos, layer.wslot = want
+    layer.count, layer.device = count, torch.device(dev)
+    layer.sink_keys, layer._sink_scratch = sinks[:, :, :s], sinks
+    import attnkit.kernels as kernels_mod
+
+    original = kernels_mod.fused_cache
+    kernels_mod.fused_cache = lambda *a: None  # the torch path, also on the GPU
+    try:
+        layer.static_after()
+    finally:
+        kernels_mod.fused_cache = original
+    assert_close_rel(got[0].float(), want[0].float(), 1e-3)
+    for g, wnt in zip(got[1:], want[1:]):
+        assert torch.equal(g, wnt)

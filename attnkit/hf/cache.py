@@ -145,7 +145,9 @@ class KVLayer(CacheLayerMixin):
             return
         cap = _round_up(max(need, int(self.capacity * 1.5)))
         for name in self.slot_buffers:
-            old = getattr(self, name)
+            old = getattr(self, name, None)
+            if old is None:  # a subclass buffer not created yet (it is sized from ``pos`` when it is)
+                continue
             fill = -1 if name == "pos" else 0
             new = old.new_full((*old.shape[:2], cap, *old.shape[3:]), fill)
             new[:, :, : self.n] = old[:, :, : self.n]
@@ -203,14 +205,26 @@ class KVLayer(CacheLayerMixin):
         self.count_before.copy_(self.count)
         self.qpos.copy_(self.count)
         self.count.add_(1)
-        b, h, _, d = key_states.shape
-        self.keys.scatter_(2, self.wslot.unsqueeze(-1).expand(b, h, 1, d), key_states)
-        self.values.scatter_(2, self.wslot.unsqueeze(-1).expand(b, h, 1, value_states.shape[-1]), value_states)
-        self.pos.scatter_(2, self.wslot, self.qpos.view(b, 1, 1).expand(b, h, 1))
+        fused = kernels.fused_cache(self.keys, key_states) if value_states.stride(-1) == 1 else None
+        if fused is not None:  # one launch instead of three scatters (and the sink original's two)
+            sink_keys, sinks = self.sink_store()
+            fused.append(self.keys, self.values, self.pos, key_states, value_states, self.wslot, self.qpos,
+                         sink_keys, sinks)
+            self.sinks_stored = sink_keys is not None
+        else:
+            b, h, _, d = key_states.shape
+            self.keys.scatter_(2, self.wslot.unsqueeze(-1).expand(b, h, 1, d), key_states)
+            self.values.scatter_(2, self.wslot.unsqueeze(-1).expand(b, h, 1, value_states.shape[-1]), value_states)
+            self.pos.scatter_(2, self.wslot, self.qpos.view(b, 1, 1).expand(b, h, 1))
+            self.sinks_stored = False
         self.advance_host()
         if self.run is not None:
             self.run.current[self.layer_idx] = self
         return self.keys, self.values
+
+    def sink_store(self) -> tuple[torch.Tensor | None, int]:
+        """(float32 sink originals, sinks) a fused append also fills (StreamingLLM), or (None, 0)."""
+        return None, 0
 
     def pad_mask_active(self) -> bool:
         return self.run is not None and self.run.pad_mask is not None
@@ -359,9 +373,17 @@ class WindowLayer(KVLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n_before = self.n
         out = super().update(key_states, value_states, *args, **kwargs)
-        if self.rope_inv_freq is not None and self.sinks and (self.static or self.padded or n_before < self.sinks):
+        stored = self.static and self.sinks_stored  # the fused append wrote them
+        if self.rope_inv_freq is not None and self.sinks and not stored and (
+            self.static or self.padded or n_before < self.sinks
+        ):
             self._store_sink_originals(key_states)
         return out
+
+    def sink_store(self) -> tuple[torch.Tensor | None, int]:
+        if self.rope_inv_freq is None or not self.sinks or self.sink_keys is None:
+            return None, 0
+        return self.sink_keys, self.sinks
 
     # -- fixed-shape decode: the window region becomes a ring of window + 1 slots -----------------------------
     def static_span(self, steps: int) -> int:
@@ -369,6 +391,8 @@ class WindowLayer(KVLayer):
 
     def begin_static(self, steps: int) -> None:
         super().begin_static(steps)
+        if self.rope_inv_freq is not None:  # the fused ring kernel reads float32 frequencies on the device
+            self._freq32 = self.rope_inv_freq.to(device=self.device, dtype=torch.float32).contiguous()
         end = self._region_end()
         self._relayout(end)
         self.n = self.span
@@ -405,6 +429,12 @@ class WindowLayer(KVLayer):
         :meth:`compact` evicts it), unless it is a sink of a row shorter than the sinks: that one moves to its
         slot in the sink region."""
         s = self.sinks
+        fused = kernels.fused_cache(self.keys, self.keys)
+        sink_keys, _ = self.sink_store()
+        if fused is not None and (sink_keys is None or self.rope_inv_freq.shape[-1] in (8, 16, 32, 64, 128)):
+            fused.ring_after(self.keys, self.values, self.pos, self.wslot, self.count, s, self.window, sink_keys,
+                             self._freq32 if sink_keys is not None else None)
+            return
         nxt = self.wslot + 1
         nxt = torch.where(nxt >= s + self.window + 1, s, nxt)  # (B, Hkv, 1)
         if s:

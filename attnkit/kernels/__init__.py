@@ -180,3 +180,27 @@ def tokenselect_votes(
     ):
         return _select_module().tokenselect_votes(q, k, pos, lo, hi, span)
     return torch_ref.tokenselect_votes(q, k, pos, lo, hi, span)
+
+
+@functools.cache
+def _cache_module() -> ModuleType | None:
+    try:
+        from attnkit.kernels import triton_cache
+    except Exception:
+        return None
+    return triton_cache
+
+
+def fused_cache(keys: torch.Tensor, k_new: torch.Tensor) -> ModuleType | None:
+    """:mod:`attnkit.kernels.triton_cache` when its fused bookkeeping kernels can serve these buffers (CUDA,
+    power-of-two head dim up to 256, contiguous last dims), else None: the caller runs its torch ops."""
+    d = keys.shape[-1]
+    if (
+        keys.is_cuda
+        and d in (16, 32, 64, 128, 256)
+        and keys.stride(-1) == 1
+        and k_new.stride(-1) == 1
+        and backend(keys.device) == "triton"
+    ):
+        return _cache_module()
+    return None
