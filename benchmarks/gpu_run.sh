@@ -25,6 +25,10 @@ for s in $stages; do
       (cd benchmarks && python3 decode_profile.py --context 131072 --out "$OUT/profile_128k.json") 2>&1 | grep -v Warning | tail -14 | tee "$OUT/profile_128k.log" ;;
     decode64b8)
       python3 benchmarks/decode_latency.py --context 65536 --batch 8 --new-tokens 32 --skip-hf --skip-compile --out "$OUT/decode_64k_b8.json" 2>&1 | tail -14 | tee "$OUT/decode_64k_b8.log" ;;
+    decode128q)
+      python3 benchmarks/decode_latency.py --context 131072 --new-tokens 32 --skip-compile --out "$OUT/decode_128k_q.json" 2>&1 | tail -14 | tee "$OUT/decode_128k_q.log" ;;
+    decode32q)
+      python3 benchmarks/decode_latency.py --context 32768 --new-tokens 32 --skip-hf --skip-compile --out "$OUT/decode_32k_q.json" 2>&1 | tail -14 | tee "$OUT/decode_32k_q.log" ;;
     decode32b8)
       python3 benchmarks/decode_latency.py --context 32768 --batch 8 --new-tokens 16 --skip-hf --out "$OUT/decode_32k_b8.json" 2>&1 | tail -14 | tee "$OUT/decode_32k_b8.log" ;;
   esac
