@@ -29,6 +29,8 @@ for s in $stages; do
       python3 benchmarks/decode_latency.py --context 131072 --new-tokens 32 --skip-compile --out "$OUT/decode_128k_q.json" 2>&1 | tail -14 | tee "$OUT/decode_128k_q.log" ;;
     decode32q)
       python3 benchmarks/decode_latency.py --context 32768 --new-tokens 32 --skip-hf --skip-compile --out "$OUT/decode_32k_q.json" 2>&1 | tail -14 | tee "$OUT/decode_32k_q.log" ;;
+    prefill)
+      python3 benchmarks/prefill_probe.py 2>&1 | tail -6 | tee "$OUT/prefill_probe.log" ;;
     decode32b8)
       python3 benchmarks/decode_latency.py --context 32768 --batch 8 --new-tokens 16 --skip-hf --out "$OUT/decode_32k_b8.json" 2>&1 | tail -14 | tee "$OUT/decode_32k_b8.log" ;;
   esac
