@@ -32,6 +32,6 @@ for s in $stages; do
     prefill)
       python3 benchmarks/prefill_probe.py 2>&1 | tail -6 | tee "$OUT/prefill_probe.log" ;;
     decode32b8)
-      python3 benchmarks/decode_latency.py --context 32768 --batch 8 --new-tokens 16 --skip-hf --out "$OUT/decode_32k_b8.json" 2>&1 | tail -14 | tee "$OUT/decode_32k_b8.log" ;;
+      python3 benchmarks/decode_latency.py --context 32768 --batch 8 --new-tokens 16 --skip-hf --skip-compile --out "$OUT/decode_32k_b8.json" 2>&1 | tail -14 | tee "$OUT/decode_32k_b8.log" ;;
   esac
 done
