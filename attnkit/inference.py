@@ -179,11 +179,12 @@ def generate(
     run = ACTIVE_RUNS.get(id(text_config(model)))
     if run is not None:
         run.capacity_hint = ids.shape[1] + max_new_tokens
+        run.chunk_hint = min(prefill_chunk, ids.shape[1])
     try:
         cache = new_cache(model)
     finally:
         if run is not None:
-            run.capacity_hint = 0
+            run.capacity_hint = run.chunk_hint = 0
     arg = cache_argument(model)
     eos = tokenizer.eos_token_id
 

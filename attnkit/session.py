@@ -48,6 +48,8 @@ class Run:
         self.recorder: Callable | None = None
         #: tokens a generation will hold (prompt + new), set by attnkit.generate: caches allocate once
         self.capacity_hint = 0
+        #: tokens per prefill forward of that generation (attnkit.generate's prefill_chunk; 0: unknown)
+        self.chunk_hint = 0
         #: (B, L) bool, the current forward's 2D attention mask when it holds padding (else None)
         self.pad_mask: torch.Tensor | None = None
 

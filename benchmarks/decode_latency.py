@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
                                        "decode": g.stats.get("decode")}
         del run, g
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # rows so far survive a later failure
+        args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=2, default=str))
+        print(f"{name}: {rows[f'attnkit {name}']['ms_per_token']:.2f} ms/token", flush=True)
 
     base = rows.get("attnkit full", next(iter(rows.values())))["ms_per_token"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"

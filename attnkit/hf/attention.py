@@ -44,6 +44,12 @@ def sdpa(
     if mask is not None and not isinstance(mask, CausalBias) and mask.shape[1] not in (1, query.shape[1]):
         mask = expand_kv(mask, query.shape[1])
     gqa = key.shape[1] != query.shape[1]
+    if gqa and query.is_cuda and isinstance(mask, torch.Tensor):
+        # SDPA's masked kernel (memory-efficient) takes no grouped heads: with enable_gqa it falls back to the math
+        # path, which materialises (B, H, q, n) float32 scores (24 GiB for a batch of 8 at 6K x 4K). Repeating
+        # the KV heads costs (H / Hkv - 1) x the keys' bytes instead.
+        key, value = expand_kv(key, query.shape[1]), expand_kv(value, query.shape[1])
+        gqa = False
     with sdpa_kernel(_BACKENDS):
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa, is_causal=causal

@@ -62,6 +62,7 @@ class KVLayer(CacheLayerMixin):
         self.padded = False  # some stored slot is padding (host flag, set from the run's attention mask)
         # tokens the generation this cache is built for will hold (0: unknown); read now, the run resets it
         self.capacity_hint = 0 if run is None else run.capacity_hint
+        self.chunk_hint = 512 if run is None or not run.chunk_hint else run.chunk_hint  # largest forward expected
 
     # -- transformers CacheLayerMixin API -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -368,7 +369,8 @@ class WindowLayer(KVLayer):
         self.sink_keys: torch.Tensor | None = None  # (B, Hkv, sinks, D) float32 unrotated sink keys (StreamingLLM)
 
     def initial_capacity(self, tokens: int) -> int:
-        return min(tokens, self.sinks + self.window + 512)  # budget + a typical prefill chunk; grows if needed
+        # budget + one prefill chunk (the chunk is attended before eviction) + the spare slot of a static step
+        return min(tokens, self.sinks + self.window + max(self.chunk_hint, 1) + 1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n_before = self.n

@@ -36,7 +36,7 @@ class H2OLayer(KVLayer):
         self.acc[:, :, :n] += per_kv
 
     def initial_capacity(self, tokens: int) -> int:
-        return min(tokens, self.heavy + self.recent + 512)
+        return min(tokens, self.heavy + self.recent + max(self.chunk_hint, 1) + 1)
 
     def static_span(self, steps: int) -> int:
         return min(self.n + steps, self.heavy + self.recent + 1)
