@@ -29,13 +29,8 @@ def model(request):
 
 
 def left_pad(rows):
-    longest = max(map(len, rows))
-    ids = torch.zeros(len(rows), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, longest - len(r):] = torch.tensor(r)
-        mask[i, longest - len(r):] = 1
-    return ids.to(DEVICE), mask.to(DEVICE)
+    ids, mask = attnkit.inference.left_pad([torch.tensor([r]) for r in rows], 0)
+    return ids.to(DEVICE), (torch.ones_like(ids) if mask is None else mask).to(DEVICE)
 
 
 def run_stream(model, rows, decode_ids, more_ids, static: bool, graphs: bool = False):
@@ -73,16 +68,22 @@ def kept_set(layer) -> list[list[list[int]]]:
 CASES = {"single": [0], "ragged": [0, 1, 2]}
 
 
-@pytest.mark.parametrize("rows", list(CASES))
-@pytest.mark.parametrize("method", METHODS)
-def test_static_steps_equal_the_dynamic_path(model, method, rows):
+def both_ways(model, method: str, rows: str, seed: int, first: dict, second: dict) -> tuple:
+    """run_stream on the same prompts and token streams (tight settings), once with each set of options."""
     chosen = [prompts()[i] for i in CASES[rows]]
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
     decode_ids = torch.randint(3, 256, (len(chosen), DECODE), generator=g).to(DEVICE)
     more_ids = torch.randint(3, 256, (len(chosen), 5), generator=g).to(DEVICE)
     with torch.no_grad(), attnkit.apply(model, method, **TINY[method][1]):
-        want, want_more, want_kept = run_stream(model, chosen, decode_ids, more_ids, static=False)
-        got, got_more, got_kept = run_stream(model, chosen, decode_ids, more_ids, static=True)
+        return tuple(run_stream(model, chosen, decode_ids, more_ids, **opts) for opts in (first, second))
+
+
+@pytest.mark.parametrize("rows", list(CASES))
+@pytest.mark.parametrize("method", METHODS)
+def test_static_steps_equal_the_dynamic_path(model, method, rows):
+    (want, want_more, want_kept), (got, got_more, got_kept) = both_ways(
+        model, method, rows, 5, dict(static=False), dict(static=True)
+    )
     what = f"{method} ({rows}) static vs dynamic decode"
     if DTYPE == torch.float32 or method_class(method).kind != "read":
         assert_close(got, want, what)
@@ -100,13 +101,9 @@ def test_static_steps_equal_the_dynamic_path(model, method, rows):
 @pytest.mark.parametrize("rows", list(CASES))
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_graph_steps_equal_eager_static_steps(model, method, rows):
-    chosen = [prompts()[i] for i in CASES[rows]]
-    g = torch.Generator().manual_seed(6)
-    decode_ids = torch.randint(3, 256, (len(chosen), DECODE), generator=g).to(DEVICE)
-    more_ids = torch.randint(3, 256, (len(chosen), 5), generator=g).to(DEVICE)
-    with torch.no_grad(), attnkit.apply(model, method, **TINY[method][1]):
-        eager, eager_more, eager_kept = run_stream(model, chosen, decode_ids, more_ids, static=True, graphs=False)
-        graph, graph_more, graph_kept = run_stream(model, chosen, decode_ids, more_ids, static=True, graphs=True)
+    (eager, eager_more, eager_kept), (graph, graph_more, graph_kept) = both_ways(
+        model, method, rows, 6, dict(static=True, graphs=False), dict(static=True, graphs=True)
+    )
     assert torch.equal(graph, eager), f"{method} ({rows}): graph replay differs from the eager static step"
     assert torch.equal(graph_more, eager_more)
     assert graph_kept == eager_kept
