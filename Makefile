@@ -51,4 +51,4 @@ $(VENV)-old/.installed: pyproject.toml
 
 # The seams (cache layers, attention function, generate) against the oldest supported transformers.
 test-old: $(VENV)-old/.installed
-	$(VENV)-old/bin/python -m pytest -q tests/test_methods.py tests/test_api.py
+	$(VENV)-old/bin/python -m pytest -q tests/test_methods.py tests/test_api.py tests/test_static_decode.py

@@ -15,6 +15,7 @@ _REGISTRY: dict[str, str] = {
     "streaming_llm": "attnkit.methods.stored.streaming_llm:StreamingLLM",
     "h2o": "attnkit.methods.stored.h2o:H2O",
     "snapkv": "attnkit.methods.stored.snapkv:SnapKV",
+    "pyramidkv": "attnkit.methods.stored.pyramidkv:PyramidKV",
     "tokenselect": "attnkit.methods.read.tokenselect:TokenSelect",
     "quest": "attnkit.methods.read.quest:Quest",
 }

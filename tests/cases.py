@@ -14,6 +14,7 @@ TINY = {
     "streaming_llm": ({"sinks": 4, "window": 124}, {"sinks": 3, "window": 10}),
     "h2o": ({"heavy": 64, "recent": 64}, {"heavy": 8, "recent": 6}),
     "snapkv": ({"budget": 128, "window": 8}, {"budget": 16, "window": 4, "kernel": 3}),
+    "pyramidkv": ({"budget": 128, "window": 8}, {"budget": 16, "window": 4, "kernel": 3, "beta": 4}),
     "tokenselect": ({"top_k": 128, "sinks": 4, "local": 8}, {"top_k": 8, "sinks": 2, "local": 4}),
     "quest": ({"budget": 128, "page": 4, "dense_layers": 0}, {"budget": 16, "page": 4, "dense_layers": 1}),
 }
@@ -25,6 +26,7 @@ REAL = {
     "streaming_llm": ({"sinks": 4, "window": 1020}, {"sinks": 4, "window": 92}),
     "h2o": ({"heavy": 512, "recent": 512}, {"heavy": 48, "recent": 48}),
     "snapkv": ({"budget": 1024, "window": 32}, {"budget": 96, "window": 16}),
+    "pyramidkv": ({"budget": 1024, "window": 32}, {"budget": 96, "window": 16}),
     "tokenselect": ({"top_k": 1024, "sinks": 16, "local": 64}, {"top_k": 32, "sinks": 8, "local": 32}),
     "quest": ({"budget": 1024, "page": 16}, {"budget": 96, "page": 16}),
 }

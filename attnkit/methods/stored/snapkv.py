@@ -48,6 +48,10 @@ class SnapKVLayer(KVLayer):
         if self.cfg.every_chunk and self.scores is not None:
             self.compress()
 
+    def keep_older(self, n_obs: int, w: int) -> int:
+        """Slots kept among the ``n_obs - w`` prompt tokens older than the observation window."""
+        return self.cfg.budget - w
+
     def compress(self) -> None:
         """Keep top (budget - w) of the observed slots older than the window, the window, and later slots."""
         cfg, n_obs, w = self.cfg, self.scores.shape[-1], self.obs_window
@@ -57,7 +61,17 @@ class SnapKVLayer(KVLayer):
         pooled = pool(older.flatten(0, 1).unsqueeze(1), k, stride=1, padding=k // 2).view_as(older)
         # Padding never wins a slot (zero-padded pooling treats it as the unpadded prompt's edge, as alone).
         pooled = pooled.masked_fill(self.pos[:, :, : n_obs - w] < 0, float("-inf"))
-        top = pooled.topk(cfg.budget - w, dim=-1).indices.sort(dim=-1).values
+        if self.padded:  # each row's rule counts its own prompt (one host sync, once per prompt)
+            real = (self.pos[:, 0, :n_obs] >= 0).sum(-1).tolist()
+            keeps = [min(self.keep_older(r, w), max(r - w, 0)) for r in real]
+        else:
+            keeps = [min(self.keep_older(n_obs, w), n_obs - w)] * older.shape[0]
+        _, top = pooled.topk(max(keeps), dim=-1)  # by score, descending
+        if min(keeps) < max(keeps):  # a row that keeps fewer: its lowest-ranked extra picks become holes
+            rank = torch.arange(max(keeps), device=top.device)
+            extra = rank >= torch.tensor(keeps, device=top.device).view(-1, 1, 1)
+            self.pos[:, :, : n_obs - w].scatter_(2, top, torch.where(extra, -1, self.pos[:, :, : n_obs - w].gather(2, top)))
+        top = top.sort(dim=-1).values
         tail = torch.arange(n_obs - w, self.n, device=top.device).expand(*top.shape[:2], -1)
         self.keep_slots(torch.cat([top, tail], dim=-1))
         self.scores = None
