@@ -18,6 +18,7 @@ _REGISTRY: dict[str, str] = {
     "pyramidkv": "attnkit.methods.stored.pyramidkv:PyramidKV",
     "tokenselect": "attnkit.methods.read.tokenselect:TokenSelect",
     "quest": "attnkit.methods.read.quest:Quest",
+    "tidaldecode": "attnkit.methods.read.tidaldecode:TidalDecode",
 }
 
 

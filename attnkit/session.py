@@ -48,6 +48,8 @@ class Run:
         self.recorder: Callable | None = None
         #: tokens a generation will hold (prompt + new), set by attnkit.generate: caches allocate once
         self.capacity_hint = 0
+        #: state a method shares across layers and steps (e.g. a selection made on one layer, reused by later ones)
+        self.shared: dict[str, Any] = {}
         #: tokens per prefill forward of that generation (attnkit.generate's prefill_chunk; 0: unknown)
         self.chunk_hint = 0
         #: (B, L) bool, the current forward's 2D attention mask when it holds padding (else None)

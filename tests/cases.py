@@ -17,6 +17,8 @@ TINY = {
     "pyramidkv": ({"budget": 128, "window": 8}, {"budget": 16, "window": 4, "kernel": 3, "beta": 4}),
     "tokenselect": ({"top_k": 128, "sinks": 4, "local": 8}, {"top_k": 8, "sinks": 2, "local": 4}),
     "quest": ({"budget": 128, "page": 4, "dense_layers": 0}, {"budget": 16, "page": 4, "dense_layers": 1}),
+    "tidaldecode": ({"top_k": 128, "dense_layers": 0, "reselect_layer": -1},
+                    {"top_k": 8, "dense_layers": 0, "reselect_layer": -1}),
 }
 
 # the same for SmolLM2 on a ~400-token prompt
@@ -29,6 +31,7 @@ REAL = {
     "pyramidkv": ({"budget": 1024, "window": 32}, {"budget": 96, "window": 16}),
     "tokenselect": ({"top_k": 1024, "sinks": 16, "local": 64}, {"top_k": 32, "sinks": 8, "local": 32}),
     "quest": ({"budget": 1024, "page": 16}, {"budget": 96, "page": 16}),
+    "tidaldecode": ({"top_k": 1024}, {"top_k": 32}),
 }
 
 METHODS = list(TINY)

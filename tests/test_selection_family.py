@@ -34,3 +34,32 @@ def test_pyramidkv_keeps_per_layer_budgets_after_the_prompt():
         kept = [int(run.kept_tokens()[i].max()) for i in layers]
     want = [pyramid_older(40, 8, 4, 200, d, len(layers)) + 8 + 1 for d in range(len(layers))]  # + window + 1 decoded
     assert kept == want, (kept, want)
+
+
+def test_tidaldecode_later_layers_reuse_each_heads_selection():
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    records = []
+    with torch.no_grad(), attnkit.apply(model, "tidaldecode", top_k=8, dense_layers=0, reselect_layer=-1) as run:
+        run.recorder = lambda r: records.append({k: v.clone() if torch.is_tensor(v) else v for k, v in r.items()})
+        stream(model, ids_for(40, seed=2), chunk=40, decode=3)
+    steps = [r for r in records if r["query"].shape[2] == 1]
+    sparse = [r for r in steps if r["layer"] in (1, 2)]
+    assert len(sparse) == 2 * 3
+    for first, second in zip(sparse[::2], sparse[1::2]):
+        m1, m2 = first["mask"][:, :, 0], second["mask"][:, :, 0]  # (B, H, n): what each query head read
+        assert torch.equal(m1, m2), "layer 2 must read layer 0's selection"
+        assert (m1.sum(-1) == 8).all() and m1[..., -1].all(), "top_k per head, the current token included"
+        assert not (m1 == m1[:, :1]).all(), "selection is per query head"
+    selection = [r for r in steps if r["layer"] == 0]
+    for sel, used in zip(selection, sparse[::2]):  # layer 0's top-7 by q.k per head, plus the current token
+        q, k = sel["query"][:, :, 0], sel["key"]
+        scores = torch.einsum("bhd,bhnd->bhn", q.float(), k.float().repeat_interleave(q.shape[1] // k.shape[1], 1))
+        want = scores[..., :-1].topk(7, dim=-1).indices
+        got = used["mask"][:, :, 0, :-1].nonzero()[:, -1].view(*want.shape[:2], 7)
+        assert torch.equal(got, want.sort(-1).values)
+
+
+def test_tidaldecode_refuses_layers_the_model_does_not_have():
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    with pytest.raises(ValueError, match=r"reselect_layer=13 is invalid for a model of 3 layers; accepted"):
+        attnkit.apply(model, "tidaldecode")
