@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window", type=int, default=2044)
     ap.add_argument("--budget", type=int, default=2048, help="tokens read per step by tokenselect and quest")
-    ap.add_argument("--methods", default="full,streaming_llm,tokenselect,quest")
+    ap.add_argument("--methods", default="full,streaming_llm,tokenselect,quest",
+                    help="any of full, streaming_llm, tokenselect, quest, tidaldecode, window, h2o, snapkv, pyramidkv")
     ap.add_argument("--skip-hf", action="store_true", help="skip model.generate (two extra prefills)")
     ap.add_argument("--skip-compile", action="store_true", help="skip StaticCache + torch.compile (a prefill and "
                     "a compile)")
@@ -199,6 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
         "streaming_llm": {"sinks": args.sinks, "window": args.window},
         "tokenselect": {"top_k": k - k // 21 - 4 * k // 21, "sinks": k // 21, "local": 4 * k // 21},
         "quest": {"budget": k, "page": 16},
+        "tidaldecode": {"top_k": k},
+        "window": {"window": k},
+        "h2o": {"heavy": k // 2, "recent": k - k // 2},
+        "snapkv": {"budget": k, "window": 32},
+        "pyramidkv": {"budget": k, "window": 32},
     }
     for name in [m for m in args.methods.split(",") if m]:
         settings = method_settings[name]
