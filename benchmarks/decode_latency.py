@@ -124,6 +124,33 @@ def hf_static_compiled_ms(model, ids: torch.Tensor, new: int, chunk: int) -> tup
         return 1000 * (time.perf_counter() - t0) / steps, warm
 
 
+def settings_for(budget: int, sinks: int = 4, window: int | None = None) -> dict[str, dict]:
+    """Each method's settings at ``budget`` tokens read or held per step (streaming_llm: sinks + window)."""
+    k = budget
+    return {
+        "full": {},
+        "streaming_llm": {"sinks": sinks, "window": k - sinks if window is None else window},
+        "tokenselect": {"top_k": k - k // 21 - 4 * k // 21, "sinks": k // 21, "local": 4 * k // 21},
+        "quest": {"budget": k, "page": 16},
+        "tidaldecode": {"top_k": k},
+        "window": {"window": k},
+        "h2o": {"heavy": k // 2, "recent": k - k // 2},
+        "snapkv": {"budget": k, "window": 32},
+        "pyramidkv": {"budget": k, "window": 32},
+    }
+
+
+def shape_arguments(ap: argparse.ArgumentParser) -> None:
+    """The model-shape and prompt arguments every decode benchmark takes."""
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--prefill-chunk", type=int, default=4096)
+    ap.add_argument("--budget", type=int, default=2048, help="tokens read or held per step by the sparse methods")
+    ap.add_argument("--methods", default="full,streaming_llm,tokenselect,quest",
+                    help="any of full, streaming_llm, tokenselect, quest, tidaldecode, window, h2o, snapkv, pyramidkv")
+
+
 def copy_bandwidth_gbs(device: str) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), measured now: the floor's yardstick."""
     if not device.startswith("cuda"):
@@ -149,16 +176,10 @@ def dense_kv_bytes(config: LlamaConfig, tokens: int, batch: int) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--batch", type=int, default=1)
+    shape_arguments(ap)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window", type=int, default=2044)
-    ap.add_argument("--budget", type=int, default=2048, help="tokens read per step by tokenselect and quest")
-    ap.add_argument("--methods", default="full,streaming_llm,tokenselect,quest",
-                    help="any of full, streaming_llm, tokenselect, quest, tidaldecode, window, h2o, snapkv, pyramidkv")
     ap.add_argument("--skip-hf", action="store_true", help="skip model.generate (two extra prefills)")
     ap.add_argument("--skip-compile", action="store_true", help="skip StaticCache + torch.compile (a prefill and "
                     "a compile)")
@@ -194,18 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch._dynamo.reset()
         torch.cuda.empty_cache()
 
-    k = args.budget
-    method_settings = {
-        "full": {},
-        "streaming_llm": {"sinks": args.sinks, "window": args.window},
-        "tokenselect": {"top_k": k - k // 21 - 4 * k // 21, "sinks": k // 21, "local": 4 * k // 21},
-        "quest": {"budget": k, "page": 16},
-        "tidaldecode": {"top_k": k},
-        "window": {"window": k},
-        "h2o": {"heavy": k // 2, "recent": k - k // 2},
-        "snapkv": {"budget": k, "window": 32},
-        "pyramidkv": {"budget": k, "window": 32},
-    }
+    method_settings = settings_for(args.budget, args.sinks, args.window)
     for name in [m for m in args.methods.split(",") if m]:
         settings = method_settings[name]
         with attnkit.apply(model, name, **settings) as run:

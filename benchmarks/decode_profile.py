@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import attnkit
 from attnkit.graphs import StaticDecoder
-from decode_latency import LLAMA_31_8B, build_model, copy_bandwidth_gbs
+from decode_latency import LLAMA_31_8B, build_model, copy_bandwidth_gbs, settings_for, shape_arguments
 
 CATEGORIES = {
     "matmul": ("gemm", "gemv", "cutlass", "nvjet", "xmma", "splitk", "cublas", "matmul"),
@@ -39,21 +39,9 @@ def category(kernel: str) -> str:
     return "other (norms, RoPE, copies, scatters)"
 
 
-def settings_for(name: str, budget: int) -> dict:
-    k = budget
-    return {
-        "full": {},
-        "streaming_llm": {"sinks": 4, "window": budget - 4},
-        "tokenselect": {"top_k": k - k // 21 - 4 * k // 21, "sinks": k // 21, "local": 4 * k // 21},
-        "quest": {"budget": k, "page": 16},
-        "h2o": {"heavy": k // 2, "recent": k - k // 2},
-        "window": {"window": k},
-    }[name]
-
-
 def profile_method(model, ids, name: str, budget: int, steps: int, chunk: int) -> dict:
     arg = attnkit.session.cache_argument(model)
-    with torch.no_grad(), attnkit.apply(model, name, **settings_for(name, budget)) as run:
+    with torch.no_grad(), attnkit.apply(model, name, **settings_for(budget)[name]) as run:
         run.capacity_hint = ids.shape[1] + 2 * steps + 8
         cache = run.new_cache()
         run.capacity_hint = 0
@@ -89,13 +77,8 @@ def profile_method(model, ids, name: str, budget: int, steps: int, chunk: int) -
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--budget", type=int, default=2048)
+    shape_arguments(ap)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--prefill-chunk", type=int, default=4096)
-    ap.add_argument("--methods", default="full,streaming_llm,tokenselect,quest")
     ap.add_argument("--out", type=Path, default=Path("results/decode_profile.json"))
     args = ap.parse_args(argv)
     model = build_model(args.layers, "cuda")
