@@ -53,20 +53,27 @@ class StaticDecoder:
         self.ids = torch.zeros((b, 1), dtype=torch.long, device=device)
         self.pos = torch.zeros((b, 1), dtype=torch.long, device=device)
         self.graphs = graphs and device.type == "cuda" and steps >= MIN_GRAPH_STEPS
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        self.captured: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # phase -> (graph, logits)
+        self.warm: dict[tuple, int] = {}  # phase -> eager steps run so far
         self.eager_steps = 0
         self.replays = 0
-        self.ready_at = 0.0  # perf_counter() when the graph was captured (steady-state timing starts there)
+        self.after_ready = 0  # steps (replayed or not) since the first capture
+        self.ready_at = 0.0  # perf_counter() when the first graph was captured (steady-state timing starts there)
         self.capture_s = 0.0
         self.reason: str | None = None if self.graphs else "graphs off"
         for layer in cache.layers:
             layer.begin_static(steps)
 
     @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        return next(iter(self.captured.values()))[0] if self.captured else None
+
+    @property
     def mode(self) -> str:
         """``cuda_graph`` once captured, else ``static (<reason>)``."""
-        return "cuda_graph" if self.graph is not None else f"static ({self.reason or 'not captured yet'})"
+        if self.captured:
+            return "cuda_graph" if len(self.captured) == 1 else f"cuda_graph ({len(self.captured)} phases)"
+        return f"static ({self.reason or 'not captured yet'})"
 
     def _forward(self) -> torch.Tensor:
         out = self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1,
@@ -76,16 +83,30 @@ class StaticDecoder:
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(token.view(-1, 1))
         self.pos.copy_(pos)
-        if self.graph is not None:
-            self.graph.replay()
+        phase = tuple(layer.static_phase() for layer in self.cache.layers)
+        if self.captured:
+            self.after_ready += 1
+        if phase in self.captured:
+            graph, logits = self.captured[phase]
+            graph.replay()
             self.replays += 1
             for layer in self.cache.layers:
                 layer.advance_host()
-            return self.logits
-        if self.graphs and self.eager_steps >= WARMUP_STEPS:
-            self._capture()
-            if self.graph is not None:
-                return self.step(token, pos)
+            return logits
+        # warm-up: the first phase runs two eager steps before its capture (Triton compiles, cuBLAS picks its
+        # kernels), a later phase one
+        need = WARMUP_STEPS if not self.captured else 1
+        if self.graphs and self.warm.get(phase, 0) >= need:
+            self._capture(phase)
+            if phase in self.captured:
+                if self.after_ready == 0:
+                    self.after_ready = 1
+                graph, logits = self.captured[phase]
+                graph.replay()
+                self.replays += 1
+                for layer in self.cache.layers:
+                    layer.advance_host()
+                return logits
         if self.graphs:  # warm-up on a side stream, as capture wants
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -94,10 +115,11 @@ class StaticDecoder:
             torch.cuda.current_stream().wait_stream(side)
         else:
             logits = self._forward()
+        self.warm[phase] = self.warm.get(phase, 0) + 1
         self.eager_steps += 1
         return logits
 
-    def _capture(self) -> None:
+    def _capture(self, phase: tuple) -> None:
         layers = self.cache.layers
         state = [layer.host_state() for layer in layers]
         graph = torch.cuda.CUDAGraph()
@@ -116,13 +138,15 @@ class StaticDecoder:
             run_current = getattr(getattr(self.cache, "run", None), "current", None)
             if run_current is not None:
                 run_current.clear()
-        self.graph, self.logits = graph, logits
+        self.captured[phase] = (graph, logits)
         torch.cuda.synchronize()
-        self.ready_at = time.perf_counter()
-        self.capture_s = self.ready_at - start
+        now = time.perf_counter()
+        if not self.ready_at:
+            self.ready_at = now
+        self.capture_s += now - start
 
     def close(self) -> None:
         """Back to the dynamic layout, so that the cache can take further (prefill or decode) forwards."""
         for layer in self.cache.layers:
             layer.end_static()
-        self.graph = None
+        self.captured.clear()

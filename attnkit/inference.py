@@ -225,7 +225,7 @@ def generate(
     timing = {}
     if decoder is not None and decoder.replays:
         timing = {"capture_s": decoder.capture_s, "graph_steps": decoder.replays,
-                  "steady_s_per_token": (t2 - decoder.ready_at) / decoder.replays}
+                  "steady_s_per_token": (t2 - decoder.ready_at) / decoder.after_ready}
 
     kv = cache.held_bytes() if hasattr(cache, "held_bytes") else _dense_bytes(cache)
     stats = run.stats() if run is not None else {"method": "none"}

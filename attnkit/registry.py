@@ -19,6 +19,7 @@ _REGISTRY: dict[str, str] = {
     "tokenselect": "attnkit.methods.read.tokenselect:TokenSelect",
     "quest": "attnkit.methods.read.quest:Quest",
     "tidaldecode": "attnkit.methods.read.tidaldecode:TidalDecode",
+    "recycled_attention": "attnkit.methods.read.recycled_attention:RecycledAttention",
 }
 
 

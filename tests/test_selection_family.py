@@ -63,3 +63,25 @@ def test_tidaldecode_refuses_layers_the_model_does_not_have():
     model = tiny_llama(dtype=DTYPE).to(DEVICE)
     with pytest.raises(ValueError, match=r"reselect_layer=13 is invalid for a model of 3 layers; accepted"):
         attnkit.apply(model, "tidaldecode")
+
+
+@pytest.mark.parametrize("threshold,full_on_checks", [(1.0, True), (-1.0, False)])
+def test_recycled_attention_partial_steps_and_drift_checks(threshold, full_on_checks):
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    records = []
+    settings = dict(recycled=6, stride=3, threshold=threshold)
+    with torch.no_grad(), attnkit.apply(model, "recycled_attention", **settings) as run:
+        run.recorder = lambda r: records.append({k: v.clone() if torch.is_tensor(v) else v for k, v in r.items()})
+        stream(model, ids_for(40, seed=5), chunk=40, decode=7)
+        layer = run.cache.layers[1]
+        assert layer.decode_step == 7
+        assert int(layer.n - 1) in layer.recycled[0, 0].tolist(), "the newest token joins the recycled cache"
+    steps = [r for r in records if r["query"].shape[2] == 1 and r["layer"] == 1]
+    assert len(steps) == 7
+    for t, r in enumerate(steps, start=1):
+        read = r["mask"][0, :, 0].sum(-1)  # (Hkv,) slots read per KV head
+        n = r["key"].shape[2]
+        if t % 3 == 0 and full_on_checks:
+            assert (read == n).all(), f"step {t}: a drifted row reads the whole cache"
+        else:
+            assert (read == 6 + 1).all(), f"step {t}: recycled slots + the current token"

@@ -235,6 +235,11 @@ class KVLayer(CacheLayerMixin):
         self.n = min(self.n + 1, self.span)
         self.seen += 1
 
+    def static_phase(self) -> str:
+        """Which kind of fixed-shape step comes next ("" if every step is the same); steps of different kinds are
+        captured in different CUDA graphs (e.g. Recycled Attention's drift checks)."""
+        return ""
+
     def host_state(self) -> tuple:
         return self.n, self.seen
 
