@@ -140,6 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("calibrate", parents=[common], help="calibration runs that methods load as profiles (JSON)")
+    p.add_argument("target", choices=["fasa"], help="what to calibrate")
+    p.add_argument("--model", default="smollm2-135m", help="model name (default: %(default)s)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="profile to write (JSON)")
+    p.add_argument("--samples", type=_number(int, 1), default=8, help="calibration prompts (default: %(default)s)")
+    p.add_argument("--tokens", type=_number(int, 16), default=2048,
+                   help="tokens per prompt, taken from the bundled essays (default: %(default)s)")
+    p.add_argument("--new-tokens", type=_number(int, 1), default=32, help="decode steps per prompt")
+    p.add_argument("--budgets", default=",".join(map(str, (128, 256, 512, 1024, 2048, 4096))),
+                   help="top-K sizes to calibrate, comma-separated (default: %(default)s)")
+    p.add_argument("--pairing", choices=["rope", "code"], default="rope",
+                   help="frequency-chunk pairing: rope (i, i + D/2) or code (2i, 2i + 1) (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("report", parents=[common], help="HTML + Markdown report of a results database")
     p.add_argument("db", type=Path, help="results database written by `attnkit eval`")
     p.add_argument("-o", "--out", type=Path, default=Path("report"), help="output folder (default: %(default)s)")
@@ -289,6 +306,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.db}: {exc}") from None
         print(f"attnkit eval: {written} new rows, {store.count()} in {args.db}", file=sys.stderr)
         print(runner.summary_table(store, cells))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from attnkit.calibrate import calibrate_fasa, write_profile
+    from attnkit.data import essay_tokens
+
+    try:
+        budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"--budgets {args.budgets!r} is invalid; accepted: comma-separated integers") from None
+    if not budgets or min(budgets) < 1:
+        raise ValueError(f"--budgets {args.budgets!r} is invalid; accepted: integers >= 1")
+    model, tok = load(args.model, args.device, args.dtype)
+    ids = essay_tokens(tok, args.samples * args.tokens).to(next(model.parameters()).device)
+    prompts = list(ids.view(args.samples, args.tokens).split(1))  # consecutive, non-overlapping essay windows
+    profile = calibrate_fasa(model, prompts, budgets, args.new_tokens, args.pairing, progress=True)
+    profile.update(model=args.model, samples=args.samples, tokens=args.tokens, new_tokens=args.new_tokens)
+    path = write_profile(profile, args.out)
+    print(f"fasa profile for {args.model}: {len(profile['layers'])} layers, budgets {profile['budgets']}, "
+          f"{args.samples} x {args.tokens} tokens, {args.new_tokens} decode steps each -> {path}")
     return 0
 
 

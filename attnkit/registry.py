@@ -20,6 +20,7 @@ _REGISTRY: dict[str, str] = {
     "quest": "attnkit.methods.read.quest:Quest",
     "tidaldecode": "attnkit.methods.read.tidaldecode:TidalDecode",
     "recycled_attention": "attnkit.methods.read.recycled_attention:RecycledAttention",
+    "fasa": "attnkit.methods.read.fasa:FASA",
 }
 
 

@@ -17,6 +17,7 @@ TINY = {
     "pyramidkv": ({"budget": 128, "window": 8}, {"budget": 16, "window": 4, "kernel": 3, "beta": 4}),
     "tokenselect": ({"top_k": 128, "sinks": 4, "local": 8}, {"top_k": 8, "sinks": 2, "local": 4}),
     "quest": ({"budget": 128, "page": 4, "dense_layers": 0}, {"budget": 16, "page": 4, "dense_layers": 1}),
+    "fasa": ({"budget": 128, "chunks": 4, "dense_layers": 0}, {"budget": 8, "chunks": 2, "dense_layers": 0}),
     "recycled_attention": ({"recycled": 128, "stride": 3}, {"recycled": 8, "stride": 3, "threshold": 0.5}),
     "tidaldecode": ({"top_k": 128, "dense_layers": 0, "reselect_layer": -1},
                     {"top_k": 8, "dense_layers": 0, "reselect_layer": -1}),
@@ -34,6 +35,7 @@ REAL = {
     "quest": ({"budget": 1024, "page": 16}, {"budget": 96, "page": 16}),
     "tidaldecode": ({"top_k": 1024}, {"top_k": 32}),
     "recycled_attention": ({"recycled": 1024}, {"recycled": 48, "stride": 3}),
+    "fasa": ({"budget": 1024}, {"budget": 48}),
 }
 
 METHODS = list(TINY)

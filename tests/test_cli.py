@@ -229,3 +229,24 @@ def test_generate_smollm2_streaming_llm(capsys):
                          "--chat", "--max-new-tokens", "12", "--device", "cpu")
     assert code == 0, err
     assert "Paris" in out
+
+
+def test_calibrate_fasa_writes_a_profile_the_method_loads(capsys, loads, monkeypatch, tmp_path):
+    fake = types.ModuleType("attnkit.data")
+    fake.essay_tokens = lambda tok, n: (torch.arange(n).view(1, n) * 7) % 251 + 3
+    monkeypatch.setitem(sys.modules, "attnkit.data", fake)
+    out_path = tmp_path / "fasa.json"
+    code, out, _ = run(capsys, "calibrate", "fasa", "--model", "tiny", "--samples", "2", "--tokens", "32",
+                       "--new-tokens", "2", "--budgets", "4,8", "-o", str(out_path))
+    assert code == 0 and "budgets [4, 8]" in out
+    profile = json.loads(out_path.read_text())
+    assert profile["method"] == "fasa" and profile["samples"] == 2 and profile["steps"] == [4, 4]
+    code, out, err = run(capsys, "generate", "--model", "tiny", "--method", "fasa", "--set", f"profile={out_path}",
+                         "--set", "chunks=2", "--set", "budget=8", "--prompt", "hello", "--no-chat",
+                         "--max-new-tokens", "3")
+    assert code == 0, err
+
+
+def test_calibrate_refuses_bad_budgets(capsys, loads, tmp_path):
+    code, _, err = run(capsys, "calibrate", "fasa", "--budgets", "12,x", "-o", str(tmp_path / "p.json"))
+    assert code == 2 and "--budgets '12,x' is invalid" in err

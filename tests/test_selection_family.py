@@ -85,3 +85,42 @@ def test_recycled_attention_partial_steps_and_drift_checks(threshold, full_on_ch
             assert (read == n).all(), f"step {t}: a drifted row reads the whole cache"
         else:
             assert (read == 6 + 1).all(), f"step {t}: recycled slots + the current token"
+
+
+def test_fasa_calibration_profile_drives_the_chunks(tmp_path):
+    from attnkit.calibrate import calibrate_fasa, write_profile
+    from attnkit.methods.read.fasa import FASA
+
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    prompts = [ids_for(40, seed=s) for s in (1, 2)]
+    profile = calibrate_fasa(model, prompts, budgets=(4, 8, 1000), new_tokens=3)
+    assert profile["budgets"] == [4, 8] and profile["layers"] == [0, 1, 2] and profile["steps"] == [6, 6]
+    table = torch.tensor(profile["agreement"])  # (budgets, layers, heads, D/2)
+    assert table.shape == (2, 3, 4, 8) and 0 <= table.min() and table.max() <= 1
+    path = write_profile(profile, tmp_path / "fasa.json")
+    method = FASA(budget=8, chunks=2, profile=str(path), dense_layers=0)
+    want = table[1, 2].topk(2, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(method.layer_chunks(2), want)
+    with torch.no_grad(), attnkit.apply(model, method) as run:
+        stream(model, ids_for(40, seed=3), chunk=40, decode=2)
+        assert torch.equal(run.cache.layers[2].chunks, want)
+
+
+def test_fasa_refuses_bad_profiles(tmp_path):
+    from attnkit.methods.read.fasa import FASA
+
+    with pytest.raises(ValueError, match="not found"):
+        FASA(profile=str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable JSON profile"):
+        FASA(profile=str(bad))
+    bad.write_text('{"method": "quest"}')
+    with pytest.raises(ValueError, match="is not a FASA profile"):
+        FASA(profile=str(bad))
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"method": "fasa", "head_dim": 128, "pairing": "rope", "budgets": [8], "layers": [0], '
+                     '"agreement": [[[[0.5]]]]}')
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    with pytest.raises(ValueError, match="calibrated for head_dim 128"):
+        attnkit.apply(model, "fasa", profile=str(wrong), chunks=2)

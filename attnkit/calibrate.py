@@ -1,0 +1,104 @@
+"""Calibration runs that methods load as stored profiles (JSON): FASA's frequency-chunk agreement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import attnkit
+from attnkit.methods.read.fasa import PAIRINGS, chunk_scores
+from attnkit.session import text_config
+
+DEFAULT_BUDGETS = (128, 256, 512, 1024, 2048, 4096)
+
+
+class _Ids:
+    """Token-id prompts in, no EOS: every calibration sample decodes the same number of steps."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+@torch.inference_mode()
+def calibrate_fasa(
+    model: torch.nn.Module,
+    prompts: list[torch.Tensor],
+    budgets: tuple[int, ...] = DEFAULT_BUDGETS,
+    new_tokens: int = 32,
+    pairing: str = "rope",
+    progress: bool = False,
+) -> dict:
+    """FASA's contextual agreement per (budget, layer, query head, frequency chunk).
+
+    Each prompt (a (1, L) id tensor) is decoded greedily for ``new_tokens`` steps with dense attention; at every
+    decode step, for each global layer, query head and chunk f: |TopK(q.K) & TopK(q_f.K_f)| / K for each budget
+    K no larger than the cache, averaged over steps and prompts. Returns the profile dict ``FASA(profile=...)``
+    loads (budgets larger than every cache seen are dropped).
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing={pairing!r} is invalid; accepted: {', '.join(map(repr, PAIRINGS))}")
+    cfg = text_config(model)
+    types = getattr(cfg, "layer_types", None) or [None] * cfg.num_hidden_layers
+    layers = [i for i, t in enumerate(types) if t != "sliding_attention"]
+    sums: dict[tuple[int, int], torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def record(r: dict) -> None:
+        if r["query"].shape[2] != 1 or r["layer"] not in layers:
+            return
+        q = r["query"][0, :, 0]  # (H, D)
+        k = r["key"][0].repeat_interleave(q.shape[0] // r["key"].shape[1], dim=0)  # (H, n, D)
+        full = (q.float().unsqueeze(1) * k.float()).sum(-1)  # (H, n)
+        per = chunk_scores(q.unsqueeze(0), k.unsqueeze(0), pairing)[0]  # (H, D/2, n)
+        n = full.shape[-1]
+        for kk in budgets:
+            if kk > n:
+                continue
+            top = torch.zeros_like(full, dtype=torch.bool).scatter_(1, full.topk(kk, dim=-1).indices, True)
+            picks = per.topk(kk, dim=-1).indices  # (H, D/2, K)
+            agree = top.unsqueeze(1).expand(-1, per.shape[1], -1).gather(2, picks).float().mean(-1)  # (H, D/2)
+            key = (kk, r["layer"])
+            sums[key] = sums.get(key, 0) + agree.cpu()
+            if r["layer"] == layers[0]:
+                counts[kk] = counts.get(kk, 0) + 1
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), unit="prompt", desc="calibrate fasa")
+    with attnkit.apply(model, "full") as run:
+        run.recorder = record
+        for ids in prompts:
+            attnkit.generate(model, _Ids(), ids, max_new_tokens=new_tokens + 1, stop_at_eos=False)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    kept = [kk for kk in budgets if counts.get(kk)]
+    if not kept:
+        raise ValueError(f"no calibration budget fits the caches seen; accepted: budgets <= the prompt length "
+                         f"(budgets {list(budgets)})")
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {
+        "method": "fasa",
+        "attnkit_version": attnkit.__version__,
+        "head_dim": d,
+        "pairing": pairing,
+        "budgets": kept,
+        "layers": layers,
+        "steps": [counts[kk] for kk in kept],
+        "agreement": [[(sums[(kk, layer)] / counts[kk]).tolist() for layer in layers] for kk in kept],
+    }
+
+
+def write_profile(profile: dict, path: str | Path) -> Path:
+    """Write a profile as JSON (never pickled), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(profile))
+    return path
