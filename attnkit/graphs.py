@@ -61,6 +61,9 @@ class StaticDecoder:
         self.ready_at = 0.0  # perf_counter() when the first graph was captured (steady-state timing starts there)
         self.capture_s = 0.0
         self.reason: str | None = None if self.graphs else "graphs off"
+        reason = static_unavailable(getattr(cache, "run", None), cache)
+        if reason is not None:
+            raise RuntimeError(f"fixed-shape decode is not available here: {reason}")
         for layer in cache.layers:
             layer.begin_static(steps)
 

@@ -16,6 +16,7 @@ _REGISTRY: dict[str, str] = {
     "h2o": "attnkit.methods.stored.h2o:H2O",
     "snapkv": "attnkit.methods.stored.snapkv:SnapKV",
     "pyramidkv": "attnkit.methods.stored.pyramidkv:PyramidKV",
+    "spatten": "attnkit.methods.stored.spatten:SpAtten",
     "tokenselect": "attnkit.methods.read.tokenselect:TokenSelect",
     "quest": "attnkit.methods.read.quest:Quest",
     "tidaldecode": "attnkit.methods.read.tidaldecode:TidalDecode",

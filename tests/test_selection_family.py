@@ -124,3 +124,42 @@ def test_fasa_refuses_bad_profiles(tmp_path):
     model = tiny_llama(dtype=DTYPE).to(DEVICE)
     with pytest.raises(ValueError, match="calibrated for head_dim 128"):
         attnkit.apply(model, "fasa", profile=str(wrong), chunks=2)
+
+
+def test_spatten_prunes_the_same_tokens_from_every_layer_for_good():
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    ids = ids_for(60, seed=4)
+    with torch.no_grad(), attnkit.apply(model, "spatten", budget=20, value_threshold=0.0, recent=3) as run:
+        stream(model, ids, chunk=12, decode=6)
+        held = [set(p for p in run.kept_positions(i)[0, 0].tolist() if p >= 0) for i in range(3)]
+        cascade = run.shared["spatten"]
+        # before the next forward, the layers before the last one still hold the last decision's victims;
+        # one more step applies it to every layer
+        stream_more = run.cache
+        model(input_ids=ids[:, :1], use_cache=True, **{attnkit.session.cache_argument(model): stream_more})
+        after = [set(p for p in run.kept_positions(i)[0, 0].tolist() if p >= 0) for i in range(3)]
+    # the last layer decides at the end of a forward; the layers before it drop those tokens at the next one
+    dead = set(range(61)) - set(cascade.alive[0, :61].nonzero().view(-1).tolist())
+    assert len(after[2]) == 20 and after[0] == after[1] and after[2] <= after[0]
+    assert after[0] - after[2] <= dead and len(after[0] - after[2]) <= 1, "one token set for all layers (cascade)"
+    gone = set(range(60)) - held[2]  # pruned before the extra step
+    assert gone and not (gone & after[0]) and not (dead & after[2]), "pruned tokens never come back"
+    assert {58, 59, 60} <= after[2], "the recent tokens are protected"
+
+
+def test_spatten_value_pruning_zeroes_negligible_probabilities():
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    records = []
+    with torch.no_grad(), attnkit.apply(model, "spatten", budget=64, value_threshold=0.02) as run:
+        run.recorder = lambda r: records.append({k: v.clone() if torch.is_tensor(v) else v for k, v in r.items()})
+        stream(model, ids_for(40, seed=6), chunk=40, decode=2)
+    pruned_any = False
+    for r in records:
+        out, probs, _ = attnkit.dense_attention(r["query"], r["key"], r["value"], r["mask"], r["scaling"])
+        kept = probs.masked_fill(r["value_pruned"], 0.0)
+        from attnkit.reference import expand_kv
+
+        want = torch.matmul(kept, expand_kv(r["value"], r["query"].shape[1]).float())
+        assert torch.allclose(r["out"].float(), want, atol=1e-5)
+        pruned_any |= bool(r["value_pruned"].any())
+    assert pruned_any
