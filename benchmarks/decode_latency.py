@@ -137,6 +137,9 @@ def settings_for(budget: int, sinks: int = 4, window: int | None = None) -> dict
         "h2o": {"heavy": k // 2, "recent": k - k // 2},
         "snapkv": {"budget": k, "window": 32},
         "pyramidkv": {"budget": k, "window": 32},
+        "fasa": {"budget": k},
+        "recycled_attention": {"recycled": k},
+        "spatten": {"budget": k},
     }
 
 
@@ -148,7 +151,7 @@ def shape_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--budget", type=int, default=2048, help="tokens read or held per step by the sparse methods")
     ap.add_argument("--methods", default="full,streaming_llm,tokenselect,quest",
-                    help="any of full, streaming_llm, tokenselect, quest, tidaldecode, window, h2o, snapkv, pyramidkv")
+                    help="comma-separated registered methods (settings at --budget: see settings_for)")
 
 
 def copy_bandwidth_gbs(device: str) -> float:

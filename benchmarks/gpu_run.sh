@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -31,6 +31,11 @@ for s in $stages; do
       python3 benchmarks/decode_latency.py --context 32768 --new-tokens 32 --skip-hf --skip-compile --out "$OUT/decode_32k_q.json" 2>&1 | tail -14 | tee "$OUT/decode_32k_q.log" ;;
     prefill)
       python3 benchmarks/prefill_probe.py 2>&1 | tail -6 | tee "$OUT/prefill_probe.log" ;;
+    family32|family128)
+      ctx=$([ "$s" = family32 ] && echo 32768 || echo 131072)
+      python3 benchmarks/decode_latency.py --context $ctx --new-tokens 32 --skip-hf --skip-compile \
+        --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,streaming_llm \
+        --out "$OUT/family_$ctx.json" 2>&1 | tail -16 | tee "$OUT/family_$ctx.log" ;;
     decode32b8)
       python3 benchmarks/decode_latency.py --context 32768 --batch 8 --new-tokens 16 --skip-hf --skip-compile --out "$OUT/decode_32k_b8.json" 2>&1 | tail -14 | tee "$OUT/decode_32k_b8.log" ;;
   esac
