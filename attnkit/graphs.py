@@ -90,26 +90,15 @@ class StaticDecoder:
         if self.captured:
             self.after_ready += 1
         if phase in self.captured:
-            graph, logits = self.captured[phase]
-            graph.replay()
-            self.replays += 1
-            for layer in self.cache.layers:
-                layer.advance_host()
-            return logits
+            return self._replay(phase)
         # warm-up: the first phase runs two eager steps before its capture (Triton compiles, cuBLAS picks its
         # kernels), a later phase one
         need = WARMUP_STEPS if not self.captured else 1
         if self.graphs and self.warm.get(phase, 0) >= need:
             self._capture(phase)
             if phase in self.captured:
-                if self.after_ready == 0:
-                    self.after_ready = 1
-                graph, logits = self.captured[phase]
-                graph.replay()
-                self.replays += 1
-                for layer in self.cache.layers:
-                    layer.advance_host()
-                return logits
+                self.after_ready = max(self.after_ready, 1)
+                return self._replay(phase)
         if self.graphs:  # warm-up on a side stream, as capture wants
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -120,6 +109,14 @@ class StaticDecoder:
             logits = self._forward()
         self.warm[phase] = self.warm.get(phase, 0) + 1
         self.eager_steps += 1
+        return logits
+
+    def _replay(self, phase: tuple) -> torch.Tensor:
+        graph, logits = self.captured[phase]
+        graph.replay()
+        self.replays += 1
+        for layer in self.cache.layers:
+            layer.advance_host()
         return logits
 
     def _capture(self, phase: tuple) -> None:

@@ -40,9 +40,10 @@ def run_stream(model, rows, decode_ids, more_ids, static: bool, graphs: bool = F
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     cache = attnkit.inference.new_cache(model)
     arg = cache_argument(model)
-    if static and static_unavailable(cache.run, cache):
-        pytest.skip(f"no fixed-shape steps: {static_unavailable(cache.run, cache)} (it decodes dynamically)")
     model(input_ids=ids, attention_mask=mask, position_ids=pos, **{arg: cache})
+    reason = static_unavailable(cache.run, cache) if static else None
+    if reason is not None:
+        pytest.skip(f"no fixed-shape steps: {reason}")
     nxt = pos[:, -1:] + 1
     logits = []
     decoder = StaticDecoder(model, cache, decode_ids.shape[1], graphs) if static else None

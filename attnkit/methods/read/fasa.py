@@ -11,7 +11,7 @@ import torch
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
 from attnkit.methods.base import LayerContext, Method, check_choice, check_int
-from attnkit.methods.read.tidaldecode import attend_slots
+from attnkit.methods.read.tidaldecode import attend_slots, head_read_mask
 
 NEG_INF = float("-inf")
 PAIRINGS = ("rope", "code")
@@ -160,11 +160,8 @@ class FASA(Method):
             layer.static_after()
             return out
         if run.recorder is not None:
-            n = layer.n
-            read = idx.masked_fill(~valid, n)
-            mask = torch.zeros((*read.shape[:2], n + 1), dtype=torch.bool, device=read.device).scatter_(2, read, True)
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value,
-                              mask=mask[..., :n].unsqueeze(2), scaling=scaling, out=out))
+                              mask=head_read_mask(idx, valid, layer.n), scaling=scaling, out=out))
         layer.compact()
         return out
 

@@ -46,6 +46,13 @@ def attend_slots(query: torch.Tensor, layer: KVLayer, idx: torch.Tensor, scaling
     return out.to(query.dtype), valid
 
 
+def head_read_mask(idx: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H, 1, n) bool: the slots each query head read, from idx (B, H, k) and which entries were valid."""
+    read = idx.masked_fill(~valid, n)
+    mask = torch.zeros((*read.shape[:2], n + 1), dtype=torch.bool, device=read.device).scatter_(2, read, True)
+    return mask[..., :n].unsqueeze(2)
+
+
 @dataclass
 class TidalDecode(Method):
     """Select tokens on a few layers, reuse the selection on the layers after them.
@@ -130,10 +137,7 @@ class TidalDecode(Method):
             layer.static_after()
             return out
         if run.recorder is not None:
-            n = layer.n
-            read = run.shared[STATE].masked_fill(~valid, n)
-            mask = torch.zeros((*read.shape[:2], n + 1), dtype=torch.bool, device=read.device).scatter_(2, read, True)
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value,
-                              mask=mask[..., :n].unsqueeze(2), scaling=scaling, out=out))
+                              mask=head_read_mask(run.shared[STATE], valid, layer.n), scaling=scaling, out=out))
         layer.compact()
         return out
