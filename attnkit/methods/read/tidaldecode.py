@@ -35,13 +35,31 @@ def head_slots(query: torch.Tensor, layer: KVLayer, k: int, scaling: float) -> t
 def attend_slots(query: torch.Tensor, layer: KVLayer, idx: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each query head (B, H, 1, D) over its slots idx (B, H, k) (-1: none), reading keys of
     its KV head -> ((B, H, 1, D) in the query's dtype, (B, H, k) bool: which entries were valid)."""
-    b, h = idx.shape[:2]
-    hkv = layer.keys.shape[1]
-    kv_head = (torch.arange(h, device=idx.device) // (h // hkv)).view(1, h, 1)
-    rows = torch.arange(b, device=idx.device).view(b, 1, 1)
-    safe = idx.clamp_min(0)
-    k_sel, v_sel = layer.keys[rows, kv_head, safe], layer.values[rows, kv_head, safe]  # (B, H, k, D)
-    valid = (idx >= 0) & (layer.pos[rows, kv_head, safe] >= 0)
+    b, h, k = idx.shape
+    hkv, cap = layer.keys.shape[1], layer.keys.shape[2]
+    g = h // hkv
+    safe = idx.clamp_min(0).view(b, hkv, g, k)  # query head h = hkv * G + g reads KV head h // G
+
+    def per_head(buf: torch.Tensor) -> torch.Tensor:  # (B, Hkv, cap, ...) -> (B, H, k, ...), no per-head copy
+        rest = buf.shape[3:]
+        src = buf.unsqueeze(2).expand(b, hkv, g, cap, *rest)
+        at = safe.view(b, hkv, g, k, *([1] * len(rest))).expand(b, hkv, g, k, *rest)
+        return src.gather(3, at).reshape(b, h, k, *rest)
+
+    valid = (idx >= 0) & (per_head(layer.pos) >= 0)
+    span = layer.span if layer.static else layer.n
+    if not query.is_cuda or k * g >= span:
+        # Gathering k rows per query head moves G * k rows; when that is no less than the span (or on CPU, where
+        # gathers are slow), score the span once per KV head and mask: the same softmax over the same set.
+        chosen = torch.zeros((b, h, span + 1), dtype=torch.bool, device=idx.device)
+        chosen.scatter_(2, idx.masked_fill(~valid, span), True)
+        mask = chosen[..., :span].view(b, hkv, g, span)
+        qg = query.reshape(b, hkv, g, -1).float()
+        scores = torch.matmul(qg, layer.keys[:, :, :span].float().transpose(-1, -2)) * scaling
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        out = torch.matmul(probs, layer.values[:, :, :span].float())  # (B, Hkv, G, D)
+        return out.reshape(b, h, 1, -1).to(query.dtype), valid
+    k_sel, v_sel = per_head(layer.keys), per_head(layer.values)  # (B, H, k, D)
     out, _, _ = dense_attention(query, k_sel, v_sel, valid.unsqueeze(2), scaling)
     return out.to(query.dtype), valid
 
