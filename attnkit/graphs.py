@@ -55,7 +55,6 @@ class StaticDecoder:
         self.graphs = graphs and device.type == "cuda" and steps >= MIN_GRAPH_STEPS
         self.captured: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # phase -> (graph, logits)
         self.warm: dict[tuple, int] = {}  # phase -> eager steps run so far
-        self.eager_steps = 0
         self.replays = 0
         self.after_ready = 0  # steps (replayed or not) since the first capture
         self.ready_at = 0.0  # perf_counter() when the first graph was captured (steady-state timing starts there)
@@ -66,10 +65,6 @@ class StaticDecoder:
             raise RuntimeError(f"fixed-shape decode is not available here: {reason}")
         for layer in cache.layers:
             layer.begin_static(steps)
-
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:
-        return next(iter(self.captured.values()))[0] if self.captured else None
 
     @property
     def mode(self) -> str:
@@ -108,7 +103,6 @@ class StaticDecoder:
         else:
             logits = self._forward()
         self.warm[phase] = self.warm.get(phase, 0) + 1
-        self.eager_steps += 1
         return logits
 
     def _replay(self, phase: tuple) -> torch.Tensor:
