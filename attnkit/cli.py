@@ -53,6 +53,15 @@ def parse_setting(item: str) -> tuple[str, Any]:
     return key.strip(), parse_value(value.strip())
 
 
+def parse_method_setting(item: str) -> tuple[str, str, Any]:
+    """``METHOD.KEY=VALUE`` -> (method, key, parsed value)."""
+    target, sep, value = item.partition("=")
+    method, dot, key = target.strip().partition(".")
+    if not sep or not dot or not method or not key:
+        raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE, got '{item}'")
+    return method, key, parse_value(value.strip())
+
+
 def _number(kind: type, lo: float, hi: float | None = None, open_lo: bool = False):
     def check(text: str):
         try:
@@ -135,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap inputs in the tokenizer's chat template (default: on; --no-chat for base models)")
     p.add_argument("--prefill-chunk", type=_number(int, 1), default=512, help="tokens per prefill forward")
+    p.add_argument("--set", dest="settings", action="append", default=[], type=parse_method_setting,
+                   metavar="METHOD.KEY=VALUE", help="override a method's setting in every cell, on top of its budget "
+                   "mapping, e.g. fasa.profile=fasa.json; repeatable")
+    p.add_argument("--batch", type=_number(int, 1), default=1,
+                   help="samples per padded generate call; rows of a batch share its timings (default: %(default)s)")
     p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:FUNC]",
                    help="import a module (and call FUNC) that registers tasks, methods or models; repeatable")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -269,6 +283,7 @@ def sweep_config(args: argparse.Namespace):
         lengths=runner.parse_lengths(args.lengths),
         samples=args.samples, seed=args.seed, chat=args.chat, device=args.device, dtype=args.dtype,
         prefill_chunk=args.prefill_chunk, shard=runner.parse_shard(args.shard), plugins=list(args.plugins),
+        batch=args.batch, overrides=runner.group_overrides(args.settings),
     )
     runner.validate(config)
     return config

@@ -278,19 +278,27 @@ def perplexity(
     chunk: int = 256,
     max_tokens: int | None = None,
     progress: bool = False,
+    decode_tail: int = 0,
 ) -> torch.Tensor:
     """Per-position negative log-likelihoods (float32, shape (L - 1,)) of a long text through the active method.
 
     Position i holds -log p(token[i + 1] | tokens[: i + 1]). The text goes through the method's cache ``chunk``
-    tokens at a time, so eviction methods run exactly as they do when generating.
+    tokens at a time, so eviction methods run exactly as they do when generating; the last ``decode_tail``
+    tokens go one per forward, as decode steps (teacher-forced), which is where decode-time methods (Recycled
+    Attention, SpAtten, TidalDecode, ...) act.
     """
     if chunk < 1:
         raise ValueError(f"chunk={chunk} is invalid; accepted: an integer >= 1")
+    if decode_tail < 0:
+        raise ValueError(f"decode_tail={decode_tail} is invalid; accepted: an integer >= 0")
     device = next(model.parameters()).device
     ids = text if isinstance(text, torch.Tensor) else tokenizer(text, return_tensors="pt").input_ids
     ids = ids.view(1, -1)[:, :max_tokens].to(device)
     if ids.shape[1] < 2:
         raise ValueError("the text must hold at least 2 tokens")
+    if decode_tail >= ids.shape[1]:
+        raise ValueError(f"decode_tail={decode_tail} is invalid for a {ids.shape[1]}-token text; accepted: "
+                         f"0 <= decode_tail < {ids.shape[1]}")
     cache = new_cache(model)
     arg = cache_argument(model)
     nll = torch.empty(ids.shape[1] - 1, dtype=torch.float32, device=device)
@@ -299,8 +307,10 @@ def perplexity(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=ids.shape[1], unit="tok", desc="ppl")
-    for start in range(0, ids.shape[1], chunk):
-        piece = ids[:, start : start + chunk]
+    head = ids.shape[1] - decode_tail
+    starts = list(range(0, head, chunk)) + list(range(head, ids.shape[1]))
+    for i, start in enumerate(starts):
+        piece = ids[:, start : starts[i + 1] if i + 1 < len(starts) else ids.shape[1]]
         logits = model(input_ids=piece, use_cache=True, **{arg: cache}).logits[0].float()  # (q, V)
         targets = ids[0, start + 1 : start + 1 + piece.shape[1]]
         k = targets.shape[0]

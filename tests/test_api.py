@@ -12,6 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import attnkit
 from attnkit.hf.rope import find_rotary, inv_freq_for, rotate_keys
+from attnkit.registry import method_class
 from tiny import tiny_gemma3, tiny_llama
 
 
@@ -110,3 +111,22 @@ def test_for_budget_holds_or_reads_that_many_tokens(name, tokens):
         assert method.sinks + method.top_k + method.local == tokens
     else:
         assert method.kv_budget() == tokens
+
+
+@pytest.mark.parametrize("name", ["full", "recycled_attention", "spatten"])
+def test_perplexity_decode_tail_feeds_the_last_tokens_as_decode_steps(name):
+    torch.manual_seed(0)
+    model = tiny_llama(dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 96))
+    method = method_class(name).for_budget(32)
+    with attnkit.apply(model, method):
+        chunked = attnkit.perplexity(model, None, ids, chunk=32)
+        tail = attnkit.perplexity(model, None, ids, chunk=32, decode_tail=24)
+    assert tail.shape == chunked.shape == (95,)
+    assert torch.allclose(tail[:72], chunked[:72], atol=1e-5)  # the chunked head is unchanged
+    if name == "full":  # dense: one token per forward gives the same likelihoods
+        assert torch.allclose(tail, chunked, atol=1e-4)
+    else:  # the method's decode steps (a 32-token selection) ran on the tail
+        assert not torch.allclose(tail[72:], chunked[72:], atol=1e-4)
+    with pytest.raises(ValueError, match="decode_tail=96 is invalid for a 96-token text"):
+        attnkit.perplexity(model, None, ids, decode_tail=96)

@@ -274,6 +274,30 @@ def test_more_samples_later_reuse_the_stored_ones(tmp_path, reference):
     assert runner.run_sweep(config(), str(db), progress=False).written == 0  # complete: nothing loaded or run
 
 
+def test_batched_sweep_gives_the_unbatched_rows(tmp_path, reference):
+    db = tmp_path / "r.db"
+    result = runner.run_sweep(config(batch=2), str(db), progress=False)  # 3 samples: a batch of 2, then 1
+    assert result.written == N_ROWS
+    digits = lambda rows: {(k, i, round(s, 4), p) for k, i, s, p in rows}  # noqa: E731
+    assert digits(results(db)) == digits(reference)
+    with Store(db) as store:
+        rows = store.rows()
+    sizes = {(r["task"], r["sample_index"]): json.loads(r["extra_json"])["batch"] for r in rows}
+    assert sizes[("fake_gen", 0)] == sizes[("fake_gen", 1)] == 2 and sizes[("fake_gen", 2)] == 1
+    assert sizes[("fake_ppl", 0)] == 1  # perplexity samples run one at a time
+    with pytest.raises(ValueError, match="batch=0"):
+        runner.run_cell(runner.build_grid(config(), {"tiny": "tiny-llama-0"})[0], Store(tmp_path / "x.db"), 1, batch=0)
+
+
+def test_set_overrides_a_setting_on_top_of_the_budget_mapping():
+    cells = runner.build_grid(config(overrides={"snapkv": {"window": 8}}), {"tiny": "tiny-llama-0"})
+    snap = [c for c in cells if c.method == "snapkv"]
+    plain = [c for c in runner.build_grid(config(), {"tiny": "tiny-llama-0"}) if c.method == "snapkv"]
+    assert snap and all(c.settings["window"] == 8 for c in snap)
+    assert {c.settings["budget"] for c in snap} == {c.settings["budget"] for c in plain}  # the budget mapping kept
+    assert {c.key for c in snap}.isdisjoint(c.key for c in plain)
+
+
 def test_ctrl_c_then_rerun_gives_the_uninterrupted_rows(tmp_path, monkeypatch, reference):
     db = tmp_path / "r.db"
     runner.get_model("tiny", "cpu", "float32")  # loaded (and warmed up) before generate is patched
@@ -367,6 +391,9 @@ def cli_run(capsys, *argv):
     (["--shard", "2/2"], "shard '2/2' is invalid"),
     (["--model", "tiny,smolm2-135m"], "unknown model 'smolm2-135m'"),
     (["--plugin", "no_such_module"], "--plugin no_such_module: cannot import"),
+    (["--set", "snapkv.windoww=8"], "snapkv has no setting 'windoww'"),
+    (["--set", "quest.page_size=8"], "'quest' is not among the swept methods"),
+    (["--set", "snapkv.window=0"], "for snapkv: snapkv: window=0"),
 ])  # fmt: skip
 def test_eval_validates_everything_before_loading(capsys, loads, tmp_path, change, words):
     argv = list(ARGV)

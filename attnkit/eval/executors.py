@@ -71,7 +71,7 @@ def run_local(cells: list[Cell], config: SweepConfig, store: Store, progress: bo
         for cell in cells:
             if set(range(n)) <= done[cell.key]:
                 continue
-            result = run_cell(cell, store, n, done[cell.key], on_sample=on_sample)
+            result = run_cell(cell, store, n, done[cell.key], on_sample=on_sample, batch=config.batch)
             written += result.written
             if result.samples and result.samples != n:  # a task that makes another number of samples than asked
                 bar.bar.total += result.samples - n
@@ -83,7 +83,7 @@ def run_local(cells: list[Cell], config: SweepConfig, store: Store, progress: bo
 
 
 # -- Ray ----------------------------------------------------------------------------------------------------------
-def _ray_cell(cell: Cell, db: str, n: int, plugins: list[str], paths: list[str]) -> CellResult:
+def _ray_cell(cell: Cell, db: str, n: int, plugins: list[str], paths: list[str], batch: int = 1) -> CellResult:
     """One cell inside a Ray worker: its own store connection, the driver's plugins, its GPU as ``cuda``."""
     for path in paths:  # plugins may live next to the driver's script (not installed)
         if path not in sys.path:
@@ -91,7 +91,7 @@ def _ray_cell(cell: Cell, db: str, n: int, plugins: list[str], paths: list[str])
     import_plugins(plugins)
     device = "cuda" if cell.device.startswith("cuda") else cell.device
     with Store(db) as store:
-        return run_cell(cell, store, n, device=device)
+        return run_cell(cell, store, n, device=device, batch=batch)
 
 
 def run_ray(cells: list[Cell], config: SweepConfig, store: Store, progress: bool = True) -> int:
@@ -116,7 +116,7 @@ def run_ray(cells: list[Cell], config: SweepConfig, store: Store, progress: bool
     remote = ray.remote(**({"num_gpus": 1} if gpu else {"num_cpus": 1}))(_ray_cell)
     db = str(store.path.resolve())
     paths = [p for p in sys.path if p]
-    pending = [remote.remote(cell, db, n, list(config.plugins), paths) for cell in todo]
+    pending = [remote.remote(cell, db, n, list(config.plugins), paths, config.batch) for cell in todo]
     written = 0
     try:
         while pending:

@@ -14,6 +14,7 @@ neither duplicate nor lose rows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -173,6 +174,26 @@ def has_budget(cls: type[Method]) -> bool:
     return getattr(cls.for_budget, "__func__", None) is not Method.for_budget.__func__
 
 
+def group_overrides(items: Iterable[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+    """[(method, key, value), ...] -> {method: {key: value}}; the last value of a repeated key wins."""
+    out: dict[str, dict[str, Any]] = {}
+    for method, key, value in items:
+        out.setdefault(method, {})[key] = value
+    return out
+
+
+def make_cell_method(cls: type[Method], tokens: int | None, overrides: dict[str, Any]) -> Method:
+    """The method for one cell: its budget mapping (or defaults), then the overrides, validated again."""
+    method = cls.for_budget(tokens) if tokens is not None else cls()
+    if not overrides:
+        return method
+    known = {f.name for f in dataclasses.fields(method) if f.init}
+    if unknown := sorted(set(overrides) - known):
+        raise ValueError(f"--set {cls.name}.{unknown[0]}: {cls.name} has no setting {unknown[0]!r}; accepted: "
+                         f"{', '.join(sorted(known))}")
+    return dataclasses.replace(method, **overrides)
+
+
 def resolved_dtype(dtype: str | None, device: str) -> str:
     """The dtype name that ends up in the cell key: the loader's default (float32 on CPU, bfloat16 on CUDA)."""
     aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -206,6 +227,8 @@ class SweepConfig:
     prefill_chunk: int = 512
     shard: tuple[int, int] = (0, 1)
     plugins: list[str] = field(default_factory=list)
+    batch: int = 1  # samples per padded generate call (not part of the cell key; recorded in each row)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> settings over its budget mapping
 
 
 @dataclass(frozen=True)
@@ -257,6 +280,11 @@ def validate(config: SweepConfig) -> None:
         raise ValueError("no methods given")
     for name in config.methods:
         method_class(name)
+    if stray := sorted(set(config.overrides) - {method_class(m).name for m in config.methods}):
+        raise ValueError(f"--set {stray[0]}.*: {stray[0]!r} is not among the swept methods "
+                         f"({', '.join(config.methods)})")
+    if config.batch < 1:
+        raise ValueError(f"batch={config.batch} is invalid; accepted: an integer >= 1")
     if any(has_budget(method_class(m)) for m in config.methods) and not config.budgets:
         raise ValueError(f"give --budgets for {', '.join(m for m in config.methods if has_budget(method_class(m)))}")
     for spec in config.budgets:
@@ -298,9 +326,10 @@ def build_grid(config: SweepConfig, hashes: dict[str, str]) -> list[Cell]:
                     for length in config.lengths:
                         tokens = resolve_budget(spec, length) if spec else None
                         try:
-                            method = cls.for_budget(tokens) if spec else cls()
+                            method = make_cell_method(cls, tokens, config.overrides.get(cls.name, {}))
                         except ValueError as err:
-                            where = f"budget {spec} ({tokens} tokens at length {length}) for {cls.name}"
+                            where = (f"budget {spec} ({tokens} tokens at length {length}) for {cls.name}" if spec
+                                     else cls.name)
                             raise ValueError(f"{where}: {err}") from None
                         settings = method.settings()
                         key = cell_key(key_config(hashes[model], cls.name, settings, task_name, length, config.seed,
@@ -343,61 +372,84 @@ def _device_name(device: torch.device) -> str:
 
 def evaluate_sample(model, tokenizer, cell: Cell, task, sample: Sample) -> dict[str, Any]:
     """Run one sample through the cell's method and return its results row."""
+    return evaluate_batch(model, tokenizer, cell, task, [sample])[0]
+
+
+def evaluate_batch(model, tokenizer, cell: Cell, task, samples: list[Sample]) -> list[dict[str, Any]]:
+    """Run samples through the cell's method, generative ones as one left-padded batch; one results row each.
+
+    Rows of a batch share its timings (prefill seconds and seconds per decode step are the batch's) and report
+    an equal share of its peak KV bytes; ``extra["batch"]`` records the batch size. Perplexity samples run one
+    at a time.
+    """
+    if task.kind == "ppl" and len(samples) > 1:
+        return [r for s in samples for r in evaluate_batch(model, tokenizer, cell, task, [s])]
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    extra = dict(sample.extra)
+    extras = [dict(s.extra, batch=len(samples)) for s in samples]
     with attnkit.apply(model, cell.make_method()) as run:
         if task.kind == "ppl":
             t0 = time.perf_counter()
-            nll = attnkit.perplexity(model, tokenizer, sample.input, chunk=cell.prefill_chunk)
+            tail = getattr(task, "decode_tail", 0)  # score the last tokens, decoded one step at a time
+            nll = attnkit.perplexity(model, tokenizer, samples[0].input, chunk=cell.prefill_chunk, decode_tail=tail)
             prefill_s = time.perf_counter() - t0
-            score = math.exp(nll.double().mean().item())
-            prediction, prompt_tokens, s_per_token = "", nll.numel() + 1, None
-            extra["nll"] = [round(x, 4) for x in nll.tolist()]
+            scored = nll[-tail:] if tail else nll
+            outcomes = [(math.exp(scored.double().mean().item()), "", nll.numel() + 1, None)]
+            extras[0]["nll"] = [round(x, 4) for x in nll.tolist()]
         else:
-            ids = build_prompt(tokenizer, sample, cell.chat)
-            gen = attnkit.generate(model, tokenizer, ids, max_new_tokens=sample.max_new_tokens,
-                                   prefill_chunk=cell.prefill_chunk, stop_at_eos=True)
-            score = float(METRICS[sample.metric](gen.text, sample.references))
-            prediction, prompt_tokens, prefill_s = gen.text, gen.prompt_tokens, gen.prefill_s
-            s_per_token = None if math.isnan(gen.s_per_token) else gen.s_per_token
-            extra["new_tokens"] = len(gen.tokens)
-        kv_peak = run.peak_kv_bytes
+            prompts = [build_prompt(tokenizer, s, cell.chat) for s in samples]
+            gens = attnkit.generate(model, tokenizer, prompts, max_new_tokens=max(s.max_new_tokens for s in samples),
+                                    prefill_chunk=cell.prefill_chunk, stop_at_eos=True)
+            gens = gens if isinstance(gens, list) else [gens]
+            outcomes = []
+            for s, gen, extra in zip(samples, gens, extras):
+                tokens = gen.tokens[: s.max_new_tokens]
+                text = tokenizer.decode(tokens, skip_special_tokens=True) if len(tokens) < len(gen.tokens) else gen.text
+                s_per_token = None if math.isnan(gen.s_per_token) else gen.s_per_token
+                outcomes.append((float(METRICS[s.metric](text, s.references)), text, gen.prompt_tokens, s_per_token))
+                extra["new_tokens"] = len(tokens)
+            prefill_s = gens[0].prefill_s
+        kv_peak = run.peak_kv_bytes // len(samples)
     config = {**cell.key_config(), "model": cell.model, "budget": cell.budget, "budget_tokens": cell.budget_tokens,
               "family": cell.family, "kind": cell.kind, "device_name": _device_name(device),
               "torch": torch.__version__, "transformers": _transformers_version(), "python": platform.python_version(),
               "attnkit_source": source_hash()}
-    return {
-        "cell_key": cell.key,
-        "sample_index": sample.index,
-        "model": cell.model,
-        "model_hash": cell.model_hash,
-        "method": cell.method,
-        "settings_json": dumps(cell.settings),
-        "budget": cell.budget,
-        "budget_tokens": cell.budget_tokens,
-        "task": cell.task,
-        "family": cell.family,
-        "length": cell.length,
-        "depth": sample.extra.get("depth"),
-        "seed": cell.seed,
-        "prompt_tokens": int(prompt_tokens),
-        "score": score,
-        "prediction": prediction,
-        "references_json": dumps(list(sample.references)),
-        "kv_bytes_peak": int(kv_peak),
-        "prefill_s": float(prefill_s),
-        "decode_s_per_token": s_per_token,
-        "peak_mem_bytes": _peak_mem_bytes(device),
-        "device": device.type,
-        "dtype": cell.dtype,
-        "extra_json": dumps(extra),
-        "attnkit_version": attnkit_version(),
-        "git_commit": git_commit(),
-        "config_json": dumps(config),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    peak_mem = _peak_mem_bytes(device)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for sample, extra, (score, prediction, prompt_tokens, s_per_token) in zip(samples, extras, outcomes):
+        rows.append({
+            "cell_key": cell.key,
+            "sample_index": sample.index,
+            "model": cell.model,
+            "model_hash": cell.model_hash,
+            "method": cell.method,
+            "settings_json": dumps(cell.settings),
+            "budget": cell.budget,
+            "budget_tokens": cell.budget_tokens,
+            "task": cell.task,
+            "family": cell.family,
+            "length": cell.length,
+            "depth": sample.extra.get("depth"),
+            "seed": cell.seed,
+            "prompt_tokens": int(prompt_tokens),
+            "score": score,
+            "prediction": prediction,
+            "references_json": dumps(list(sample.references)),
+            "kv_bytes_peak": int(kv_peak),
+            "prefill_s": float(prefill_s),
+            "decode_s_per_token": s_per_token,
+            "peak_mem_bytes": peak_mem,
+            "device": device.type,
+            "dtype": cell.dtype,
+            "extra_json": dumps(extra),
+            "attnkit_version": attnkit_version(),
+            "git_commit": git_commit(),
+            "config_json": dumps(config),
+            "created_at": created,
+        })
+    return rows
 
 
 def _transformers_version() -> str:
@@ -416,12 +468,16 @@ class CellResult:
 
 
 def run_cell(cell: Cell, store: Store, n: int, done: set[int] | None = None,
-             on_sample: Callable[[dict | None], None] | None = None, device: str | None = None) -> CellResult:
-    """Score the cell's samples ``0..n-1`` that are not in the store yet; each row is committed when scored.
+             on_sample: Callable[[dict | None], None] | None = None, device: str | None = None,
+             batch: int = 1) -> CellResult:
+    """Score the cell's samples ``0..n-1`` that are not in the store yet; rows are committed as scored.
 
     ``on_sample(row)`` is called after each sample written, ``on_sample(None)`` for one another sweep wrote
     meanwhile. ``device`` overrides ``cell.device`` for loading (Ray workers see their GPU as ``cuda``).
+    ``batch`` > 1 scores that many pending samples per padded generate call (an interrupted batch is redone).
     """
+    if batch < 1:
+        raise ValueError(f"batch={batch} is invalid; accepted: an integer >= 1")
     done = store.done(cell.key) if done is None else done
     result = CellResult(cell.key)
     if set(range(n)) <= done:
@@ -430,18 +486,21 @@ def run_cell(cell: Cell, store: Store, n: int, done: set[int] | None = None,
     task = get_task(cell.task)
     samples = task.samples(tokenizer, cell.length, n, cell.seed, chat=cell.chat)
     result.samples = len(samples)
+    pending = []
     for sample in samples:
         if sample.index in done or store.has(cell.key, sample.index):  # another sweep may have written it
             result.skipped += 1
             if sample.index not in done and on_sample is not None:
                 on_sample(None)
             continue
-        row = evaluate_sample(model, tokenizer, cell, task, sample)
-        if store.add(row):
-            result.written += 1
-            result.scores.append(row["score"])
-        if on_sample is not None:
-            on_sample(row)
+        pending.append(sample)
+    for start in range(0, len(pending), batch):
+        for row in evaluate_batch(model, tokenizer, cell, task, pending[start: start + batch]):
+            if store.add(row):
+                result.written += 1
+                result.scores.append(row["score"])
+            if on_sample is not None:
+                on_sample(row)
     return result
 
 

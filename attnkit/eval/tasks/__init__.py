@@ -29,6 +29,7 @@ SUITES: dict[str, list[str]] = {
     "passkey": ["passkey"],
     "niah": ["niah_grid"],
     "ppl": ["ppl"],
+    "ppl_tail": ["ppl_tail"],
 }
 
 
@@ -83,4 +84,5 @@ for _name in RULER:
 register_task("passkey", "attnkit.eval.tasks.passkey:passkey")
 register_task("niah_grid", "attnkit.eval.tasks.passkey:niah_grid")
 register_task("ppl", "attnkit.eval.tasks.ppl:ppl")
+register_task("ppl_tail", "attnkit.eval.tasks.ppl:ppl_tail")
 del _name

@@ -72,7 +72,7 @@ class Perplexity:
         room = len(text) - length * _CHARS_PER_TOKEN_MAX
         out = []
         for index in range(n):
-            rng = random.Random(f"attnkit/ppl/{seed}/{length}/{index}")
+            rng = random.Random(f"attnkit/ppl/{seed}/{length}/{index}")  # ppl_tail: the same stretches
             start = rng.randrange(room) if room > 0 else 0
             piece = None
             for _ in range(50):
@@ -95,4 +95,12 @@ class Perplexity:
         return out
 
 
+class TailPerplexity(Perplexity):
+    """``ppl``'s stretches, scored on their last ``decode_tail`` tokens, fed one per forward (decode steps)."""
+
+    name = "ppl_tail"
+    decode_tail = 256
+
+
 ppl = Perplexity()
+ppl_tail = TailPerplexity()

