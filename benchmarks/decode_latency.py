@@ -13,6 +13,7 @@ the same run. GPU only in practice (8B parameters).
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import json
 import time
@@ -221,18 +222,24 @@ def main(argv: list[str] | None = None) -> dict:
     method_settings = settings_for(args.budget, args.sinks, args.window)
     for name in [m for m in args.methods.split(",") if m]:
         settings = method_settings[name]
-        with attnkit.apply(model, name, **settings) as run:
-            g = attnkit.generate(model, tok, list(ids.unbind(0)) if args.batch > 1 else ids,
-                                 max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk, stop_at_eos=False,
-                                 cuda_graphs=not args.no_graphs)
-            g = g[0] if isinstance(g, list) else g
-            # steady state: the CUDA-graph replays (warm-up steps and the one-off capture reported apart)
-            per_token = g.stats.get("steady_s_per_token", g.s_per_token)
-            rows[f"attnkit {name}"] = {"ms_per_token": 1000 * per_token, "prefill_s": g.prefill_s,
-                                       "all_steps_ms": 1000 * g.s_per_token, "capture_s": g.stats.get("capture_s"),
-                                       "kv_bytes": run.kv_bytes(), "settings": settings,
-                                       "decode": g.stats.get("decode")}
-        del run, g
+        try:
+            with attnkit.apply(model, name, **settings) as run:
+                g = attnkit.generate(model, tok, list(ids.unbind(0)) if args.batch > 1 else ids,
+                                     max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk,
+                                     stop_at_eos=False, cuda_graphs=not args.no_graphs)
+                g = g[0] if isinstance(g, list) else g
+                # steady state: the CUDA-graph replays (warm-up steps and the one-off capture reported apart)
+                per_token = g.stats.get("steady_s_per_token", g.s_per_token)
+                rows[f"attnkit {name}"] = {"ms_per_token": 1000 * per_token, "prefill_s": g.prefill_s,
+                                           "all_steps_ms": 1000 * g.s_per_token, "capture_s": g.stats.get("capture_s"),
+                                           "kv_bytes": run.kv_bytes(), "settings": settings,
+                                           "decode": g.stats.get("decode")}
+            del run, g
+        except torch.OutOfMemoryError as exc:  # one method out of memory: say so, measure the others
+            print(f"{name}: out of memory ({str(exc).splitlines()[0][:160]})", flush=True)
+            rows[f"attnkit {name}"] = {"ms_per_token": float("nan"), "prefill_s": float("nan"), "kv_bytes": 0,
+                                       "settings": settings, "decode": "out of memory"}
+        gc.collect()  # cache layers and the run reference each other: free them before the next method
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         args.out.parent.mkdir(parents=True, exist_ok=True)  # rows so far survive a later failure
         args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=2, default=str))

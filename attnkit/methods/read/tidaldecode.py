@@ -54,10 +54,11 @@ def attend_slots(query: torch.Tensor, layer: KVLayer, idx: torch.Tensor, scaling
         chosen = torch.zeros((b, h, span + 1), dtype=torch.bool, device=idx.device)
         chosen.scatter_(2, idx.masked_fill(~valid, span), True)
         mask = chosen[..., :span].view(b, hkv, g, span)
-        qg = query.reshape(b, hkv, g, -1).float()
-        scores = torch.matmul(qg, layer.keys[:, :, :span].float().transpose(-1, -2)) * scaling
+        # Matmuls in the cache's dtype (fp32 accumulation), softmax in fp32: no fp32 copy of the whole span.
+        qg = query.reshape(b, hkv, g, -1).to(layer.keys.dtype)
+        scores = torch.matmul(qg, layer.keys[:, :, :span].transpose(-1, -2)).float() * scaling
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
-        out = torch.matmul(probs, layer.values[:, :, :span].float())  # (B, Hkv, G, D)
+        out = torch.matmul(probs.to(layer.values.dtype), layer.values[:, :, :span])  # (B, Hkv, G, D)
         return out.reshape(b, h, 1, -1).to(query.dtype), valid
     k_sel, v_sel = per_head(layer.keys), per_head(layer.values)  # (B, H, k, D)
     out, _, _ = dense_attention(query, k_sel, v_sel, valid.unsqueeze(2), scaling)
