@@ -129,6 +129,7 @@ class Run:
             "peak_kv_bytes": self.peak_kv_bytes,
             "tokens_seen": 0 if self.cache is None else self.cache.layers[0].seen,
             "kept_tokens_per_layer": [int(k.float().mean()) if k.numel() else 0 for k in kept],
+            **self.method.extra_stats(self),
         }
 
 

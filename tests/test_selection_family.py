@@ -163,3 +163,63 @@ def test_spatten_value_pruning_zeroes_negligible_probabilities():
         assert torch.allclose(r["out"].float(), want, atol=1e-5)
         pruned_any |= bool(r["value_pruned"].any())
     assert pruned_any
+
+
+def test_spatten_progressive_quantization_simulation():
+    from attnkit.methods.stored.spatten import quantize_split
+    from attnkit.reference import expand_kv
+
+    x = torch.randn(2, 3, 5, 16, dtype=torch.float32)
+    full, msb = quantize_split(x, 4, 4)
+    assert (full - x).abs().max() <= x.abs().amax(-1, keepdim=True).max() / 127  # 8 bits: error <= one step
+    assert (msb - x).abs().mean() > (full - x).abs().mean()  # the MSBs alone are coarser
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    ids = ids_for(40, seed=6)
+    for threshold in (0.0, 0.3, 1.01):  # never / sometimes / always fetch the LSBs
+        records = []
+        settings = dict(budget=64, value_threshold=0.0, msb_bits=3, lsb_bits=5, quant_threshold=min(threshold, 1.0))
+        with torch.no_grad(), attnkit.apply(model, "spatten", **settings) as run:
+            run.recorder = lambda r: records.append({k: v.clone() if torch.is_tensor(v) else v for k, v in r.items()})
+            stream(model, ids, chunk=40, decode=2)
+            share = run.stats()["spatten"]["lsb_refetch_share"]
+        rows = refetched = 0
+        for r in records:
+            fk, mk = quantize_split(r["key"], 3, 5)
+            fv, mv = quantize_split(r["value"], 3, 5)
+            h = r["query"].shape[1]
+            _, coarse, _ = attnkit.dense_attention(r["query"], mk, mv, r["mask"], r["scaling"])
+            _, fine, _ = attnkit.dense_attention(r["query"], fk, fv, r["mask"], r["scaling"])
+            refetch = coarse.amax(-1, keepdim=True) < min(threshold, 1.0)
+            want = torch.where(refetch, torch.matmul(fine, expand_kv(fv, h).float()),
+                               torch.matmul(coarse, expand_kv(mv, h).float()))
+            atol = 1e-5 if DTYPE == torch.float32 else 2e-2
+            assert torch.allclose(r["out"].float(), want, atol=atol), "each row reads what it fetched"
+            rows, refetched = rows + refetch.numel(), refetched + int(refetch.sum())
+        assert share == pytest.approx(refetched / rows)
+        if threshold == 0.0:
+            assert share == 0.0
+        elif threshold == 0.3:
+            assert 0.0 < share < 1.0
+    assert share > 0.9  # at 1.0 only rows with one visible key (probability exactly 1) skip the LSBs
+    with pytest.raises(ValueError, match="msb_bits=1"):
+        attnkit.make_method("spatten", msb_bits=1)
+
+
+def test_spatten_cascade_head_pruning():
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    ids = ids_for(40, seed=7)
+    records = []
+    with torch.no_grad(), attnkit.apply(model, "spatten", budget=64, value_threshold=0.0, head_keep=0.5) as run:
+        run.recorder = lambda r: records.append({k: v.clone() if torch.is_tensor(v) else v for k, v in r.items()})
+        stream(model, ids, chunk=20, decode=4)
+        sh = run.shared["spatten"]
+        assert run.stats()["spatten"]["heads_alive"] == [2]  # 4 query heads, half kept
+    alive_sets = []
+    for r in records:
+        silent = (r["out"].float().abs().sum((2, 3)) == 0)[0]  # (H,): heads that gave zeros
+        alive_sets.append(set((~silent).nonzero().view(-1).tolist()))
+    assert alive_sets[0] == {0, 1, 2, 3}, "the first layer call runs every head"
+    assert all(b <= a for a, b in zip(alive_sets[1:], alive_sets[2:])), "a pruned head never comes back"
+    assert alive_sets[-1] == set(sh.head_alive[0].nonzero().view(-1).tolist()) and len(alive_sets[-1]) == 2
+    with pytest.raises(ValueError, match="head_keep=0.0"):
+        attnkit.make_method("spatten", head_keep=0.0)

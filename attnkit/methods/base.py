@@ -89,6 +89,10 @@ class Method:
     def make_layer(self, ctx: LayerContext) -> KVLayer:
         return KVLayer(ctx.layer_idx, ctx.run)
 
+    def extra_stats(self, run: "Run") -> dict[str, Any]:
+        """Method-specific counters merged into ``run.stats()`` (e.g. SpAtten's heads alive)."""
+        return {}
+
     def attend(self, run: "Run", module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         """query (B, H, q, D); key/value (B, Hkv, n, D) as stored by ``layer`` -> (B, H, q, D)."""
         return attend_layer(run, layer, query, key, value, scaling, softcap)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,10 @@ class CascadeScores:
     def __init__(self) -> None:
         self.score = self.count = self.alive = None
         self.version = 0
+        self.head_score: torch.Tensor | None = None  # (B, H) float32: accumulated |output| per query head
+        self.head_alive: torch.Tensor | None = None  # (B, H) bool: heads not pruned yet (cascade: only shrinks)
+        self.rows = 0  # (query, head) rows attended under the quantization simulation
+        self.refetched = 0  # of them, rows whose max probability fell below the threshold (LSBs fetched)
 
     def ensure(self, batch: int, positions: int, device) -> None:
         have = 0 if self.score is None else self.score.shape[1]
@@ -36,7 +41,8 @@ class CascadeScores:
 
 
 class SpAttenLayer(KVLayer):
-    """Holds the positions the cascade keeps alive; adds its probabilities to the shared scores."""
+    """Holds the positions the cascade keeps alive; adds its probabilities (and its heads' output magnitudes)
+    to the shared scores."""
 
     wants_probs = "all"
     shared_layout = False  # rows prune different positions
@@ -68,6 +74,26 @@ class SpAttenLayer(KVLayer):
         valid = (pos >= 0).float()
         self.shared.score.scatter_add_(1, at, received * valid)
         self.shared.count.scatter_add_(1, at, seen_by * valid)
+
+    def prune_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """Cascade head pruning on this layer's output (B, H, q, D): heads pruned so far give zeros; the survivors
+        add their |output| to the shared importance; then, if more than ``head_keep`` x H heads are alive, the
+        least important are pruned for the layers and steps after this one."""
+        sh, cfg = self.shared, self.cfg
+        b, h = out.shape[:2]
+        if sh.head_alive is None or sh.head_alive.shape != (b, h):
+            sh.head_score = torch.zeros((b, h), dtype=torch.float32, device=out.device)
+            sh.head_alive = torch.ones((b, h), dtype=torch.bool, device=out.device)
+        out = out * sh.head_alive.view(b, h, 1, 1).to(out.dtype)
+        real = self.real_queries(out.shape[2])  # pad queries add nothing
+        mag = out.float().abs() if real is None else out.float().abs() * real.view(b, 1, -1, 1)
+        sh.head_score += mag.sum((2, 3))
+        keep = max(1, math.ceil(cfg.head_keep * h))
+        if int(sh.head_alive.sum(-1).max()) > keep:
+            ranked = sh.head_score.masked_fill(~sh.head_alive, float("-inf"))
+            top = ranked.topk(keep, dim=-1).indices
+            sh.head_alive = torch.zeros_like(sh.head_alive).scatter_(1, top, True) & sh.head_alive
+        return out
 
     def compact(self) -> None:
         if not self.last:
@@ -115,9 +141,18 @@ class SpAtten(Method):
     ``sinks`` and the ``recent`` newest always), the rest are pruned from every layer for good (cascade token
     pruning), and the memory is freed. Value pruning: probabilities whose mean over the heads is <=
     ``value_threshold`` are zeroed without renormalising (their V rows need not be read).
-    How we differ: head pruning and progressive quantization are not implemented yet (they change no token set
-    and need a custom kernel to save anything); pruning decisions apply to the layers before the last one from
-    the next forward on; decoding runs eagerly (the cascade changes every layer's slots at data-dependent steps).
+    Cascade head pruning (``head_keep`` < 1): each head's importance is the |output| it has produced, summed over
+    layers and steps in the same shared state; once more than ``head_keep`` x H heads are alive, the least
+    important are pruned, for every later layer and step (their output is zero). Progressive quantization
+    (``msb_bits`` > 0), a *simulation*: K and V are quantized per token and head (symmetric, absmax) to
+    ``msb_bits + lsb_bits`` bits; attention runs first on the MSBs only (the low ``lsb_bits`` dropped), and the
+    (query, head) rows whose largest probability is below ``quant_threshold`` (a flat distribution, where
+    rounding matters) are recomputed with all the bits. ``run.stats()["spatten"]`` reports the share of rows
+    that needed the LSBs; nothing is stored in fewer bits, so no memory or time is saved here.
+    How we differ: the paper's head pruning targets BERT-style summarisation and prunes from a start layer on,
+    with fine-tuning; here it runs on any layer after the first global one, without fine-tuning, and is off by
+    default. Pruning decisions apply to the layers before the last one from the next forward on; decoding runs
+    eagerly (the cascade changes every layer's slots at data-dependent steps).
     Shapes: shared score / count (B, positions) float32; keys/values (B, Hkv, <= budget + q, D).
     """
 
@@ -129,12 +164,25 @@ class SpAtten(Method):
     sinks: int = 0
     recent: int = 0
     value_threshold: float = 1e-5
+    head_keep: float = 1.0
+    msb_bits: int = 0
+    lsb_bits: int = 4
+    quant_threshold: float = 0.1
 
     def __post_init__(self) -> None:
         check_int(self.name, "budget", self.budget, 1)
         check_int(self.name, "sinks", self.sinks, 0)
         check_int(self.name, "recent", self.recent, 0)
         check_float(self.name, "value_threshold", self.value_threshold, 0.0, 1.0)
+        check_float(self.name, "head_keep", self.head_keep, 0.0, 1.0)
+        if self.head_keep <= 0.0:
+            raise ValueError(f"{self.name}: head_keep={self.head_keep} is invalid; accepted: 0 < head_keep <= 1")
+        check_int(self.name, "msb_bits", self.msb_bits, 0)
+        check_int(self.name, "lsb_bits", self.lsb_bits, 0)
+        if self.msb_bits + self.lsb_bits > 16 or (self.msb_bits and self.msb_bits < 2):
+            raise ValueError(f"{self.name}: msb_bits={self.msb_bits}, lsb_bits={self.lsb_bits} are invalid; "
+                             "accepted: msb_bits 0 (off) or >= 2, msb_bits + lsb_bits <= 16")
+        check_float(self.name, "quant_threshold", self.quant_threshold, 0.0, 1.0)
         if self.sinks + self.recent >= self.budget:
             raise ValueError(f"{self.name}: sinks + recent = {self.sinks + self.recent} is invalid; accepted: "
                              f"less than budget={self.budget}")
@@ -152,19 +200,68 @@ class SpAtten(Method):
             ctx.run.shared["spatten"] = CascadeScores()
         return SpAttenLayer(self, ctx.layer_idx, ctx.run, ctx.run.shared["spatten"], ctx.layer_idx == own[-1])
 
+    def extra_stats(self, run) -> dict:
+        sh = run.shared.get("spatten")
+        if sh is None:
+            return {}
+        out = {}
+        if sh.head_alive is not None:
+            out["heads_alive"] = sh.head_alive.sum(-1).tolist()
+        if self.msb_bits:
+            out["lsb_refetch_share"] = sh.refetched / sh.rows if sh.rows else 0.0
+        return {"spatten": out} if out else {}
+
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         from attnkit.hf.attention import attend_layer, only_real_queries
 
-        if not isinstance(layer, SpAttenLayer) or self.value_threshold == 0.0:
+        plain = self.value_threshold == 0.0 and self.head_keep == 1.0 and not self.msb_bits
+        if not isinstance(layer, SpAttenLayer) or plain:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
         mask = layer.mask()
-        _, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)
+        if self.msb_bits:
+            probs, refetch, v_full, v_msb = self.progressive(layer, query, key, value, mask, scaling, softcap)
+        else:
+            _, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)
         negligible = probs.mean(1, keepdim=True) <= self.value_threshold  # (B, 1, q, n)
         kept = probs.masked_fill(negligible, 0.0)
-        out = torch.matmul(kept, expand_kv(value, query.shape[1]).float()).to(query.dtype)
+        if self.msb_bits:  # a row reads the V it fetched: MSBs only, or all bits where it refetched
+            out = torch.where(refetch, torch.matmul(kept, v_full), torch.matmul(kept, v_msb)).to(query.dtype)
+        else:
+            out = torch.matmul(kept, expand_kv(value, query.shape[1]).float()).to(query.dtype)
+        if self.head_keep < 1.0:
+            out = layer.prune_heads(out)
         layer.observe(only_real_queries(layer, probs))
         if run.recorder is not None:  # no reference mask reproduces unrenormalised pruning: record what was kept
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask,
                               scaling=scaling, out=out, value_pruned=negligible))
         layer.compact()
         return out
+
+    def progressive(self, layer: SpAttenLayer, query, key, value, mask, scaling, softcap):
+        """Progressive quantization, simulated -> (probs (B, H, q, n), refetch (B, H, q, 1) bool, V with all bits
+        and V's MSBs, each (B, H, n, D) float32): a row's probabilities come from the MSB-only keys unless their
+        max is below the threshold, then from the keys with all bits (the LSBs fetched)."""
+        full_k, msb_k = quantize_split(key, self.msb_bits, self.lsb_bits)
+        full_v, msb_v = quantize_split(value, self.msb_bits, self.lsb_bits)
+        _, coarse, _ = dense_attention(query, msb_k, value, mask, scaling, softcap)
+        _, fine, _ = dense_attention(query, full_k, value, mask, scaling, softcap)
+        refetch = coarse.amax(-1, keepdim=True) < self.quant_threshold  # (B, H, q, 1)
+        real = layer.real_queries(query.shape[2])
+        counted = refetch if real is None else refetch & real.bool().view(real.shape[0], 1, -1, 1)
+        sh = layer.shared
+        b, h, q = query.shape[:3]
+        sh.rows += int(b * h * q if real is None else h * real.sum())
+        sh.refetched += int(counted.sum())
+        probs = torch.where(refetch, fine, coarse)
+        return probs, refetch, expand_kv(full_v, h).float(), expand_kv(msb_v, h).float()
+
+
+def quantize_split(x: torch.Tensor, msb: int, lsb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) -> (all msb + lsb bits, MSBs only), symmetric per-vector absmax quantization, dequantized to
+    x's dtype. The MSB-only value truncates the low ``lsb`` bits toward zero, as fetching only the MSBs would."""
+    levels = 2 ** (msb + lsb - 1) - 1
+    scale = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / levels
+    q = torch.round(x.float() / scale).clamp(-levels, levels)
+    step = 2 ** lsb
+    q_msb = torch.trunc(q / step) * step
+    return (q * scale).to(x.dtype), (q_msb * scale).to(x.dtype)
