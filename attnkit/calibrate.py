@@ -96,6 +96,96 @@ def calibrate_fasa(
     }
 
 
+@torch.inference_mode()
+def calibrate_tidaldecode(
+    model: torch.nn.Module,
+    prompts: list[torch.Tensor],
+    budgets: tuple[int, ...] = (256, 1024),
+    new_tokens: int = 32,
+    dense_layers: int = 2,
+    progress: bool = False,
+) -> dict:
+    """TidalDecode's re-selection layer for this model, from how much attention each choice keeps readable.
+
+    Each prompt is decoded greedily with dense attention; at every decode step, for each global layer l and
+    query head, the softmax attention over the cache and its own top-K past tokens (plus the current one). For a
+    re-selection layer r (the selection layer is the first global layer at or above ``dense_layers``, as in
+    :class:`~attnkit.methods.read.tidaldecode.TidalDecode`), the layers between them read the selection layer's
+    tokens, the layers after r read r's, and the two selection layers read densely; the score of r is the share
+    of all the attention mass of the layers after the selection layer that falls on tokens they read, averaged
+    over steps and prompts. The profile holds the score of every candidate per budget and the best layer
+    (``best_reselect``), to pass as ``reselect_layer``. Calibration text is generic (essays), not a benchmark.
+    """
+    cfg = text_config(model)
+    types = getattr(cfg, "layer_types", None) or [None] * cfg.num_hidden_layers
+    layers = [i for i, t in enumerate(types) if t != "sliding_attention"]
+    start = next((i for i, layer in enumerate(layers) if layer >= dense_layers), None)
+    if start is None or start + 2 > len(layers):
+        raise ValueError(f"dense_layers={dense_layers} leaves fewer than 2 global layers to select in; accepted: "
+                         f"dense_layers <= {layers[-2] if len(layers) > 1 else 0}")
+    sums = {kk: torch.zeros(len(layers)) for kk in budgets}
+    counts = {kk: 0 for kk in budgets}
+    step: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def finish_step() -> None:
+        probs = torch.stack([step[layer][0] for layer in layers])  # (L, H, n)
+        logits = torch.stack([step[layer][1] for layer in layers])
+        n = probs.shape[-1]
+        for kk in budgets:
+            if kk >= n:
+                continue
+            sel = torch.zeros_like(probs).scatter_(-1, logits[..., :-1].topk(kk, dim=-1).indices, 1.0)
+            sel[..., -1] = 1.0  # the current token is always read
+            on = torch.einsum("shn,lhn->sl", sel, probs)  # mass layer l puts on layer s's selection
+            total = probs.sum((1, 2))  # (L,)
+            for r in range(start + 1, len(layers)):
+                read = on[start, start + 1 : r].sum() + total[r] + on[r, r + 1 :].sum()
+                sums[kk][r] += float(read / total[start + 1 :].sum())
+            counts[kk] += 1
+        step.clear()
+
+    def record(r: dict) -> None:
+        if r["query"].shape[2] != 1 or r["layer"] not in layers:
+            return
+        q = r["query"][0, :, 0].float()  # (H, D)
+        k = r["key"][0].float().repeat_interleave(q.shape[0] // r["key"].shape[1], dim=0)  # (H, n, D)
+        logits = torch.einsum("hd,hnd->hn", q, k) * r["scaling"]
+        step[r["layer"]] = (logits.softmax(-1).cpu(), logits.cpu())
+        if r["layer"] == layers[-1]:
+            finish_step()
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), unit="prompt", desc="calibrate tidaldecode")
+    with attnkit.apply(model, "full") as run:
+        run.recorder = record
+        for ids in prompts:
+            attnkit.generate(model, _Ids(), ids, max_new_tokens=new_tokens + 1, stop_at_eos=False)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    kept = [kk for kk in budgets if counts[kk]]
+    if not kept:
+        raise ValueError(f"no calibration budget fits the caches seen; accepted: budgets < the prompt length "
+                         f"(budgets {list(budgets)})")
+    scores = {kk: (sums[kk] / counts[kk]).tolist() for kk in kept}
+    candidates = layers[start + 1 :]
+    return {
+        "method": "tidaldecode",
+        "attnkit_version": attnkit.__version__,
+        "dense_layers": dense_layers,
+        "selection_layer": layers[start],
+        "budgets": kept,
+        "candidates": candidates,
+        "kept_mass": [[round(scores[kk][i], 4) for i in range(start + 1, len(layers))] for kk in kept],
+        "best_reselect": [candidates[max(range(len(candidates)), key=lambda i: scores[kk][start + 1 + i])]
+                          for kk in kept],
+    }
+
+
 def write_profile(profile: dict, path: str | Path) -> Path:
     """Write a profile as JSON (never pickled), creating the folder."""
     path = Path(path)

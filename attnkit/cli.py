@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", parents=[common], help="calibration runs that methods load as profiles (JSON)")
-    p.add_argument("target", choices=["fasa"], help="what to calibrate")
+    p.add_argument("target", choices=["fasa", "tidaldecode"],
+                   help="fasa: dominant frequency chunks per head; tidaldecode: the re-selection layer")
     p.add_argument("--model", default="smollm2-135m", help="model name (default: %(default)s)")
     p.add_argument("-o", "--out", type=Path, required=True, help="profile to write (JSON)")
     p.add_argument("--samples", type=_number(int, 1), default=8, help="calibration prompts (default: %(default)s)")
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=_number(int, 1), default=32, help="decode steps per prompt")
     p.add_argument("--budgets", default=",".join(map(str, (128, 256, 512, 1024, 2048, 4096))),
                    help="top-K sizes to calibrate, comma-separated (default: %(default)s)")
+    p.add_argument("--dense-layers", type=_number(int, 0), default=2,
+                   help="tidaldecode: dense layers before its selection layer (default: %(default)s, its default)")
     p.add_argument("--pairing", choices=["rope", "code"], default="rope",
                    help="frequency-chunk pairing: rope (i, i + D/2) or code (2i, 2i + 1) (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -325,7 +328,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from attnkit.calibrate import calibrate_fasa, write_profile
+    from attnkit.calibrate import calibrate_fasa, calibrate_tidaldecode, write_profile
     from attnkit.data import essay_tokens
 
     try:
@@ -337,6 +340,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, tok = load(args.model, args.device, args.dtype)
     ids = essay_tokens(tok, args.samples * args.tokens).to(next(model.parameters()).device)
     prompts = list(ids.view(args.samples, args.tokens).split(1))  # consecutive, non-overlapping essay windows
+    if args.target == "tidaldecode":
+        profile = calibrate_tidaldecode(model, prompts, budgets, args.new_tokens, args.dense_layers, progress=True)
+        profile.update(model=args.model, samples=args.samples, tokens=args.tokens, new_tokens=args.new_tokens)
+        path = write_profile(profile, args.out)
+        best = ", ".join(f"top_k {kk}: layer {r}" for kk, r in zip(profile["budgets"], profile["best_reselect"]))
+        print(f"tidaldecode re-selection layer for {args.model} (selection at layer {profile['selection_layer']}): "
+              f"{best} -> {path}; use it as --set tidaldecode.reselect_layer=N")
+        return 0
     profile = calibrate_fasa(model, prompts, budgets, args.new_tokens, args.pairing, progress=True)
     profile.update(model=args.model, samples=args.samples, tokens=args.tokens, new_tokens=args.new_tokens)
     path = write_profile(profile, args.out)

@@ -247,6 +247,19 @@ def test_calibrate_fasa_writes_a_profile_the_method_loads(capsys, loads, monkeyp
     assert code == 0, err
 
 
+def test_calibrate_tidaldecode_prints_the_layer_to_use(capsys, loads, monkeypatch, tmp_path):
+    fake = types.ModuleType("attnkit.data")
+    fake.essay_tokens = lambda tok, n: (torch.arange(n).view(1, n) * 7) % 251 + 3
+    monkeypatch.setitem(sys.modules, "attnkit.data", fake)
+    out_path = tmp_path / "td.json"
+    code, out, err = run(capsys, "calibrate", "tidaldecode", "--model", "tiny", "--samples", "2", "--tokens", "32",
+                         "--new-tokens", "2", "--budgets", "8", "--dense-layers", "0", "-o", str(out_path))
+    assert code == 0, err
+    profile = json.loads(out_path.read_text())
+    assert profile["method"] == "tidaldecode" and profile["best_reselect"][0] in profile["candidates"]
+    assert f"top_k 8: layer {profile['best_reselect'][0]}" in out
+
+
 def test_calibrate_refuses_bad_budgets(capsys, loads, tmp_path):
     code, _, err = run(capsys, "calibrate", "fasa", "--budgets", "12,x", "-o", str(tmp_path / "p.json"))
     assert code == 2 and "--budgets '12,x' is invalid" in err

@@ -106,6 +106,49 @@ def test_fasa_calibration_profile_drives_the_chunks(tmp_path):
         assert torch.equal(run.cache.layers[2].chunks, want)
 
 
+def test_tidaldecode_calibration_scores_each_reselection_layer():
+    from attnkit.calibrate import calibrate_tidaldecode
+    from attnkit.inference import generate
+
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)  # 3 global layers: select at 0, re-select at 1 or 2
+    prompt = ids_for(40, seed=5)
+    profile = calibrate_tidaldecode(model, [prompt], budgets=(8, 40, 1000), new_tokens=1, dense_layers=0)
+    assert profile["budgets"] == [8, 40] and profile["selection_layer"] == 0 and profile["candidates"] == [1, 2]
+    assert profile["kept_mass"][1] == pytest.approx([1.0, 1.0], abs=1e-4)  # 40 past tokens: everything is read
+    # the same score by hand from the recorded step (n = 41 keys)
+    probs, logits = {}, {}
+
+    def record(r):
+        if r["query"].shape[2] == 1:
+            q = r["query"][0, :, 0].float()
+            k = r["key"][0].float().repeat_interleave(q.shape[0] // r["key"].shape[1], dim=0)
+            logits[r["layer"]] = (q.unsqueeze(1) * k).sum(-1) * r["scaling"]
+            probs[r["layer"]] = logits[r["layer"]].softmax(-1)
+
+    class Ids:
+        eos_token_id = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    with torch.no_grad(), attnkit.apply(model, "full") as run:
+        run.recorder = record
+        generate(model, Ids(), prompt, max_new_tokens=2, stop_at_eos=False)
+    sel = {}
+    for layer, lg in logits.items():
+        m = torch.zeros_like(lg, dtype=torch.bool)
+        m[torch.arange(lg.shape[0]).unsqueeze(1), lg[:, :-1].topk(8, dim=-1).indices] = True
+        m[:, -1] = True
+        sel[layer] = m
+    total = probs[1].sum() + probs[2].sum()
+    want_r1 = (probs[1].sum() + (probs[2] * sel[1]).sum()) / total  # layer 2 reads layer 1's selection
+    want_r2 = ((probs[1] * sel[0]).sum() + probs[2].sum()) / total  # layer 1 reads layer 0's
+    assert profile["kept_mass"][0] == pytest.approx([float(want_r1), float(want_r2)], abs=1e-3)
+    assert profile["best_reselect"][0] == (1 if want_r1 >= want_r2 else 2)
+    with pytest.raises(ValueError, match="dense_layers=2 leaves fewer than 2 global layers"):
+        calibrate_tidaldecode(model, [prompt], budgets=(8,), new_tokens=1, dense_layers=2)
+
+
 def test_fasa_refuses_bad_profiles(tmp_path):
     from attnkit.methods.read.fasa import FASA
 
