@@ -104,6 +104,8 @@ def calibrate_tidaldecode(
     new_tokens: int = 32,
     dense_layers: int = 2,
     progress: bool = False,
+    sinks: int = 4,
+    local: int = 64,
 ) -> dict:
     """TidalDecode's re-selection layer for this model, from how much attention each choice keeps readable.
 
@@ -112,8 +114,10 @@ def calibrate_tidaldecode(
     re-selection layer r (the selection layer is the first global layer at or above ``dense_layers``, as in
     :class:`~attnkit.methods.read.tidaldecode.TidalDecode`), the layers between them read the selection layer's
     tokens, the layers after r read r's, and the two selection layers read densely; the score of r is the share
-    of all the attention mass of the layers after the selection layer that falls on tokens they read, averaged
-    over steps and prompts. The profile holds the score of every candidate per budget and the best layer
+    of the attention mass of the layers after the selection layer that falls on tokens they read, counting only
+    the middle of the context (not the first ``sinks`` nor the last ``local`` tokens: every selection keeps those,
+    and on plain text they hold most of the mass, which would hide the heads that retrieve), averaged over steps
+    and prompts. The profile holds the score of every candidate per budget and the best layer
     (``best_reselect``), to pass as ``reselect_layer``. Calibration text is generic (essays), not a benchmark.
     """
     cfg = text_config(model)
@@ -131,6 +135,12 @@ def calibrate_tidaldecode(
         probs = torch.stack([step[layer][0] for layer in layers])  # (L, H, n)
         logits = torch.stack([step[layer][1] for layer in layers])
         n = probs.shape[-1]
+        if n <= sinks + local:
+            step.clear()
+            return
+        probs = probs.clone()
+        probs[..., :sinks] = 0.0  # only the middle of the context counts (see the docstring)
+        probs[..., n - local :] = 0.0
         for kk in budgets:
             if kk >= n:
                 continue
@@ -169,8 +179,8 @@ def calibrate_tidaldecode(
         bar.close()
     kept = [kk for kk in budgets if counts[kk]]
     if not kept:
-        raise ValueError(f"no calibration budget fits the caches seen; accepted: budgets < the prompt length "
-                         f"(budgets {list(budgets)})")
+        raise ValueError(f"no calibration budget fits the caches seen; accepted: budgets < the prompt length, and "
+                         f"prompts longer than sinks + local = {sinks + local} tokens (budgets {list(budgets)})")
     scores = {kk: (sums[kk] / counts[kk]).tolist() for kk in kept}
     candidates = layers[start + 1 :]
     return {

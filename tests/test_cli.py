@@ -252,7 +252,7 @@ def test_calibrate_tidaldecode_prints_the_layer_to_use(capsys, loads, monkeypatc
     fake.essay_tokens = lambda tok, n: (torch.arange(n).view(1, n) * 7) % 251 + 3
     monkeypatch.setitem(sys.modules, "attnkit.data", fake)
     out_path = tmp_path / "td.json"
-    code, out, err = run(capsys, "calibrate", "tidaldecode", "--model", "tiny", "--samples", "2", "--tokens", "32",
+    code, out, err = run(capsys, "calibrate", "tidaldecode", "--model", "tiny", "--samples", "2", "--tokens", "96",
                          "--new-tokens", "2", "--budgets", "8", "--dense-layers", "0", "-o", str(out_path))
     assert code == 0, err
     profile = json.loads(out_path.read_text())

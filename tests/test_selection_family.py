@@ -112,7 +112,8 @@ def test_tidaldecode_calibration_scores_each_reselection_layer():
 
     model = tiny_llama(dtype=DTYPE).to(DEVICE)  # 3 global layers: select at 0, re-select at 1 or 2
     prompt = ids_for(40, seed=5)
-    profile = calibrate_tidaldecode(model, [prompt], budgets=(8, 40, 1000), new_tokens=1, dense_layers=0)
+    profile = calibrate_tidaldecode(model, [prompt], budgets=(8, 40, 1000), new_tokens=1, dense_layers=0,
+                                    sinks=2, local=4)
     assert profile["budgets"] == [8, 40] and profile["selection_layer"] == 0 and profile["candidates"] == [1, 2]
     assert profile["kept_mass"][1] == pytest.approx([1.0, 1.0], abs=1e-4)  # 40 past tokens: everything is read
     # the same score by hand from the recorded step (n = 41 keys)
@@ -123,7 +124,10 @@ def test_tidaldecode_calibration_scores_each_reselection_layer():
             q = r["query"][0, :, 0].float()
             k = r["key"][0].float().repeat_interleave(q.shape[0] // r["key"].shape[1], dim=0)
             logits[r["layer"]] = (q.unsqueeze(1) * k).sum(-1) * r["scaling"]
-            probs[r["layer"]] = logits[r["layer"]].softmax(-1)
+            p = logits[r["layer"]].softmax(-1)
+            p[:, :2] = 0  # only the middle counts: not the 2 sinks nor the 4 local tokens
+            p[:, -4:] = 0
+            probs[r["layer"]] = p
 
     class Ids:
         eos_token_id = None
