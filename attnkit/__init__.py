@@ -4,7 +4,9 @@ Importing attnkit changes nothing in transformers: methods are registered and in
 ``attnkit.apply(...)`` blocks.
 """
 
+from attnkit.cache_io import CacheState, chat_turn, followup_text, load_cache, save_cache
 from attnkit.inference import Generation, generate, perplexity
+from attnkit.methods.driver import infiniretri
 from attnkit.models import load_model
 from attnkit.reference import dense_attention
 from attnkit.registry import make_method, methods
@@ -12,11 +14,17 @@ from attnkit.session import Run, apply
 
 __version__ = "0.1.0"
 __all__ = [
+    "CacheState",
     "Generation",
+    "chat_turn",
+    "followup_text",
+    "load_cache",
+    "save_cache",
     "Run",
     "apply",
     "dense_attention",
     "generate",
+    "infiniretri",
     "load_model",
     "make_method",
     "methods",

@@ -155,11 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", parents=[common], help="calibration runs that methods load as profiles (JSON)")
-    p.add_argument("target", choices=["fasa", "tidaldecode"],
-                   help="fasa: dominant frequency chunks per head; tidaldecode: the re-selection layer")
+    p.add_argument("target", choices=["fasa", "tidaldecode", "zerotuning", "act", "razorattention"],
+                   help="fasa: dominant frequency chunks per head; tidaldecode: the re-selection layer; "
+                        "zerotuning: heads and gamma on a task's calibration split; act: ACT's head filter; "
+                        "razorattention: echo / induction head scores")
     p.add_argument("--model", default="smollm2-135m", help="model name (default: %(default)s)")
     p.add_argument("-o", "--out", type=Path, required=True, help="profile to write (JSON)")
-    p.add_argument("--samples", type=_number(int, 1), default=8, help="calibration prompts (default: %(default)s)")
+    p.add_argument("--samples", type=_number(int, 1),
+                   help="calibration prompts (default: 8; zerotuning / act: 64 per task)")
     p.add_argument("--tokens", type=_number(int, 16), default=2048,
                    help="tokens per prompt, taken from the bundled essays (default: %(default)s)")
     p.add_argument("--new-tokens", type=_number(int, 1), default=32, help="decode steps per prompt")
@@ -167,8 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top-K sizes to calibrate, comma-separated (default: %(default)s)")
     p.add_argument("--dense-layers", type=_number(int, 0), default=2,
                    help="tidaldecode: dense layers before its selection layer (default: %(default)s, its default)")
+    p.add_argument("--task", default="sst2",
+                   help="zerotuning / act: choice task(s) whose calibration split is scored, comma-separated "
+                        "(default: %(default)s)")
+    p.add_argument("--objective", choices=["accuracy", "entropy"], default="accuracy",
+                   help="zerotuning / act: supervised accuracy, or ZeroTuning's unsupervised output entropy")
+    p.add_argument("--mode", choices=["head", "layer"], default="head",
+                   help="zerotuning: probe each (layer, head) or each whole layer (default: %(default)s)")
+    p.add_argument("--shots", type=_number(int, 0), default=0, help="zerotuning / act: demonstrations per prompt")
     p.add_argument("--pairing", choices=["rope", "code"], default="rope",
                    help="frequency-chunk pairing: rope (i, i + D/2) or code (2i, 2i + 1) (default: %(default)s)")
+    p.add_argument("--length", type=_number(int, 2), default=2500,
+                   help="razorattention: random tokens per repeat, capped to the context (default: %(default)s)")
+    p.add_argument("--repeats", type=_number(int, 2), default=4,
+                   help="razorattention: repeats of the random sequence (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -178,6 +193,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db", type=Path, help="results database written by `attnkit eval`")
     p.add_argument("-o", "--out", type=Path, default=Path("report"), help="output folder (default: %(default)s)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("analyze", parents=[common], help="attention sinks, massive activations, cosine to the first "
+                       "token, echo/induction and streaming heads, attention maps -> analysis.json + analysis.html")
+    p.add_argument("model", help="model name, as for `attnkit eval` (e.g. smollm2-135m)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.add_argument("--samples", type=_number(int, 1), default=100, help="sink metric windows (default: %(default)s)")
+    p.add_argument("--tokens", type=_number(int, 2), default=64, help="tokens per window (default: %(default)s)")
+    p.add_argument("--eps", type=_number(float, 0.0, 1.0), default=0.3, help="sink threshold (default: %(default)s)")
+    p.add_argument("--heads-length", type=_number(int, 2), default=2500,
+                   help="random tokens per repeat for echo/induction scores, capped to the context "
+                        "(default: %(default)s)")
+    p.add_argument("--repeats", type=_number(int, 2), default=4, help="repeats of the random tokens (default: 4)")
+    p.add_argument("--residual-tokens", type=_number(int, 2), default=256,
+                   help="tokens per window for massive activations and cosine to first (default: %(default)s)")
+    p.add_argument("--streaming-tokens", type=_number(int, 70), default=512,
+                   help="tokens per window for the streaming-head mass (default: %(default)s)")
+    p.add_argument("--layers", help="attention-map layers, comma-separated (default: first, middle, last)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows and random tokens (default: 0)")
+    p.add_argument("--random-init", action="store_true",
+                   help="re-initialise the weights at random (a same-shape control model)")
+    cmp = p.add_mutually_exclusive_group()
+    cmp.add_argument("--compare", metavar="MODEL2", help="analyse a second model and put both side by side")
+    cmp.add_argument("--method", default="full", help="compare the model without and with this attnkit method")
+    p.add_argument("--set", dest="settings", action="append", default=[], type=parse_setting, metavar="KEY=VALUE",
+                   help="setting of --method, repeatable (e.g. --set window=32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA (probabilities are float32 either way)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 
@@ -331,6 +376,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from attnkit.calibrate import calibrate_fasa, calibrate_tidaldecode, write_profile
     from attnkit.data import essay_tokens
 
+    if args.target in ("zerotuning", "act"):
+        return calibrate_heads(args)
+    if args.target == "razorattention":
+        from attnkit.methods.stored.razorattention import calibrate
+
+        model, tok = load(args.model, args.device, args.dtype)
+        print(calibrate(model, tok, args.out, args.length, args.repeats, args.model))
+        return 0
+    args.samples = args.samples or 8
+
     try:
         budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
     except ValueError:
@@ -356,6 +411,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate_heads(args: argparse.Namespace) -> int:
+    """`attnkit calibrate zerotuning|act`: a head search on the calibration split of --task (attnkit.calibrate_heads)."""
+    from attnkit.calibrate_heads import calibrate_act, calibrate_zerotuning, write_json
+    from attnkit.eval.tasks.choice import choice_samples
+
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError(f"--task {args.task!r} is invalid; accepted: choice task names, comma-separated")
+    model, tok = load(args.model, args.device, args.dtype)
+    n = args.samples or 64
+    samples = [s for t in tasks for s in choice_samples(t, tok, n, 0, split="calib", shots=args.shots)]
+    if args.target == "zerotuning":
+        profile = calibrate_zerotuning(model, tok, samples, args.objective, args.mode, progress=True)
+        chosen = f"{len(profile['gammas'])} heads at gamma {profile['gammas'][0][2]}" if profile["gammas"] else \
+            "no head (nothing beat the unmodified model)"
+    else:
+        profile = calibrate_act(model, tok, samples, args.objective, progress=True)
+        chosen = f"{len(profile['heads'])} heads"
+    profile.update(model=args.model, tasks=tasks, shots=args.shots, split="calib")
+    path = write_json(profile, args.out)
+    print(f"{args.target} profile for {args.model} on {','.join(tasks)} ({len(samples)} calibration samples, "
+          f"{args.objective}): {chosen}; calibration accuracy {profile['baseline_accuracy']:.3f} -> "
+          f"{profile['calib_accuracy']:.3f} -> {path}; use it as --set {args.target}.profile={path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     if not args.db.is_file():
         raise FileNotFoundError(2, "No such file or directory", str(args.db))
@@ -369,6 +450,49 @@ def cmd_report(args: argparse.Namespace) -> int:
     html, md = write_report(args.db, args.out)
     print(f"wrote {html}")
     print(f"wrote {md}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from attnkit.analysis import analyze_compare, compute, write
+    from attnkit.analysis.run import random_weights_like, run_label
+
+    settings = dict(args.settings)
+    if settings and args.method == "full":
+        raise ValueError("--set needs --method NAME (the method to compare against full attention)")
+    if args.method != "full":
+        attnkit.make_method(args.method, **settings)  # a typo fails before the model loads
+    try:
+        layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers {args.layers!r} is invalid; accepted: comma-separated layer indices") from None
+    opts = dict(samples=args.samples, tokens=args.tokens, eps=args.eps, heads_length=args.heads_length,
+                repeats=args.repeats, layers=layers, seed=args.seed, progress=args.progress,
+                residual_tokens=args.residual_tokens, streaming_tokens=args.streaming_tokens)
+
+    def loaded(name: str):
+        model, tok = load(name, args.device, args.dtype)
+        if args.random_init:
+            return random_weights_like(model, args.seed), tok, f"{name} (random init)"
+        return model, tok, name
+
+    model, tok, label = loaded(args.model)
+    runs = [compute(model, tok, label, **opts)]
+    if args.method != "full":
+        runs.append(compute(model, tok, label, method=args.method, settings=settings, **opts))
+    elif args.compare:
+        del model  # one model in memory at a time
+        model, tok, label = loaded(args.compare)
+        runs.append(compute(model, tok, label, **opts))
+    json_path, html_path = analyze_compare(*runs, args.out) if len(runs) == 2 else write(runs[0], args.out)
+    for d in runs:
+        s = d["sinks"]
+        first = "BOS" if s["first_is_bos"] else "first token"
+        print(f"{run_label(d)}: Sink_0^{s['eps']:g} ({first}) {s['sink_pct']['0']:.1f}%; massive activations in "
+              f"layers {d['massive']['massive_layers'] or 'none'}; retrieval heads "
+              f"{len(d['heads']['retrieval_heads'])}; streaming candidates {len(d['streaming']['candidates'])}")
+    print(f"wrote {json_path}")
+    print(f"wrote {html_path}")
     return 0
 
 

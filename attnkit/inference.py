@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache
 
+from attnkit.cache_io import CacheState, continue_ids
 from attnkit.graphs import StaticDecoder, static_unavailable
 from attnkit.hf.attention import ACTIVE_RUNS
 from attnkit.session import cache_argument, text_config
@@ -28,6 +29,8 @@ class Generation:
     decode_steps: int  # decode forwards timed in decode_s (the first token comes from the prefill)
     kv_bytes: int
     stats: dict = field(default_factory=dict)
+    #: what a later ``generate(..., cache=gen.state)`` continues from (single-prompt calls inside attnkit.apply)
+    state: "CacheState | None" = field(default=None, repr=False)
 
     @property
     def s_per_token(self) -> float:
@@ -134,6 +137,8 @@ def generate(
     answer_prefix: str = "",
     cuda_graphs: bool = True,
     static_decode: bool | None = None,
+    cache: "CacheState | None" = None,
+    eos_check_every: int = 16,
 ) -> Generation | list[Generation]:
     """Generate with chunked prefill and a decode loop free of per-step host syncs.
 
@@ -151,7 +156,14 @@ def generate(
     debugging, with the same tokens. ``static_decode`` forces the fixed-shape steps on (also on CPU) or off (the
     dynamic path, which is also what runs where a method cannot take them; ``stats["decode"]`` says which ran
     and why).
+
+    ``cache`` continues an earlier call: pass ``gen.state`` (same ``attnkit.apply`` block) or what
+    :func:`attnkit.load_cache` returned; ``prompt`` is then the text or ids to append (no chat template: see
+    :func:`attnkit.followup_text` for the next turn of a chat), single prompt only. EOS is checked every
+    ``eos_check_every`` steps; a state whose generation ran past its EOS cannot be continued (use 1 for chats).
     """
+    if not isinstance(eos_check_every, int) or eos_check_every < 1:
+        raise ValueError(f"eos_check_every={eos_check_every!r} is invalid; accepted: an integer >= 1")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid; accepted: an integer >= 1")
     if prefill_chunk < 1:
@@ -170,21 +182,27 @@ def generate(
             r = torch.cat([r, extra.expand(r.shape[0], -1)], dim=1)
         rows.extend(r.split(1))
     batched = batched or len(rows) > 1
+    run = ACTIVE_RUNS.get(id(text_config(model)))
+    if cache is not None:
+        rows = [continue_ids(cache, run, rows, device)]
     pad_id = getattr(tokenizer, "pad_token_id", None)
     ids, attention_mask = left_pad(rows, pad_id if pad_id is not None else 0)
     position_ids = None
     if attention_mask is not None:
         position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    run = ACTIVE_RUNS.get(id(text_config(model)))
-    if run is not None:
-        run.capacity_hint = ids.shape[1] + max_new_tokens
-        run.chunk_hint = min(prefill_chunk, ids.shape[1])
-    try:
-        cache = new_cache(model)
-    finally:
+    if cache is not None:
+        state, cache = cache, cache.cache
+    else:
+        state = None
         if run is not None:
-            run.capacity_hint = run.chunk_hint = 0
+            run.capacity_hint = ids.shape[1] + max_new_tokens
+            run.chunk_hint = min(prefill_chunk, ids.shape[1])
+        try:
+            cache = new_cache(model)
+        finally:
+            if run is not None:
+                run.capacity_hint = run.chunk_hint = 0
     arg = cache_argument(model)
     eos = tokenizer.eos_token_id
 
@@ -200,11 +218,12 @@ def generate(
     next_pos = position_ids[:, -1:] + 1 if position_ids is not None else None  # (B, 1)
     decoder, mode = _static_decoder(model, cache, run, device, max_new_tokens - 1, cuda_graphs, static_decode)
     if decoder is not None and next_pos is None:
-        next_pos = torch.full((b, 1), ids.shape[1], dtype=torch.long, device=device)
+        next_pos = torch.full((b, 1), cache.get_seq_length(), dtype=torch.long, device=device)
     steps = 1
     try:
         for step in range(1, max_new_tokens):
-            if stop_at_eos and eos is not None and step % 16 == 0 and bool((out[:, :step] == eos).any(-1).all()):
+            if stop_at_eos and eos is not None and step % eos_check_every == 0 \
+                    and bool((out[:, :step] == eos).any(-1).all()):
                 break
             if decoder is not None:
                 logits = decoder.step(token, next_pos)
@@ -233,6 +252,11 @@ def generate(
     stats.update(timing)
     gens = []
     for i, row in enumerate(out[:, :steps].tolist()):
+        new_state = None
+        if run is not None and not batched:  # every token but the last sampled one went through the cache
+            past = len(row) - 1 - row.index(eos) if eos is not None and eos in row else 0
+            new_state = CacheState(cache, [row[-1]], past if stop_at_eos else 0,
+                                   (state.turns if state is not None else 0) + 1)
         if stop_at_eos and eos is not None and eos in row:
             row = row[: row.index(eos)]
         gens.append(Generation(
@@ -244,6 +268,7 @@ def generate(
             decode_steps=steps - 1,
             kv_bytes=kv,
             stats=stats,
+            state=new_state,
         ))
     return gens if batched else gens[0]
 

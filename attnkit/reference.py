@@ -26,6 +26,7 @@ def dense_attention(
     mask: torch.Tensor | None = None,
     scaling: float | None = None,
     softcap: float | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager attention in float32, GQA-aware.
 
@@ -36,6 +37,8 @@ def dense_attention(
     mask : bool, broadcastable to (B, H, q, n) with the head dim 1, Hkv or H; True = may attend.
     scaling : multiplier of q.k (default D ** -0.5)
     softcap : Gemma-2 style logit soft-capping, ``cap * tanh(s / cap)``
+    bias : float, broadcastable to (B, H, q, n): added to the scores after soft-capping (methods that reweigh
+        attention, e.g. ZeroTuning's log(gamma) on the initial token, record theirs for the generic tests)
 
     Returns
     -------
@@ -50,6 +53,8 @@ def dense_attention(
     scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scale  # (B, H, q, n)
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias.float()
     if mask is not None:
         scores = scores.masked_fill(~expand_kv(mask, n_heads), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, q)

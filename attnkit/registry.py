@@ -22,6 +22,10 @@ _REGISTRY: dict[str, str] = {
     "tidaldecode": "attnkit.methods.read.tidaldecode:TidalDecode",
     "recycled_attention": "attnkit.methods.read.recycled_attention:RecycledAttention",
     "fasa": "attnkit.methods.read.fasa:FASA",
+    "zerotuning": "attnkit.methods.read.zerotuning:ZeroTuning",
+    "act": "attnkit.methods.read.act:ACT",
+    "infiniretri": "attnkit.methods.driver.infiniretri:InfiniRetri",
+    "razorattention": "attnkit.methods.stored.razorattention:RazorAttention",
 }
 
 

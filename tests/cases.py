@@ -23,6 +23,10 @@ TINY = {
     "recycled_attention": ({"recycled": 128, "stride": 3}, {"recycled": 8, "stride": 3, "threshold": 0.5}),
     "tidaldecode": ({"top_k": 128, "dense_layers": 0, "reselect_layer": -1},
                     {"top_k": 8, "dense_layers": 0, "reselect_layer": -1}),
+    "zerotuning": ({"gamma": 1.0}, {"gamma": 3.0}),
+    "act": ({"tau": 1.0, "heads": "all"}, {"tau": 0.05, "heads": "all"}),
+    "infiniretri": ({}, {"chunk": 16, "topk": 4}),  # a generation driver: as a cache method it is full
+    "razorattention": ({"window": 124, "heads": [[1, 0]]}, {"sinks": 3, "window": 10, "heads": []}),  # tight: all evict
 }
 
 # the same for SmolLM2 on a ~400-token prompt
@@ -39,6 +43,10 @@ REAL = {
     "tidaldecode": ({"top_k": 1024}, {"top_k": 32}),
     "recycled_attention": ({"recycled": 1024}, {"recycled": 48, "stride": 3}),
     "fasa": ({"budget": 1024}, {"budget": 48}),
+    "zerotuning": ({"gamma": 1.0}, {"gamma": 2.0, "layers": "0-5"}),
+    "act": ({"tau": 1.0}, {"tau": 0.1}),
+    "infiniretri": ({}, {"chunk": 128, "topk": 32}),
+    "razorattention": ({"window": 1020, "heads": [[1, 0], [5, 2], [20, 1]]}, {"window": 92, "heads": []}),
 }
 
 METHODS = list(TINY)

@@ -85,12 +85,14 @@ def test_tight_budget_equals_reference_under_kept_mask(model, method):
         stream(model, ids, chunk=9, decode=8)
     assert records
     for r in records:
-        out, _, _ = attnkit.dense_attention(r["query"], r["key"], r["value"], r["mask"], r["scaling"])
+        out, _, _ = attnkit.dense_attention(r["query"], r["key"], r["value"], r["mask"], r["scaling"], bias=r.get("bias"))
         assert_close(r["out"], out, f"{method} layer {r['layer']} output vs reference", ATTN_TOL[DTYPE])
     if method_class(method).kind == "read":  # selection: some call must have skipped a past token
         past = lambda r: r["key"].shape[2] - r["query"].shape[2]  # noqa: E731
         assert any(r["mask"] is not None and not r["mask"][..., : past(r)].all() for r in records), "nothing selected"
-    elif method != "full":
+    elif method_class(method).kind == "weigh":  # reweighting: some call must have recorded a non-zero logit bias
+        assert any(r.get("bias") is not None and r["bias"].abs().max() > 0 for r in records), "nothing reweighted"
+    elif method != "full" and not method_class(method).driver:  # a generation driver's cache is full's
         held = [run.kept_tokens()[i].max().item() for i in global_layers(run)]
         assert max(held) < ids.shape[1], f"{method}: tight settings evicted nothing"
 

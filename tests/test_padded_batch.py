@@ -123,3 +123,12 @@ def test_model_generate_with_a_padded_batch_inside_apply():
                 one = torch.tensor([r], device=DEVICE)
                 alone = model.generate(one, attention_mask=torch.ones_like(one), **kwargs)
                 assert got[i, longest:].tolist() == alone[0, len(r):].tolist(), f"{method} row {i}"
+
+
+def test_a_row_whose_padding_outlasts_the_first_prefill_chunk():
+    model = tiny_llama()
+    short, long = [5, 6, 7, 8], list(range(3, 42))
+    with torch.no_grad(), attnkit.apply(model, "full"):
+        both = attnkit.generate(model, IdTok(), [short, long], max_new_tokens=4, prefill_chunk=8, stop_at_eos=False)
+        alone = attnkit.generate(model, IdTok(), short, max_new_tokens=4, prefill_chunk=8, stop_at_eos=False)
+    assert both[0].tokens == alone.tokens

@@ -65,12 +65,14 @@ def test_tight_budget_equals_reference_under_kept_mask(smollm, text_ids, method)
         run.recorder = record
         stream(model, text_ids, chunk=128, decode=4)
     for r in records:
-        out, _, _ = attnkit.dense_attention(r["query"], r["key"], r["value"], r["mask"], r["scaling"])
+        out, _, _ = attnkit.dense_attention(r["query"], r["key"], r["value"], r["mask"], r["scaling"], bias=r.get("bias"))
         tol = (1e-4, 0.0) if DTYPE == torch.float32 else ATTN_TOL[DTYPE]
         assert_close(r["out"], out, f"SmolLM2 {method} layer {r['layer']}", tol)
     if method_class(method).kind == "read":  # nothing evicted; some recorded call must have skipped a past token
         past = lambda r: r["key"].shape[2] - r["query"].shape[2]  # noqa: E731
         assert any(r["mask"] is not None and not r["mask"][..., : past(r)].all() for r in records), "nothing selected"
+    elif method_class(method).kind == "weigh":
+        assert any(r.get("bias") is not None and r["bias"].abs().max() > 0 for r in records), "nothing reweighted"
     elif method != "full":
         assert max(k.max().item() for k in run.kept_tokens()) < PROMPT
 

@@ -291,6 +291,9 @@ def validate(config: SweepConfig) -> None:
         parse_budget(spec)
     for task in config.tasks:
         get_task(task)
+        if get_task(task).kind != "generate" and (drivers := [m for m in config.methods if method_class(m).driver]):
+            raise ValueError(f"{drivers[0]} is a generation driver; task {task!r} ({get_task(task).kind}) generates "
+                             "nothing (accepted: generative tasks)")
     if not config.tasks:
         raise ValueError("no tasks given")
     if not config.lengths or any(not isinstance(x, int) or x < 16 for x in config.lengths):
@@ -382,7 +385,7 @@ def evaluate_batch(model, tokenizer, cell: Cell, task, samples: list[Sample]) ->
     an equal share of its peak KV bytes; ``extra["batch"]`` records the batch size. Perplexity samples run one
     at a time.
     """
-    if task.kind == "ppl" and len(samples) > 1:
+    if (task.kind == "ppl" or method_class(cell.method).driver) and len(samples) > 1:  # drivers: one per call
         return [r for s in samples for r in evaluate_batch(model, tokenizer, cell, task, [s])]
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -397,11 +400,28 @@ def evaluate_batch(model, tokenizer, cell: Cell, task, samples: list[Sample]) ->
             scored = nll[-tail:] if tail else nll
             outcomes = [(math.exp(scored.double().mean().item()), "", nll.numel() + 1, None)]
             extras[0]["nll"] = [round(x, 4) for x in nll.tolist()]
+        elif task.kind == "choice":  # classification / multiple choice: option logits, no generation
+            from attnkit.eval.choice import score_choices
+
+            t0 = time.perf_counter()
+            scored = score_choices(model, tokenizer, samples, chat=cell.chat and getattr(task, "use_chat_template",
+                                   False), prefill_chunk=cell.prefill_chunk)
+            prefill_s = time.perf_counter() - t0
+            outcomes = [(float(r["correct"]), s.extra["options"][r["pred"]], r["prompt_tokens"], None)
+                        for s, r in zip(samples, scored)]
+            for extra, r in zip(extras, scored):
+                extra.update(r)
         else:
-            prompts = [build_prompt(tokenizer, s, cell.chat) for s in samples]
-            gens = attnkit.generate(model, tokenizer, prompts, max_new_tokens=max(s.max_new_tokens for s in samples),
-                                    prefill_chunk=cell.prefill_chunk, stop_at_eos=True)
-            gens = gens if isinstance(gens, list) else [gens]
+            if run.method.driver:  # a generation driver reads the sample's document its own way
+                from attnkit.methods.driver import drive_sample
+
+                gens = [drive_sample(run.method, model, tokenizer, s, cell.chat, cell.prefill_chunk) for s in samples]
+            else:
+                prompts = [build_prompt(tokenizer, s, cell.chat) for s in samples]
+                gens = attnkit.generate(model, tokenizer, prompts,
+                                        max_new_tokens=max(s.max_new_tokens for s in samples),
+                                        prefill_chunk=cell.prefill_chunk, stop_at_eos=True)
+                gens = gens if isinstance(gens, list) else [gens]
             outcomes = []
             for s, gen, extra in zip(samples, gens, extras):
                 tokens = gen.tokens[: s.max_new_tokens]
@@ -409,6 +429,8 @@ def evaluate_batch(model, tokenizer, cell: Cell, task, samples: list[Sample]) ->
                 s_per_token = None if math.isnan(gen.s_per_token) else gen.s_per_token
                 outcomes.append((float(METRICS[s.metric](text, s.references)), text, gen.prompt_tokens, s_per_token))
                 extra["new_tokens"] = len(tokens)
+                if "reader" in gen.stats:  # what a driver read and kept
+                    extra["reader"] = gen.stats["reader"]
             prefill_s = gens[0].prefill_s
         kv_peak = run.peak_kv_bytes // len(samples)
     config = {**cell.key_config(), "model": cell.model, "budget": cell.budget, "budget_tokens": cell.budget_tokens,

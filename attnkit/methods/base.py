@@ -58,9 +58,16 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    #: "stored" (changes what the cache keeps) or "read" (changes what attention reads / how it weighs it)
+    #: "stored" (changes what the cache keeps), "read" (changes what attention reads) or "weigh" (changes how it
+    #: weighs what it reads: calibration methods, which record their logit bias for the generic tests)
     kind: ClassVar[str] = "stored"
     needs_rope: ClassVar[bool] = False
+    #: True for methods that only change how attention is weighed (ZeroTuning, ACT): their ``attend`` also runs on
+    #: the model's own sliding-window layers, whose storage stays the model's window
+    weighs_sliding_layers: ClassVar[bool] = False
+    #: True for generation drivers (InfiniRetri): ``drive`` answers a question about a document through the method's
+    #: own loop of forwards; as a cache and attention method a driver is ``full``
+    driver: ClassVar[bool] = False
 
     def settings(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +103,10 @@ class Method:
     def attend(self, run: "Run", module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         """query (B, H, q, D); key/value (B, Hkv, n, D) as stored by ``layer`` -> (B, H, q, D)."""
         return attend_layer(run, layer, query, key, value, scaling, softcap)
+
+    def drive(self, model, tokenizer, document, question, **kwargs):
+        """Generation drivers only: answer ``question`` about ``document`` -> Generation (see ``driver``)."""
+        raise NotImplementedError(f"{self.name} is not a generation driver; generate with attnkit.generate")
 
     def __str__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.settings().items())

@@ -31,6 +31,10 @@ SUITES: dict[str, list[str]] = {
     "ppl": ["ppl"],
     "ppl_tail": ["ppl_tail"],
 }
+# scored by option logits (attnkit.eval.tasks.choice; docs/eval.md, "Classification and multiple choice")
+CLASSIFICATION = ["sst2", "sst5", "mr", "subj", "trec", "agnews", "cb", "boolq", "rte"]
+MULTIPLE_CHOICE = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "openbookqa", "commonsenseqa", "mmlu"]
+SUITES.update(classification=CLASSIFICATION, multiple_choice=MULTIPLE_CHOICE)
 
 
 class Task(Protocol):
@@ -85,4 +89,6 @@ register_task("passkey", "attnkit.eval.tasks.passkey:passkey")
 register_task("niah_grid", "attnkit.eval.tasks.passkey:niah_grid")
 register_task("ppl", "attnkit.eval.tasks.ppl:ppl")
 register_task("ppl_tail", "attnkit.eval.tasks.ppl:ppl_tail")
+for _name in CLASSIFICATION + MULTIPLE_CHOICE:
+    register_task(_name, f"attnkit.eval.tasks.choice:{_name}")
 del _name

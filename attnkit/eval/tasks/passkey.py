@@ -8,6 +8,9 @@ Remember it. N is the pass key." (N in 1..50000) between two repetitions at a ra
 value), between the sentences of the essays at depth 0, 0.25, 0.5, 0.75 or 1.0 of the haystack (sample i at
 depth ``GRID_DEPTHS[i % 5]``, recorded as ``extra["depth"]``); 32 new tokens; metric ``string_match_all`` on the
 value, i.e. 1 if the 7-digit number appears in the prediction.
+
+Both record ``extra["document_span"]`` and ``extra["question_span"]``, character ranges of the input, for
+generation drivers that read the document in chunks (``attnkit.methods.driver.sample_split``).
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ class Passkey(SizedTask):
         lines += [" ".join([NOISE] * (size - before)), PASSKEY_QUESTION]
         text = "\n".join(line for line in lines if line)
         depth = before / size if size else 0.0
-        return Draft(text, PASSKEY_PREFIX, (key,), {"depth": depth, "haystack": size})
+        split = {"document_span": [len(PASSKEY_INTRO) + 1, len(text) - len(PASSKEY_QUESTION) - 1],
+                 "question_span": [len(text) - len(PASSKEY_QUESTION), len(text)]}  # for generation drivers
+        return Draft(text, PASSKEY_PREFIX, (key,), {"depth": depth, "haystack": size, **split})
 
 
 GRID_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -80,8 +85,12 @@ class NiahGrid(SizedTask):
         sentences = list(essay_sentences(size))
         needle = GRID_NEEDLE.format(key=key, value=value)
         context = insert_at_depths(sentences, [needle], [round(depth * len(sentences))])
-        text = f"{GRID_INTRO}\n\n{context}\n\n{GRID_QUESTION.format(key=key)}"
-        return Draft(text, GRID_PREFIX.format(key=key), (value,), {"depth": depth, "haystack": size})
+        question = GRID_QUESTION.format(key=key)
+        text = f"{GRID_INTRO}\n\n{context}\n\n{question}"
+        start = len(GRID_INTRO) + 2
+        split = {"document_span": [start, start + len(context)],  # for generation drivers (InfiniRetri)
+                 "question_span": [len(text) - len(question), len(text)]}
+        return Draft(text, GRID_PREFIX.format(key=key), (value,), {"depth": depth, "haystack": size, **split})
 
 
 passkey = Passkey()

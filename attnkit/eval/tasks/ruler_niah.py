@@ -4,6 +4,8 @@ A needle is "One of the special magic {numbers|words|uuids} for {key} is: {value
 numbers, adjective-noun words or UUIDs. The haystack is the noise line repeated ("repeat", one per line), the
 essays ("essay", needles between sentences at depths drawn from RULER's 40 depths 0..100 %) or distractor
 needles with random keys ("needle", one per line). The size unit is a noise line, an essay word or a distractor.
+``extra["document_span"]`` and ``extra["question_span"]`` locate the haystack and the question in the input (for
+generation drivers).
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ class Niah(SizedTask):
             context = "\n".join(lines)
 
         text, prefix = prompt(self.type_v, context, query, len(answers))
+        # for generation drivers: the haystack's and the question's (the template's last line) character ranges
+        head, tail = prompt(self.type_v, "\0", query, len(answers))[0].split("\0")
+        question = tail.lstrip("\n")
+        extra["document_span"] = [len(head), len(head) + len(context)]
+        extra["question_span"] = [len(text) - len(question), len(text)]
         return Draft(text, prefix, answers, extra)
 
 

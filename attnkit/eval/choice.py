@@ -1,0 +1,136 @@
+"""Scoring classification and multiple-choice samples by logits, through whatever method is active.
+
+Two scorings (``Sample.extra["scoring"]``, set by :mod:`attnkit.eval.tasks.choice`):
+
+- ``"label_logit"`` (classification, as ZeroTuning and ACT score it): one forward of the prompt; at the answer
+  position, compare the logits of each label word's *first* token. Samples given together share one left-padded
+  batch. ZeroTuning's released evaluator generates one greedy token and string-matches it instead, and ACT
+  takes each word's *last* token after a log-softmax over the label tokens; with single-token, first-token-
+  distinct label words (ours) all three pick the same label, except that a greedy token outside the label set
+  counts as wrong in ZeroTuning.
+- ``"loglik"`` (multiple choice, as lm-evaluation-harness): the sum of the option tokens' log-probabilities
+  given the prompt, with all options of a sample as one left-padded batch of ``prompt + option`` rows (one row
+  of the prompt alone when every option is one token, as lettered answers are: the same numbers); also
+  ``acc_norm``'s score, that sum divided by the option's length in characters (without its leading space).
+  Prompt and option are tokenized separately (lm-eval tokenizes them jointly and splits; with our options
+  starting with a space, BPE gives the same tokens).
+
+Call :func:`score_choices` inside ``attnkit.apply(model, method)``: the rows go through the run's cache
+``prefill_chunk`` tokens at a time, exactly as :func:`attnkit.generate` feeds a prompt, so a method acts on these
+forwards (ZeroTuning / ACT reweigh attention; KV policies see the prompt first, then the option tokens). Outside
+``apply`` the model runs densely with a DynamicCache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.eval.sample import Sample, build_prompt
+from attnkit.hf.attention import ACTIVE_RUNS
+from attnkit.inference import left_pad, new_cache
+from attnkit.session import cache_argument, text_config
+
+SCORINGS = ("label_logit", "loglik")
+
+
+def _last_logits(model, rows: list[list[int]], keep: int, pad_id: int, chunk: int | None) -> torch.Tensor:
+    """(B, keep, V) float32 logits at the last ``keep`` positions of left-padded ``rows``, fed ``chunk`` tokens
+    per forward through a fresh cache of the active run (padding masked, positions counted per row)."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad([torch.tensor([r], device=device) for r in rows], pad_id)  # (B, L), (B, L) or None
+    positions = None if mask is None else (mask.cumsum(1) - 1).clamp_min(0)
+    length = ids.shape[1]
+    chunk = length if chunk is None else chunk
+    run = ACTIVE_RUNS.get(id(text_config(model)))
+    if run is not None:  # what generate tells the run before building its cache
+        run.capacity_hint, run.chunk_hint = length, min(chunk, length)
+    try:
+        cache = new_cache(model)
+    finally:
+        if run is not None:
+            run.capacity_hint = run.chunk_hint = 0
+    arg = cache_argument(model)
+    # attnkit's cache wants each forward's last column real in every row, so the first chunk reaches past the
+    # longest left padding (it may then be longer than ``chunk``)
+    first = min(length, max(chunk, length - min(map(len, rows)) + 1))
+    bounds = [0] + list(range(first, length, chunk)) + [length]
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        need = end - max(start, length - keep)  # wanted positions in this chunk: a suffix of it
+        extra = {}
+        if mask is not None:
+            extra = {"attention_mask": mask[:, :end], "position_ids": positions[:, start:end]}
+        out = model(input_ids=ids[:, start:end], use_cache=True, logits_to_keep=max(need, 1), **{arg: cache},
+                    **extra).logits
+        if need > 0:
+            pieces.append(out[:, -need:].float())
+    return torch.cat(pieces, dim=1)
+
+
+def _argmax(scores: list[float]) -> int:
+    return max(range(len(scores)), key=lambda j: scores[j])  # the first of equal maxima, on every device
+
+
+def _check(sample: Sample) -> None:
+    extra = sample.extra
+    options, label = extra.get("options"), extra.get("label")
+    if extra.get("scoring") not in SCORINGS or not options or not isinstance(label, int) \
+            or not 0 <= label < len(options):
+        raise ValueError(f"{sample.task} sample {sample.index}: not a choice sample (extra needs 'options', "
+                         f"'label' in range and 'scoring' in {SCORINGS}); got {str(extra)[:200]}")
+
+
+@torch.inference_mode()
+def score_choices(model, tokenizer, samples: list[Sample], chat: bool = False,
+                  prefill_chunk: int | None = None) -> list[dict]:
+    """Score choice samples; one dict per sample, in order.
+
+    Keys: ``pred`` (chosen option index), ``correct`` (0/1), ``scores`` (label_logit: the label words' first-token
+    logits; loglik: summed option log-probabilities), ``correct_norm`` / ``scores_norm`` (loglik: acc_norm's
+    length-normalised scores and their correctness; None for label_logit) and ``prompt_tokens``.
+    ``chat`` wraps the prompt in the tokenizer's chat template (off by default: base-model prompts).
+    """
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk={prefill_chunk} is invalid; accepted: an integer >= 1 or None")
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else pad_id
+    for s in samples:
+        _check(s)
+    prompts = [build_prompt(tokenizer, s, chat) for s in samples]
+    results: list[dict | None] = [None] * len(samples)
+    firsts = [i for i, s in enumerate(samples) if s.extra["scoring"] == "label_logit"]
+    if firsts:
+        logits = _last_logits(model, [prompts[i] for i in firsts], 1, pad_id, prefill_chunk)[:, -1]  # (B, V)
+        for row, i in enumerate(firsts):
+            words = [tokenizer(o, add_special_tokens=False).input_ids[0] for o in samples[i].extra["options"]]
+            scores = logits[row, words].tolist()
+            pred = _argmax(scores)
+            results[i] = {"pred": pred, "correct": int(pred == samples[i].extra["label"]), "scores": scores,
+                          "correct_norm": None, "scores_norm": None, "prompt_tokens": len(prompts[i])}
+    for i, s in enumerate(samples):
+        if s.extra["scoring"] != "loglik":
+            continue
+        options = [tokenizer(o, add_special_tokens=False).input_ids for o in s.extra["options"]]
+        if any(not o for o in options):
+            raise ValueError(f"{s.task} sample {s.index}: an option tokenizes to nothing: {s.extra['options']}")
+        if all(len(o) == 1 for o in options):
+            # one-token options (lettered answers): every prompt+option row would give the same logits at the
+            # prompt's last position (causal attention), so one row of the prompt alone is the whole batch
+            logp = F.log_softmax(_last_logits(model, [prompts[i]], 1, pad_id, prefill_chunk)[0, -1], -1)  # (V,)
+            scores = [float(logp[o[0]]) for o in options]
+        else:
+            keep = max(map(len, options)) + 1
+            rows = [prompts[i] + o for o in options]
+            logp = F.log_softmax(_last_logits(model, rows, keep, pad_id, prefill_chunk), -1)  # (n_options, keep, V)
+            scores = []
+            for row, o in enumerate(options):
+                # the row ends with its option: position keep-1-len(o)+j predicts option token j
+                target = torch.tensor(o, device=logp.device)[:, None]
+                scores.append(float(logp[row, keep - 1 - len(o): keep - 1].gather(-1, target).sum()))
+        chars = [max(1, len(o) - o.startswith(" ")) for o in s.extra["options"]]
+        norm = [x / c for x, c in zip(scores, chars)]
+        pred, pred_norm, gold = _argmax(scores), _argmax(norm), s.extra["label"]
+        results[i] = {"pred": pred, "correct": int(pred == gold), "scores": scores,
+                      "correct_norm": int(pred_norm == gold), "scores_norm": norm, "prompt_tokens": len(prompts[i])}
+    return results  # type: ignore[return-value]

@@ -1,0 +1,160 @@
+"""ACT, the Attention Calibration Technique: cut the attention on hidden (non-initial) sinks in calibrated heads and
+hand it back to the other tokens, in the prefill (arXiv 2406.15765, ICML 2024; GATECH-EIC/ACT).
+
+Idea: besides the initial token, low-meaning tokens (punctuation, newlines) collect attention as sinks; in some
+heads that hurts. Per calibrated head and prefill chunk, with P the (q, n) probabilities:
+1. s_k = mean attention key k receives from the queries that see it; sinks S = {k : s_k > tau}, minus the initial
+   token. 2. Each row keeps beta of its mass on S and gives the rest, (1 - beta) * sum_S P[i], to the other keys in
+   proportion to their probabilities.
+Every such reweighting is a per-(row, key) factor whose rows still sum to one, so it equals a logit bias
+``log(factor)``; the layer records that bias for the generic tests.
+
+Settings follow the official code: beta 0.4, tau 0.1 (its MT-Bench script uses 0.15). Heads come from a profile
+written by ``attnkit calibrate act`` (one head at a time in layers 2 .. L-2 on a calibration split, kept if it raises
+accuracy); without a profile, every head of layers 2 .. L-2 (the paper never touches the first two and the last).
+
+How we differ: the paper's sink mean normalises by T - k on a square prompt; here the denominator counts the real
+queries of the chunk that see key k, which is the same for a one-chunk prefill and stays defined for chunked
+prefill and left padding. Decode steps are not calibrated (the official decode path is not used by the paper's
+evaluation), so they run as ``full`` (CUDA graphs included).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attnkit.hf.attention import attend_layer, only_real_queries
+from attnkit.methods.base import Method, check_float
+from attnkit.methods.read.weighing import per_head
+from attnkit.reference import dense_attention
+from attnkit.session import text_config
+
+
+def act_factor(probs: torch.Tensor, seen: torch.Tensor, initial: torch.Tensor, beta: float, tau: float) -> torch.Tensor:
+    """The per-(row, key) multiplier ACT applies.
+
+    probs (B, h, q, n) float32 of real queries (pad rows zero); seen (B, h|1, 1, n) how many real queries of the chunk
+    see each key; initial (B, h|1, 1, n) bool, the row's initial token. Returns (B, h, q, n) factors: beta on the
+    sinks, 1 + (1 - beta) m / (1 - m) elsewhere, m = the row's mass on the sinks (1 in rows with m = 1).
+    """
+    col_mean = probs.sum(2, keepdim=True) / seen.clamp_min(1)  # (B, h, 1, n)
+    sinks = (col_mean > tau) & ~initial & (seen > 0)
+    mass = (probs * sinks).sum(-1, keepdim=True)  # (B, h, q, 1)
+    give = 1 + (1 - beta) * mass / (1 - mass).clamp_min(1e-6)
+    factor = torch.where(sinks, torch.full_like(give, beta), give)
+    # a row that sees nothing but sinks (inside a short sliding window) has nowhere to give: left as it is
+    return torch.where(mass > 1 - 1e-6, torch.ones_like(factor), factor)
+
+
+@dataclass
+class ACT(Method):
+    """Redistribute hidden-sink attention in calibrated heads during the prefill.
+
+    Settings
+    --------
+    beta : share of the sinks' attention they keep
+    tau : a key is a sink when its mean received attention exceeds tau
+    profile : JSON from ``attnkit calibrate act`` naming the heads; empty: every head of layers 2 .. L-2
+    heads : explicit (layer, head) pairs, "all" (every layer and head) or "" (the profile / default rule)
+    """
+
+    name = "act"
+    summary = "hidden-sink attention redistributed in calibrated heads during prefill"
+    paper = "https://arxiv.org/abs/2406.15765"
+    kind = "weigh"
+    weighs_sliding_layers = True
+
+    beta: float = 0.4
+    tau: float = 0.1
+    profile: str = ""
+    heads: str = ""
+
+    def __post_init__(self) -> None:
+        check_float(self.name, "beta", self.beta, 0.0, 1.0)
+        check_float(self.name, "tau", self.tau, 0.0, 1.0)
+        if not isinstance(self.profile, str) or not isinstance(self.heads, str):
+            raise ValueError(f"{self.name}: profile and heads are strings (a JSON path; 'all' or '3:0,3:5')")
+        self._pairs = self._parse_heads(self.heads) if self.heads and self.heads != "all" else None
+        self._by_layer: dict[int, torch.Tensor] = {}
+
+    def _parse_heads(self, spec: str) -> list[tuple[int, int]]:
+        try:
+            pairs = [tuple(int(x) for x in p.split(":")) for p in spec.split(",") if p.strip()]
+        except ValueError:
+            pairs = []
+        if not pairs or any(len(p) != 2 or min(p) < 0 for p in pairs):
+            raise ValueError(f"{self.name}: heads={spec!r} is invalid; accepted: 'all' or layer:head pairs such as "
+                             "'3:0,3:5'")
+        return pairs
+
+    def check_model(self, model: torch.nn.Module, max_positions: int | None) -> None:
+        cfg = text_config(model)
+        n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        if self.heads == "all":
+            pairs = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+        elif self._pairs is not None:
+            pairs = self._pairs
+        elif self.profile:
+            pairs = self._load_profile(n_layers, n_heads)
+        else:
+            pairs = [(l, h) for l in range(2, n_layers - 1) for h in range(n_heads)]
+        bad = [p for p in pairs if p[0] >= n_layers or p[1] >= n_heads]
+        if bad:
+            raise ValueError(f"{self.name}: head {bad[0][0]}:{bad[0][1]} is invalid for this model; accepted: layers "
+                             f"in [0, {n_layers - 1}], heads in [0, {n_heads - 1}]")
+        self.set_heads(pairs)
+
+    def _load_profile(self, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+        try:
+            data = json.loads(Path(self.profile).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{self.name}: profile {self.profile!r} not found; make one with `attnkit calibrate act "
+                             "--model ... --task ... -o profile.json`") from None
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{self.name}: profile {self.profile!r} is not a readable JSON profile ({exc})") from None
+        if not isinstance(data, dict) or data.get("method") != "act" or "heads" not in data:
+            raise ValueError(f"{self.name}: {self.profile!r} is not an act profile; accepted: JSON with method='act' "
+                             "and a heads list")
+        if (data.get("num_layers"), data.get("num_heads")) != (n_layers, n_heads):
+            raise ValueError(f"{self.name}: profile {self.profile!r} was calibrated for {data.get('num_layers')} "
+                             f"layers x {data.get('num_heads')} heads; this model has {n_layers} x {n_heads}")
+        return [(int(l), int(h)) for l, h in data["heads"]]
+
+    def set_heads(self, pairs: list[tuple[int, int]]) -> None:
+        """The calibrated (layer, query head) pairs; calibration changes them between forwards."""
+        by_layer: dict[int, list[int]] = {}
+        for l, h in pairs:
+            by_layer.setdefault(l, []).append(h)
+        self._by_layer = {l: torch.tensor(sorted(set(hs))) for l, hs in by_layer.items()}
+
+    def attend(self, run, module, layer, query, key, value, scaling: float, softcap) -> torch.Tensor:
+        """query (B, H, q, D); key/value (B, Hkv, n, D) -> (B, H, q, D); reweighted on calibrated heads in prefill."""
+        heads = self._by_layer.get(layer.layer_idx)
+        q = query.shape[2]
+        if heads is None or layer.static or q == 1:
+            return attend_layer(run, layer, query, key, value, scaling, softcap)
+        mask = layer.mask()
+        out, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)  # float32 (B, H, q, n)
+        heads = heads.to(query.device)
+        n_heads, b, n = query.shape[1], query.shape[0], key.shape[2]
+        real = only_real_queries(layer, probs[:, heads])  # pad queries score nothing
+        vis = torch.ones(b, 1, q, n, dtype=torch.bool, device=query.device) if mask is None else mask
+        vis = vis if vis.shape[1] == 1 else per_head(vis, n_heads)[:, heads]
+        rq = layer.real_queries()
+        seen = (vis.float() * (1.0 if rq is None else rq)).sum(2, keepdim=True)  # (B, h|1, 1, n)
+        initial = (layer.stored_pos() == 0).unsqueeze(2)  # (B, Hkv, 1, n)
+        initial = per_head(initial, n_heads)[:, heads]
+        factor = act_factor(real, seen, initial, self.beta, self.tau)
+        new = probs[:, heads] * factor
+        out[:, heads] = torch.matmul(new, per_head(value.float(), n_heads)[:, heads])
+        if run.recorder is not None:
+            bias = torch.zeros_like(probs)
+            bias[:, heads] = torch.log(factor)
+            run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask, scaling=scaling,
+                              out=out, bias=bias))
+        layer.compact()
+        return out.to(query.dtype)

@@ -1,0 +1,115 @@
+"""ZeroTuning and ACT against the unmodified model on classification and multiple-choice tasks (issue 9 item 4).
+
+Per task: calibrate on the task's ``calib`` split (ZeroTuning: supervised head search, and its unsupervised entropy
+variant; ACT: its head filter), then score ``full``, each calibrated method on the ``eval`` split. Accuracy with a
+95% Wilson interval, and the paired difference to ``full`` with a 95% bootstrap interval over the eval samples.
+The JSON is rewritten after every (task, method), and a rerun skips what it holds (resume).
+
+    python benchmarks/sinks_fidelity.py --model smollm2-135m --tasks sst2,trec,arc_easy --calib 64 --eval 500 \\
+        --out docs/results/sinks_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import attnkit
+from attnkit.calibrate_heads import calibrate_act, calibrate_zerotuning, wilson, write_json
+from attnkit.cli import load
+from attnkit.eval.choice import score_choices
+from attnkit.eval.tasks.choice import choice_samples
+
+METHODS = ("full", "zerotuning", "zerotuning_entropy", "act")
+
+
+def paired_ci(a: list[int], b: list[int], draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of b - a and its 95% bootstrap interval (percent points), resampling eval samples in pairs."""
+    rng = random.Random(seed)
+    n = len(a)
+    diffs = [y - x for x, y in zip(a, b)]
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(draws))
+    return 100 * sum(diffs) / n, 100 * means[int(0.025 * draws)], 100 * means[int(0.975 * draws) - 1]
+
+
+def score(model, tok, samples, batch: int, **method) -> list[int]:
+    out = []
+    with torch.no_grad(), attnkit.apply(model, **method):
+        for i in range(0, len(samples), batch):
+            out += [r["correct"] for r in score_choices(model, tok, samples[i : i + batch])]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tasks", default="sst2,sst5,mr,subj,trec,agnews,cb,boolq,rte,arc_easy,arc_challenge,piqa,"
+                                       "openbookqa,commonsenseqa,hellaswag,mmlu")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--calib", type=int, default=64, help="calibration samples per task")
+    ap.add_argument("--eval", type=int, default=500, help="evaluation samples per task (fewer if the split is)")
+    ap.add_argument("--mode", choices=["head", "layer"], default="head")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seconds", type=float, default=0, help="stop starting new tasks after this long (0: no bound)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    done = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    done.setdefault("runs", {})
+    model, tok = load(args.model, args.device, args.dtype)
+    done.update(model=args.model, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                dtype=args.dtype, calib=args.calib, eval=args.eval, mode=args.mode, torch=torch.__version__)
+    profiles = args.out.with_suffix("")
+    profiles.mkdir(parents=True, exist_ok=True)
+    for task in [t for t in args.tasks.split(",") if t]:
+        if args.seconds and time.time() - t0 > args.seconds:
+            print(f"time bound reached before {task}", file=sys.stderr)
+            break
+        runs = done["runs"].setdefault(task, {})
+        calib = choice_samples(task, tok, args.calib, 0, split="calib")
+        evals = choice_samples(task, tok, args.eval, 0, split="eval")
+        for name in [m for m in args.methods.split(",") if m]:
+            if name in runs:
+                continue
+            t1 = time.time()
+            extra = {}
+            if name == "full":
+                correct = score(model, tok, evals, args.batch, method="full")
+            elif name.startswith("zerotuning"):
+                kind = "entropy" if name.endswith("entropy") else "accuracy"
+                prof = calibrate_zerotuning(model, tok, calib, kind, args.mode, progress=False)
+                path = write_json(prof, profiles / f"{task}_{name}.json")
+                correct = score(model, tok, evals, args.batch, method="zerotuning", profile=str(path))
+                extra = {"heads": len(prof["gammas"]), "gamma": prof["gammas"][0][2] if prof["gammas"] else 1.0,
+                         "calib_accuracy": [prof["baseline_accuracy"], prof["calib_accuracy"]]}
+            else:
+                prof = calibrate_act(model, tok, calib, progress=False)
+                path = write_json(prof, profiles / f"{task}_act.json")
+                correct = score(model, tok, evals, args.batch, method="act", profile=str(path))
+                extra = {"heads": len(prof["heads"]), "calib_accuracy": [prof["baseline_accuracy"],
+                                                                          prof["calib_accuracy"]]}
+            n, k = len(correct), sum(correct)
+            lo, hi = wilson(k, n)
+            runs[name] = {"accuracy": 100 * k / n, "ci95": [100 * lo, 100 * hi], "n": n, "correct": correct,
+                          "seconds": round(time.time() - t1, 1), **extra}
+            if name != "full" and "full" in runs:
+                runs[name]["vs_full"] = paired_ci(runs["full"]["correct"], correct)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(done) + "\n")
+            vs = runs[name].get("vs_full")
+            print(f"{task:14s} {name:19s} {100 * k / n:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] n={n}"
+                  + (f"  vs full {vs[0]:+.1f} [{vs[1]:+.1f}, {vs[2]:+.1f}]" if vs else "")
+                  + (f"  heads {extra['heads']}" if extra else "") + f"  {time.time() - t1:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
