@@ -34,7 +34,7 @@ demo-ppl: install
 	$(PY) benchmarks/streaming_ppl.py --tokens 4096 --budget 1024 --out results/demo-ppl
 
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 	$(MAKE) test-old
 
 # Debian's Chromium for the report's browser test (the test skips, saying why, where it cannot be installed).

@@ -96,11 +96,13 @@ def _describe(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> dict:
     if value is None or isinstance(value, (bool, int, float, str)):
         return {"t": "v", "v": value}
     if isinstance(value, (list, tuple)):
-        return {"t": "list", "items": [_describe(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+        return {"t": "list", "tuple": isinstance(value, tuple),
+                "items": [_describe(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
     if isinstance(value, dict) and all(isinstance(k, (str, int)) for k in value):
         return {"t": "dict", "items": [[k, _describe(v, f"{key}.{k}", tensors)] for k, v in value.items()]}
     if hasattr(value, "__dict__"):
-        return {"t": "obj", "class": type(value).__name__,
+        on_device = isinstance(getattr(value, "device", None), torch.device)
+        return {"t": "obj", "class": type(value).__name__, "device": on_device,
                 "attrs": {k: _describe(v, f"{key}.{k}", tensors) for k, v in vars(value).items() if k not in SKIP}}
     raise ValueError(f"cannot save cache state {key} of type {type(value).__name__}")
 
@@ -111,14 +113,19 @@ def _restore(spec: dict, tensors: dict[str, torch.Tensor], current: Any, where: 
         return tensors[spec["key"]].to(device)
     if kind == "v":
         return spec["v"]
-    if kind == "list":
-        return [_restore(s, tensors, None, where, device) for s in spec["items"]]
+    if kind == "list":  # items restored into the fresh value's items (e.g. a layer's sub-layers) where it has them
+        have = list(current) if isinstance(current, (list, tuple)) and len(current) == len(spec["items"]) else None
+        items = [_restore(s, tensors, None if have is None else have[i], f"{where}.{i}", device)
+                 for i, s in enumerate(spec["items"])]
+        return tuple(items) if spec.get("tuple") else items
     if kind == "dict":
         return {k: _restore(s, tensors, current.get(k) if isinstance(current, dict) else None, f"{where}.{k}", device)
                 for k, s in spec["items"]}
     if current is None or type(current).__name__ != spec["class"]:
         raise ValueError(f"{where}: the file holds a {spec['class']}, the active method has "
                          f"{type(current).__name__ if current is not None else 'nothing'} here")
+    if spec.get("device"):  # a sub-layer: its storage lives where the model does
+        current.device = device
     _restore_attrs(current, spec["attrs"], tensors, where, device)  # in place: objects shared by layers stay shared
     return current
 

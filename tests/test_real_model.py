@@ -73,7 +73,7 @@ def test_tight_budget_equals_reference_under_kept_mask(smollm, text_ids, method)
         assert any(r["mask"] is not None and not r["mask"][..., : past(r)].all() for r in records), "nothing selected"
     elif method_class(method).kind == "weigh":
         assert any(r.get("bias") is not None and r["bias"].abs().max() > 0 for r in records), "nothing reweighted"
-    elif method != "full":
+    elif method != "full" and not method_class(method).driver:  # a driver's cache is full's
         assert max(k.max().item() for k in run.kept_tokens()) < PROMPT
 
 
