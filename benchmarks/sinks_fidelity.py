@@ -46,6 +46,19 @@ def score(model, tok, samples, batch: int, **method) -> list[int]:
     return out
 
 
+def merge(out: Path) -> int:
+    """Folds the shard files' runs into ``out`` (a shard's run of a (task, method) wins over none)."""
+    done = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+    for shard in sorted(out.parent.glob(f"{out.stem}.shard*.json")):
+        part = json.loads(shard.read_text())
+        for task, runs in part.pop("runs", {}).items():
+            done["runs"].setdefault(task, {}).update(runs)
+        done = {**part, **done}
+    out.write_text(json.dumps(done) + "\n")
+    print(f"{out}: {sum(len(r) for r in done['runs'].values())} runs over {len(done['runs'])} tasks")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -60,23 +73,38 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seconds", type=float, default=0, help="stop starting new tasks after this long (0: no bound)")
+    ap.add_argument("--shard", default="", help="I/N: run every N-th task not complete in --out, writing "
+                                               "OUT.shardI.json (several processes share one GPU)")
+    ap.add_argument("--merge", action="store_true", help="fold OUT.shard*.json into --out and exit")
     args = ap.parse_args(argv)
     t0 = time.time()
+    methods = [m for m in args.methods.split(",") if m]
+    tasks = [t for t in args.tasks.split(",") if t]
+    if args.merge:
+        return merge(args.out)
+    if args.shard:
+        i, n = (int(x) for x in args.shard.split("/"))
+        main_runs = json.loads(args.out.read_text())["runs"] if args.out.is_file() else {}
+        tasks = [t for t in tasks if set(methods) - set(main_runs.get(t, {}))][i::n]
+        args.out = args.out.with_name(f"{args.out.stem}.shard{i}.json")
+        profiles_dir = args.out.with_name(args.out.name.split(".shard")[0])
     done = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.shard:  # a task begun in --out goes on from what it holds (the paired differences need its `full`)
+        done.setdefault("runs", {t: main_runs[t] for t in tasks if t in main_runs})
     done.setdefault("runs", {})
     model, tok = load(args.model, args.device, args.dtype)
     done.update(model=args.model, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                 dtype=args.dtype, calib=args.calib, eval=args.eval, mode=args.mode, torch=torch.__version__)
-    profiles = args.out.with_suffix("")
+    profiles = profiles_dir if args.shard else args.out.with_suffix("")
     profiles.mkdir(parents=True, exist_ok=True)
-    for task in [t for t in args.tasks.split(",") if t]:
+    for task in tasks:
         if args.seconds and time.time() - t0 > args.seconds:
             print(f"time bound reached before {task}", file=sys.stderr)
             break
         runs = done["runs"].setdefault(task, {})
         calib = choice_samples(task, tok, args.calib, 0, split="calib")
         evals = choice_samples(task, tok, args.eval, 0, split="eval")
-        for name in [m for m in args.methods.split(",") if m]:
+        for name in methods:
             if name in runs:
                 continue
             t1 = time.time()
