@@ -26,6 +26,7 @@ _REGISTRY: dict[str, str] = {
     "act": "attnkit.methods.read.act:ACT",
     "infiniretri": "attnkit.methods.driver.infiniretri:InfiniRetri",
     "razorattention": "attnkit.methods.stored.razorattention:RazorAttention",
+    "token_sparse": "attnkit.methods.read.token_sparse:TokenSparse",
 }
 
 

@@ -27,6 +27,9 @@ TINY = {
     "act": ({"tau": 1.0, "heads": "all"}, {"tau": 0.05, "heads": "all"}),
     "infiniretri": ({}, {"chunk": 16, "topk": 4}),  # a generation driver: as a cache method it is full
     "razorattention": ({"window": 124, "heads": [[1, 0]]}, {"sinks": 3, "window": 10, "heads": []}),  # tight: all evict
+    # sparse prefill: roomy keeps everything (min_tokens above the context); tight drops on every layer
+    "token_sparse": ({"min_tokens": 128, "window": 4, "layers": "0-2"},
+                     {"min_tokens": 4, "window": 3, "tau": 0.3, "kernel": 3, "layers": "0-2"}),
 }
 
 # the same for SmolLM2 on a ~400-token prompt
@@ -47,6 +50,7 @@ REAL = {
     "act": ({"tau": 1.0}, {"tau": 0.1}),
     "infiniretri": ({}, {"chunk": 128, "topk": 32}),
     "razorattention": ({"window": 1020, "heads": [[1, 0], [5, 2], [20, 1]]}, {"window": 92, "heads": []}),
+    "token_sparse": ({"min_tokens": 1024, "window": 32}, {"min_tokens": 32, "window": 16, "tau": 0.2}),
 }
 
 METHODS = list(TINY)

@@ -1,0 +1,139 @@
+"""Sparse prefill attention: exact attention of a chunk's queries under a per-query key selection.
+
+Three shapes of selection cover the sparse-prefill family:
+
+- a token mask (B, Hm, q, n), Hm in {1, Hkv, H}: :func:`masked_attention` (the reference path, in query blocks so
+  memory stays q_block x n per head);
+- per-head token sets shared by queries and keys (Token Sparse Attention): :func:`compact_attention` gathers Q, K
+  and V per query head, runs causal attention on the compacted sequence and scatters the output back (zeros for
+  queries outside the set);
+- key blocks per query block (DHSA, Rectified SpaAttn): :func:`block_token_mask` turns (B, Hs, nqb, nkb) block
+  choices into the token mask.
+
+Visibility inside a selection is always by stored positions (causal, and -1 slots never read), so eviction and
+padding stay right. Every path returns the log-sum-exp too (Rectified SpaAttn merges with it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.reference import dense_attention, expand_kv
+
+
+def causal_visibility(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """(B, 1, q, n) bool: key slot j is visible to query i (0 <= pos_j <= pos_i). qpos (B, q); kpos (B, n)."""
+    k = kpos.unsqueeze(1).unsqueeze(2)
+    return (k <= qpos.view(qpos.shape[0], 1, -1, 1)) & (k >= 0)
+
+
+def masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
+    block: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact float32 attention under a bool mask, in blocks of queries.
+
+    query (B, H, q, D); key/value (B, Hkv, n, D); mask broadcastable to (B, Hm, q, n) with Hm in {1, Hkv, H}
+    -> (out (B, H, q, D) in the query's dtype, zero rows where nothing is visible; lse (B, H, q) float32).
+    """
+    outs, lses = [], []
+    for s in range(0, query.shape[2], block):
+        m = mask[:, :, s : s + block] if mask.shape[2] > 1 else mask
+        out, _, lse = dense_attention(query[:, :, s : s + block], key, value, m, scaling)
+        outs.append(out.to(query.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def gather_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, Hx, n, D) with Hx dividing H; idx (B, H, k) long -> (B, H, k, D), query head h reading x's head
+    h // (H / Hx)."""
+    b, h, k = idx.shape
+    hx = x.shape[1]
+    src = x.unsqueeze(2).expand(b, hx, h // hx, *x.shape[2:]).reshape(b, h, *x.shape[2:])
+    return src.gather(2, idx.unsqueeze(-1).expand(b, h, k, x.shape[-1]))
+
+
+def compact_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kpos: torch.Tensor, keys_idx: torch.Tensor,
+    n_query: int, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token Sparse Attention's compacted attention: each query head keeps a token set; its kept queries attend
+    causally to its kept keys only, and its other queries get a zero update.
+
+    query (B, H, q, D) (the chunk's queries: the last q stored slots); key/value (B, Hkv, n, D); kpos (B, n)
+    stored positions; keys_idx (B, H, k) ascending slot ids per query head, -1 for unused entries (rows may keep
+    fewer); the kept queries are the entries >= n - q (their slot's query). n_query: the largest number of kept
+    queries in any (row, head). -> (out (B, H, q, D), zeros for queries outside the set; lse (B, H, q)).
+    """
+    b, h, q, d = query.shape
+    n = key.shape[2]
+    valid = keys_idx >= 0
+    safe = keys_idx.clamp_min(0)
+    k_sel, v_sel = gather_heads(key, safe), gather_heads(value, safe)  # (B, H, k, D)
+    pos_sel = kpos.unsqueeze(1).expand(b, h, n).gather(2, safe).masked_fill(~valid, -1)  # (B, H, k)
+    # the kept queries are the kept slots of the chunk: ascending ids put them last, so take the last n_query
+    # entries of each list (entries before a row's first chunk slot are masked as "not a query")
+    qslot = keys_idx[:, :, -n_query:]  # (B, H, nq)
+    is_query = qslot >= n - q
+    q_sel = query.gather(2, (qslot - (n - q)).clamp(0, q - 1).unsqueeze(-1).expand(b, h, n_query, d))
+    qpos = pos_sel[:, :, -n_query:].masked_fill(~is_query, -1)
+    kp = pos_sel.unsqueeze(2)  # (B, H, 1, k)
+    mask = (kp <= qpos.unsqueeze(-1)) & (kp >= 0) & (qpos.unsqueeze(-1) >= 0)  # (B, H, nq, k)
+    if query.is_cuda and query.dtype != torch.float32 and bool(valid.all()) and bool(is_query.all()):
+        # every list full and every query slot a query: plain bottom-right causal on the compacted sequence
+        from attnkit.hf.attention import causal_prefill
+
+        out_sel = causal_prefill(q_sel, k_sel, v_sel, scaling)
+        lse_sel = None
+    else:
+        out_sel, _, lse_sel = dense_attention(q_sel, k_sel, v_sel, mask, scaling)
+        out_sel = out_sel.to(query.dtype)
+    out = query.new_zeros(b, h, q + 1, d)  # slot q: where non-queries scatter (dropped)
+    at = torch.where(is_query, qslot - (n - q), q)
+    out.scatter_(2, at.unsqueeze(-1).expand(b, h, n_query, d), out_sel)
+    lse = torch.full((b, h, q + 1), float("-inf"), device=query.device)
+    if lse_sel is not None:
+        lse.scatter_(2, at, lse_sel)
+    return out[:, :, :q], lse[:, :, :q]
+
+
+def compact_mask(keys_idx: torch.Tensor, n: int, q: int, kpos: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+    """(B, H, q, n) bool mask equal to :func:`compact_attention`'s reads: query i of head h sees slot j iff both
+    are in h's set and j is causally visible to i."""
+    b, h, _ = keys_idx.shape
+    chosen = torch.zeros((b, h, n + 1), dtype=torch.bool, device=keys_idx.device)
+    chosen.scatter_(2, keys_idx.masked_fill(keys_idx < 0, n), True)
+    chosen = chosen[..., :n]  # (B, H, n)
+    return chosen[:, :, -q:].unsqueeze(-1) & chosen.unsqueeze(2) & causal_visibility(qpos, kpos)
+
+
+def block_token_mask(blocks: torch.Tensor, q: int, n: int, block_q: int, block_k: int) -> torch.Tensor:
+    """(B, Hs, nqb, nkb) bool block choices -> (B, Hs, q, n) bool; query block i covers queries
+    [i * block_q, (i + 1) * block_q), key block j covers slots [j * block_k, (j + 1) * block_k)."""
+    return blocks.repeat_interleave(block_q, dim=2)[:, :, :q].repeat_interleave(block_k, dim=3)[..., :n]
+
+
+def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means of ``block`` consecutive rows: x (B, Hx, n, D), valid (B, 1 or Hx, n) bool or None -> (means
+    (B, Hx, ceil(n / block), D) float32, counts (B, 1 or Hx, nb) float32 of valid rows per block)."""
+    b, hx, n, d = x.shape
+    nb = -(-n // block)
+    pad = nb * block - n
+    w = torch.ones((b, 1, n), device=x.device) if valid is None else valid.float()
+    xf = F.pad(x.float() * w.unsqueeze(-1), (0, 0, 0, pad)).view(b, hx, nb, block, d).sum(3)
+    cnt = F.pad(w, (0, pad)).view(b, w.shape[1], nb, block).sum(3)
+    return xf / cnt.clamp_min(1).unsqueeze(-1), cnt
+
+
+__all__ = [
+    "block_token_mask",
+    "causal_visibility",
+    "compact_attention",
+    "compact_mask",
+    "expand_kv",
+    "gather_heads",
+    "masked_attention",
+    "pool_blocks",
+]

@@ -1,0 +1,110 @@
+"""The sparse-prefill family: kernels against the dense reference, and each method's own selection rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.kernels.sparse_prefill import (
+    block_token_mask,
+    causal_visibility,
+    compact_attention,
+    compact_mask,
+    masked_attention,
+    pool_blocks,
+)
+from attnkit.methods.read.token_sparse import keep_counts
+from conftest import DEVICE
+from tiny import tiny_llama
+
+
+def rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEVICE)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_compact_attention_equals_reference_under_its_mask(padded):
+    b, h, hkv, n, q, d = 2, 4, 2, 40, 16, 8
+    query, key, value = rand(b, h, q, d), rand(b, hkv, n, d, seed=1), rand(b, hkv, n, d, seed=2)
+    kpos = torch.arange(n, device=DEVICE).expand(b, n).clone()
+    if padded:  # row 1 left-padded by 5 slots
+        kpos[1] = torch.arange(n, device=DEVICE) - 5
+        kpos[1, :5] = -1
+    qpos = kpos[:, -q:]
+    g = torch.Generator().manual_seed(3)
+    sets = []
+    for _ in range(b * h):  # each (row, head): a random subset of 20 slots, some rows shorter (-1 first)
+        keep = torch.randperm(n, generator=g)[: int(torch.randint(8, 21, (1,), generator=g))].sort().values
+        sets.append(torch.cat([torch.full((20 - len(keep),), -1), keep]))
+    sets = torch.stack(sets).view(b, h, 20).to(DEVICE)
+    if padded:  # pad slots are never chosen
+        sets[1] = torch.where((sets[1] >= 0) & (sets[1] < 5), -1, sets[1])
+        sets[1] = sets[1].sort(-1).values
+    n_query = int((sets >= n - q).sum(-1).max())
+    out, lse = compact_attention(query, key, value, kpos, sets, n_query, 0.3)
+    mask = compact_mask(sets, n, q, kpos, qpos)
+    want, _, want_lse = attnkit.dense_attention(query, key, value, mask, 0.3)
+    assert torch.allclose(out, want, atol=1e-5)
+    real = torch.isfinite(want_lse)
+    assert torch.allclose(lse[real], want_lse[real], atol=1e-5)
+    dropped = ~mask.any(-1)  # queries outside their head's set get a zero update
+    assert dropped.any() and (out[dropped] == 0).all()
+
+
+def test_masked_attention_blocks_equal_one_call():
+    query, key, value = rand(1, 4, 30, 8), rand(1, 2, 30, 8, seed=1), rand(1, 2, 30, 8, seed=2)
+    pos = torch.arange(30, device=DEVICE)[None]
+    mask = causal_visibility(pos, pos) & (rand(1, 1, 30, 30, seed=4) > 0)
+    out, lse = masked_attention(query, key, value, mask, 0.4, block=7)
+    want, _, want_lse = attnkit.dense_attention(query, key, value, mask, 0.4)
+    assert torch.allclose(out, want, atol=1e-6) and torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+
+
+def test_block_token_mask_and_pooling():
+    blocks = torch.tensor([[[[True, False], [True, True]]]])
+    m = block_token_mask(blocks, q=5, n=6, block_q=3, block_k=4)
+    assert m.shape == (1, 1, 5, 6)
+    assert m[0, 0, :3].tolist() == [[True] * 4 + [False] * 2] * 3 and m[0, 0, 3:].all()
+    x = torch.arange(10.0).view(1, 1, 10, 1)
+    means, cnt = pool_blocks(x, 4)
+    assert means.flatten().tolist() == [1.5, 5.5, 8.5] and cnt.flatten().tolist() == [4, 4, 2]
+
+
+def test_token_sparse_keep_rule_drops_the_lowest_mass_below_tau():
+    # head-mean scores 0.5, 0.3, 0.1, 0.05, 0.05 -> normalised cumsum ascending 0.05, 0.1, 0.2, 0.5, 1.0
+    scores = torch.tensor([[[0.5, 0.3, 0.1, 0.05, 0.05]]])
+    cand = torch.ones(1, 5, dtype=torch.bool)
+    assert keep_counts(scores, cand, tau=0.15, min_tokens=0).tolist() == [3]  # 0.05 and 0.1 are below 0.15
+    assert keep_counts(scores, cand, tau=0.15, min_tokens=4).tolist() == [4]
+    assert keep_counts(scores, cand, tau=0.0, min_tokens=0).tolist() == [5]
+
+
+def test_token_sparse_selects_each_heads_top_tokens_plus_the_window():
+    model = tiny_llama().to(DEVICE)
+    ids = torch.randint(3, 256, (1, 50), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    records = []
+    with torch.no_grad(), attnkit.apply(model, "token_sparse", min_tokens=6, window=4, tau=0.5, kernel=3,
+                                        layers="1") as run:
+        run.recorder = lambda r: records.append(r)
+        model(ids)
+    sparse = [r for r in records if r["layer"] == 1]
+    assert len(sparse) == 1 and all(r["mask"] is None or r["mask"].shape[1] == 1 for r in records if r["layer"] != 1)
+    mask = sparse[0]["mask"][0]  # (H, q, n)
+    kept_keys = mask.any(1)  # (H, n): slots some query of the head read
+    assert kept_keys[:, -4:].all()  # the window is always kept
+    assert (kept_keys.sum(-1) < 50).all() and (kept_keys.sum(-1) >= 6 + 4).all()
+    assert (mask.any(-1) == kept_keys).all()  # queries and keys share each head's set
+    assert not torch.equal(kept_keys[0], kept_keys[1])  # per-head sets
+
+
+def test_token_sparse_refuses_bad_settings():
+    with pytest.raises(ValueError, match="kernel=4"):
+        attnkit.make_method("token_sparse", kernel=4)
+    with pytest.raises(ValueError, match="tau=2"):
+        attnkit.make_method("token_sparse", tau=2)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="layers='9'"):
+        with attnkit.apply(model, "token_sparse", layers="9"):
+            pass
