@@ -27,6 +27,7 @@ _REGISTRY: dict[str, str] = {
     "infiniretri": "attnkit.methods.driver.infiniretri:InfiniRetri",
     "razorattention": "attnkit.methods.stored.razorattention:RazorAttention",
     "token_sparse": "attnkit.methods.read.token_sparse:TokenSparse",
+    "dhsa": "attnkit.methods.read.dhsa:DHSA",
 }
 
 

@@ -30,6 +30,8 @@ TINY = {
     # sparse prefill: roomy keeps everything (min_tokens above the context); tight drops on every layer
     "token_sparse": ({"min_tokens": 128, "window": 4, "layers": "0-2"},
                      {"min_tokens": 4, "window": 3, "tau": 0.3, "kernel": 3, "layers": "0-2"}),
+    "dhsa": ({"budget": 128, "recent": 8, "sinks": 2},
+             {"budget": 12, "block": 4, "chunk": 4, "recent": 3, "sinks": 2, "dense_tail": 2}),
 }
 
 # the same for SmolLM2 on a ~400-token prompt
@@ -51,6 +53,7 @@ REAL = {
     "infiniretri": ({}, {"chunk": 128, "topk": 32}),
     "razorattention": ({"window": 1020, "heads": [[1, 0], [5, 2], [20, 1]]}, {"window": 92, "heads": []}),
     "token_sparse": ({"min_tokens": 1024, "window": 32}, {"min_tokens": 32, "window": 16, "tau": 0.2}),
+    "dhsa": ({"budget": 1024}, {"budget": 96, "block": 32, "chunk": 16, "recent": 32, "sinks": 8, "dense_tail": 16}),
 }
 
 METHODS = list(TINY)

@@ -76,7 +76,8 @@ def test_token_sparse_keep_rule_drops_the_lowest_mass_below_tau():
     # head-mean scores 0.5, 0.3, 0.1, 0.05, 0.05 -> normalised cumsum ascending 0.05, 0.1, 0.2, 0.5, 1.0
     scores = torch.tensor([[[0.5, 0.3, 0.1, 0.05, 0.05]]])
     cand = torch.ones(1, 5, dtype=torch.bool)
-    assert keep_counts(scores, cand, tau=0.15, min_tokens=0).tolist() == [3]  # 0.05 and 0.1 are below 0.15
+    # 0.05 and 0.1 are below 0.15: two, plus the official code's one more
+    assert keep_counts(scores, cand, tau=0.15, min_tokens=0).tolist() == [2]
     assert keep_counts(scores, cand, tau=0.15, min_tokens=4).tolist() == [4]
     assert keep_counts(scores, cand, tau=0.0, min_tokens=0).tolist() == [5]
 
@@ -108,3 +109,61 @@ def test_token_sparse_refuses_bad_settings():
     with pytest.raises(ValueError, match="layers='9'"):
         with attnkit.apply(model, "token_sparse", layers="9"):
             pass
+
+
+def test_dhsa_mass_ratios_match_a_direct_count():
+    from attnkit.methods.read.dhsa import mass_ratios
+
+    n, w = 24, 4
+    query, key, value = rand(1, 2, n, 8), rand(1, 1, n, 8, seed=1), rand(1, 1, n, 8, seed=2)
+    pos = torch.arange(n, device=DEVICE)[None]
+    vis = causal_visibility(pos, pos)
+    got = mass_ratios(query, key, value, vis, pos, 0.5, w=w, block=5)
+    _, probs, _ = attnkit.dense_attention(query, key, value, vis, 0.5)
+    m = probs.mean(1)[0]  # (n, n)
+    for c in range(w - 1, n - w):
+        past = m[c + w + 1 :, c - w + 1 : c + 1].sum()
+        fut = m[c + w + 1 :, c + 1 : c + w + 1].sum()
+        want = (max(past, fut) + 1e-6) / (min(past, fut) + 1e-6)
+        assert abs(got[0, c].item() - want.item()) < 1e-4 * want.item(), c
+
+
+def test_dhsa_mass_chunks_keep_the_strongest_boundaries_apart():
+    from attnkit.methods.read.dhsa import mass_chunks
+
+    n = 60
+    ratio = torch.ones(1, n)
+    ratio[0, 20], ratio[0, 24], ratio[0, 40] = 3.0, 5.0, 2.0  # 20 is within 8 of the stronger 24
+    ids = mass_chunks(ratio, torch.arange(n)[None], n_chunks=10)
+    starts = (ids[0, 1:] != ids[0, :-1]).nonzero()[:, 0] + 1
+    assert starts.tolist() == [25, 41]  # a boundary after slot c starts a chunk at c + 1
+    assert mass_chunks(ratio, torch.arange(n)[None], n_chunks=2).max() == 1  # only the strongest
+
+
+def test_dhsa_fixed_chunks_read_what_the_papers_rule_picks():
+    """One query block's read set from an independent loop: recent keys, best chunks by head-averaged reps,
+    then the earliest chosen entries swapped for the sinks."""
+    model = tiny_llama().to(DEVICE)
+    ids = torch.randint(3, 256, (1, 48), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    cfg = dict(budget=14, block=8, chunk=4, recent=4, sinks=2, dense_tail=0, boundaries="fixed")
+    records = []
+    with torch.no_grad(), attnkit.apply(model, "dhsa", **cfg) as run:
+        run.recorder = lambda r: records.append(r)
+        model(ids)
+    r = records[1]
+    q, k = r["query"][0].float(), r["key"][0].float()  # (H, 48, D), (Hkv, 48, D)
+    qm, km = q.mean(0), k.mean(0)
+    blk = 4  # queries 32..39: keys 0..39 visible
+    qrep = qm[blk * 8 : blk * 8 + 8].mean(0) * 8**0.5
+    krep = torch.stack([km[c * 4 : c * 4 + 4].mean(0) * 2 for c in range(10)])
+    order = sorted(range(10), key=lambda c: (-(krep[c] @ qrep).item()))
+    recent = set(range(36, 40))
+    picked = []
+    for c in order:
+        for t in sorted(range(c * 4, c * 4 + 4), reverse=True):
+            if t not in recent and len(picked) < 14 - 4:
+                picked.append(t)
+    chosen = sorted(recent | set(picked))[2:]
+    want = set(chosen) | {0, 1}
+    got = r["mask"][0, 0, blk * 8 + 7].nonzero()[:, 0].tolist()  # the block's last query reads the whole set
+    assert set(got) == want

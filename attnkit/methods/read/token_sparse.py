@@ -35,28 +35,30 @@ def load_drift(path: str) -> dict:
     return p
 
 
-def token_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, real: torch.Tensor, window: int,
+def token_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, cand: torch.Tensor, window: int,
                  kernel: int, scaling: float) -> torch.Tensor:
-    """(B, H, n) importance of every stored slot per query head: the mean softmax probability the chunk's last
-    ``window`` queries give it, average-pooled over ``kernel`` neighbouring real slots (padding neither counts
-    nor scores). query (B, H, q, D); real (B, n) bool."""
+    """(B, H, n) importance of every candidate slot per query head: the mean softmax probability (over all keys)
+    the chunk's last ``window`` queries give it, average-pooled over ``kernel`` slots with non-candidates (the
+    window itself, padding) counting as zeros, as the official code pools the prefix alone. query (B, H, q, D);
+    cand (B, n) bool."""
     m = None if mask is None else mask[:, :, -window:]
     _, probs, _ = dense_attention(query[:, :, -window:], key, value, m, scaling)  # (B, H, w, n)
     b, h, _, n = probs.shape
-    w = real.float().unsqueeze(1).expand(b, h, n).reshape(b * h, 1, n)
-    s = probs.mean(2).reshape(b * h, 1, n) * w
-    pool = lambda x: F.avg_pool1d(x, kernel, 1, kernel // 2, count_include_pad=True)  # noqa: E731
-    return (pool(s) / pool(w).clamp_min(1e-30)).view(b, h, n)
+    s = probs.mean(2) * cand.unsqueeze(1)
+    pooled = F.avg_pool1d(s.reshape(b * h, 1, n), kernel, 1, kernel // 2, count_include_pad=True)
+    return pooled.view(b, h, n)
 
 
 def keep_counts(scores: torch.Tensor, candidates: torch.Tensor, tau: float, min_tokens: int) -> torch.Tensor:
     """(B,) tokens each row keeps among its candidates: the layer's head-mean scores, normalised over the
     candidates and sorted ascending; the tokens whose cumulative mass stays below ``tau`` are dropped (at least
-    ``min_tokens`` kept). scores (B, H, n); candidates (B, n) bool."""
+    ``min_tokens`` kept; as in the official code one more is dropped whenever any is). scores (B, H, n);
+    candidates (B, n) bool."""
     s = scores.mean(1).masked_fill(~candidates, 0.0)
     s = s / s.sum(-1, keepdim=True).clamp_min(1e-30)
     cum = s.masked_fill(~candidates, float("inf")).sort(-1).values.cumsum(-1)  # non-candidates sort last
     drop = (cum < tau).sum(-1)
+    drop = drop + (drop > 0).long()
     n_cand = candidates.sum(-1)
     return torch.maximum(torch.minimum(n_cand, torch.full_like(n_cand, min_tokens)), n_cand - drop)
 
@@ -75,8 +77,9 @@ class TokenSparse(Method):
     again. The KV cache stores every token; decode steps are dense.
 
     Sparse layers: ``layers`` (indices such as "12-29") or, from a drift profile (``attnkit calibrate
-    token_sparse``), the ``delta`` share of global layers with the lowest representation drift
-    R_l = mean ||h_{l+1} - h_l|| / ||h_l||; with neither, the second half of the layers.
+    token_sparse``), the global layers whose representation drift R_l = mean over tokens of
+    ||h_out - h_in|| / ||h_in|| across the decoder layer is at most its ``delta`` quantile; with neither, the
+    second half of the layers (the official code's fallback).
     How we differ: the scores come from the float32 reference attention of the last ``window`` queries (the
     paper's two-pass kernel computes the same probabilities); with chunked prefill each chunk selects over
     every token stored so far, its own queries and the earlier chunks' keys. Shapes: scores (B, H, n), token
@@ -133,9 +136,9 @@ class TokenSparse(Method):
             if self._layers is not None:
                 chosen = set(self._layers) & set(own)
             elif self._drift is not None:
-                drift = self._drift["drift"]
-                ranked = sorted(own, key=lambda i: drift[i])
-                chosen = set(ranked[: round(self.delta * len(own))])
+                drift = torch.tensor([self._drift["drift"][i] for i in own], dtype=torch.float64)
+                cut = torch.quantile(drift, self.delta)
+                chosen = {i for i, r in zip(own, drift.tolist()) if r <= cut}
             else:
                 chosen = set(own[len(own) // 2 :])
             run.shared[key] = sorted(chosen)  # a list: cache files save it as JSON
@@ -154,7 +157,7 @@ class TokenSparse(Method):
             return None
         recent = real & (kpos >= (layer.count - w))  # (B, n): each row's last w real tokens
         cand = real & ~recent
-        scores = token_scores(query, key, value, mask, real, w, self.kernel, scaling)
+        scores = token_scores(query, key, value, mask, cand, w, self.kernel, scaling)
         keep = keep_counts(scores, cand, self.tau, self.min_tokens)  # (B,)
         if bool((keep == cand.sum(-1)).all()):
             return None

@@ -1,0 +1,231 @@
+"""DHSA: dynamic hierarchical sparse attention. Keys fall into chunks; length-normalised chunk and query-block
+representations pick, per query block, the key tokens every head of the layer attends to during prefill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnkit.hf.attention import attend_layer
+from attnkit.hf.cache import KVLayer
+from attnkit.kernels.sparse_prefill import causal_visibility, masked_attention
+from attnkit.methods.base import Method, check_choice, check_int
+from attnkit.reference import dense_attention
+
+NEG_INF = float("-inf")
+BOUNDS = "dhsa:chunk_of"  # run.shared key: (B, n) chunk id of every stored slot, shared by all layers
+
+
+def fixed_chunks(kpos: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, n) chunk id of every slot: position // size (-1 for padding)."""
+    return torch.where(kpos >= 0, kpos // size, -1)
+
+
+def mass_ratios(query, key, value, mask, kpos: torch.Tensor, scaling: float, w: int = 4, eps: float = 1e-6,
+                block: int = 512) -> torch.Tensor:
+    """(B, n) the official ``label_boundaries`` score of a boundary after each slot c: with M the head-averaged
+    attention of this forward's queries, A_past = M's mass from rows after c + w into columns (c - w, c], A_fut
+    into (c, c + w]; ratio = (max + eps) / (min + eps); 0 where the window does not fit. Row blocks keep the
+    memory at block x n. query (B, H, q, D) = the last q slots; key/value (B, Hkv, n, D)."""
+    b, _, q, _ = query.shape
+    n = key.shape[2]
+    col = torch.zeros((b, n), device=key.device)
+    band = torch.zeros((b, n, 2 * w), device=key.device)  # band[j, t] = M[slot j + t, j]
+    for s in range(0, q, block):
+        _, probs, _ = dense_attention(query[:, :, s : s + block], key, value, mask[:, :, s : s + block], scaling)
+        m = probs.mean(1)  # (B, rows, n)
+        rows = torch.arange(s, s + m.shape[1], device=key.device) + (n - q)  # their slots
+        real = kpos.gather(1, rows.expand(b, -1)) >= 0
+        m = m * real.unsqueeze(-1)
+        col += m.sum(1)
+        for t in range(2 * w):
+            j = rows - t
+            ok = j >= 0
+            band[:, j[ok], t] += m[:, ok.nonzero()[:, 0], j[ok]]
+    cum = band.cumsum(-1)  # cum[j, t] = sum of M[j .. j + t, j]
+    ratio = torch.zeros((b, n), device=key.device)
+    c = torch.arange(w - 1, n - w, device=key.device)
+    if len(c):
+        cols = c.unsqueeze(1) + torch.arange(-w + 1, w + 1, device=key.device)  # (nc, 2w): past w, then future w
+        after = col[:, cols] - cum[:, cols, (c.unsqueeze(1) + w - cols).clamp(0, 2 * w - 1)]  # rows > c + w
+        past, fut = after[..., :w].sum(-1), after[..., w:].sum(-1)
+        ratio[:, c] = (torch.maximum(past, fut) + eps) / (torch.minimum(past, fut) + eps)
+    return ratio.masked_fill(kpos < 0, 0.0)
+
+
+def mass_chunks(ratio: torch.Tensor, kpos: torch.Tensor, n_chunks: int, theta: float = 1.1, nms: int = 8,
+                w: int = 4, tail: int = 0) -> torch.Tensor:
+    """(B, n) chunk ids from boundary scores (B, n), as the official code labels them: slots scoring above
+    ``theta`` away from the ends, strongest first, at least ``nms`` + 1 apart, at most ``n_chunks`` - 1 of
+    them; a boundary also where the last ``tail`` tokens begin. A boundary after slot c starts a chunk at
+    c + 1."""
+    b, n = kpos.shape
+    ids = torch.full((b, n), -1, dtype=torch.long, device=kpos.device)
+    for r in range(b):
+        real = (kpos[r] >= 0).nonzero()[:, 0]
+        if not len(real):
+            continue
+        lo, hi = int(real[0]), int(real[-1]) + 1
+        score = ratio[r].clone()
+        score[: lo + 2 * w - 1] = 0
+        score[max(lo, hi - 2 * w) :] = 0
+        order = [int(i) for i in score.argsort(descending=True) if score[i] > theta]
+        taken: list[int] = []
+        blocked = torch.zeros(n + 2 * nms + 2, dtype=torch.bool)
+        for c in order:
+            if len(taken) >= n_chunks - 1:
+                break
+            if not blocked[c + nms + 1]:
+                taken.append(c)
+                blocked[c + 1 : c + 2 * nms + 2] = True  # distance <= nms on either side
+        starts = sorted({c + 1 for c in taken} | ({hi - tail} if 0 < tail < hi - lo else set()))
+        start = torch.zeros(n, dtype=torch.long, device=kpos.device)
+        for c in starts:
+            start[c] = 1
+        ids[r, lo:hi] = start[lo:hi].cumsum(0)
+    return ids
+
+
+def chunk_means(x: torch.Tensor, chunk_of: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """Length-normalised representations: the mean of each chunk's rows times sqrt(its length), float32.
+    x (B, Hx, n, D); chunk_of (B, n) ids in [0, n_chunks) or -1 -> (B, Hx, n_chunks, D)."""
+    b, hx, n, d = x.shape
+    ids = chunk_of.clamp_min(0)
+    w = (chunk_of >= 0).float()
+    sums = torch.zeros((b, hx, n_chunks, d), device=x.device)
+    sums.scatter_add_(2, ids.view(b, 1, n, 1).expand(b, hx, n, d), x.float() * w.view(b, 1, n, 1))
+    cnt = torch.zeros((b, n_chunks), device=x.device).scatter_add_(1, ids, w)
+    return sums / cnt.clamp_min(1).sqrt().view(b, 1, n_chunks, 1)  # mean x sqrt(len) = sum / sqrt(len)
+
+
+@dataclass
+class DHSA(Method):
+    """DHSA: per query block, the key tokens of the best-matching chunks, shared by all heads, in prefill.
+
+    Paper: Xiong et al. 2025 (https://arxiv.org/abs/2510.24606; xiongsiheng/DHSA, the Gemma-2 code under
+    legacy/, which matches the paper's first version). Keys are split into variable-length chunks once per
+    forward (on its first global layer, shared by every layer); each global layer splits the forward's queries
+    into blocks of ``block`` positions; a block's representation (head-averaged mean query x sqrt(block
+    length)) meets every chunk's (head-averaged mean key x sqrt(chunk length)) and the chunk scores are
+    upsampled to their tokens. Each block (all heads) reads its ``recent`` newest visible keys and the
+    best-scored others, ``budget`` in all, block-causally; the ``sinks`` earliest chosen entries then give way
+    to positions 0..sinks-1 (the code's global tokens); every query reads causally within that set. The last
+    ``dense_tail`` queries of a forward attend densely (the code's instruction tokens); decode is dense.
+
+    Chunk boundaries: the paper predicts them with a trained network (weights for Gemma-2 only, not shipped),
+    so the two training-free ways are offered: ``boundaries="mass"`` (the code's ``label_boundaries``: the
+    attention-mass ratio of the w = 4 tokens before and after each slot as seen by the later queries, above
+    1.1, strongest first, at least 9 apart, (keys // block) x ``beta`` chunks at most, plus a boundary where the
+    dense tail starts; computed blockwise from the head-averaged float32 attention of the first global layer)
+    and ``"fixed"`` (every ``chunk`` positions, as the repository's current block-sparse version does).
+    How we differ: a chunk's tokens share its score and the more recent ones win the ties (the code leaves ties
+    to topk); with chunked prefill, boundaries and blocks see the current forward's queries only. Shapes: chunk
+    ids (B, n), block scores (B, blocks, chunks), read mask (B, 1, q, n).
+    """
+
+    name = "dhsa"
+    summary = "chunk-level similarity picks key tokens per query block in prefill (all heads share them)"
+    paper = "https://arxiv.org/abs/2510.24606"
+    kind = "read"
+
+    budget: int = 2048
+    block: int = 128
+    chunk: int = 64
+    recent: int = 128
+    sinks: int = 128
+    dense_tail: int = 64
+    boundaries: str = "mass"
+    beta: int = 8
+
+    def __post_init__(self) -> None:
+        check_int(self.name, "budget", self.budget, 1)
+        for f in ("block", "chunk"):
+            check_int(self.name, f, getattr(self, f), 1)
+        for f in ("recent", "sinks", "dense_tail"):
+            check_int(self.name, f, getattr(self, f), 0)
+        if self.recent + self.sinks > self.budget:
+            raise ValueError(f"{self.name}: recent + sinks = {self.recent + self.sinks} exceeds budget={self.budget}; "
+                             "accepted: recent + sinks <= budget")
+        check_choice(self.name, "boundaries", self.boundaries, ("fixed", "mass"))
+        check_int(self.name, "beta", self.beta, 1)
+
+    @classmethod
+    def for_budget(cls, tokens: int) -> "DHSA":
+        """``tokens`` keys read per query block (sinks and recent keys take at most a quarter each)."""
+        t = max(1, tokens)
+        return cls(budget=t, recent=min(128, t // 4), sinks=min(128, t // 4))
+
+    def chunk_ids(self, run, layer: KVLayer, query, key, value, mask, scaling: float) -> torch.Tensor:
+        kpos = layer.stored_pos()[:, 0]
+        first = min(i for i, t in enumerate(run.layer_types) if t != "sliding_attention")
+        cached = run.shared.get(BOUNDS)
+        if layer.layer_idx != first and cached is not None and cached.shape == kpos.shape:
+            return cached  # this forward's boundaries, from its first global layer
+        if self.boundaries == "fixed":
+            ids = fixed_chunks(kpos, self.chunk)
+        else:
+            ratio = mass_ratios(query, key, value, mask, kpos, scaling)
+            n_keys = int((kpos >= 0).sum(-1).max())
+            ids = mass_chunks(ratio, kpos, max(2, (n_keys // self.block) * self.beta), tail=self.dense_tail)
+        run.shared[BOUNDS] = ids
+        return ids
+
+    def read_mask(self, run, layer: KVLayer, query, key, value, scaling: float) -> torch.Tensor | None:
+        """(B, 1, q, n) bool: what each query reads, or None when the forward stays dense."""
+        b, _, q, _ = query.shape
+        kpos = layer.stored_pos()[:, 0]  # (B, n)
+        qpos = layer.qpos  # (B, q)
+        visible = causal_visibility(qpos, kpos)  # (B, 1, q, n)
+        if int((kpos >= 0).sum(-1).max()) <= self.budget:
+            return None
+        chunk_of = self.chunk_ids(run, layer, query, key, value, visible, scaling)
+        n_chunks = int(chunk_of.max()) + 1
+        # query blocks by position (a padded row blocks like its prompt alone); -1 for padding
+        qb = torch.where(qpos >= 0, qpos // self.block, -1)
+        base = qb.masked_fill(qb < 0, 1 << 40).min(-1, keepdim=True).values.clamp_max(qb.max())
+        local = torch.where(qb >= 0, qb - base, -1)  # (B, q) block index within this forward
+        nqb = int(local.max()) + 1
+        # head-averaged representations (queries over H, keys over Hkv: the official code's mean after repeat_kv)
+        qrep = chunk_means(query.float().mean(1, keepdim=True), local, nqb)[:, 0]  # (B, nqb, D): mean x sqrt(len)
+        krep = chunk_means(key.float().mean(1, keepdim=True), chunk_of, n_chunks)[:, 0]  # (B, nch, D)
+        scores = torch.matmul(qrep, krep.transpose(-1, -2))  # (B, nqb, nch), unscaled as in the code
+        last = torch.full((b, nqb), -1, device=qpos.device, dtype=qpos.dtype)
+        last.scatter_reduce_(1, local.clamp_min(0), qpos.masked_fill(local < 0, -1), "amax")  # block's last pos
+        kp = kpos.unsqueeze(1)  # (B, 1, n)
+        vis = (kp >= 0) & (kp <= last.unsqueeze(-1))  # block-causal (B, nqb, n)
+        forced = vis & (kp > last.unsqueeze(-1) - self.recent)
+        # priority as an exact integer key: forced slots, then the chunk's rank by score, then recency (a chunk's
+        # tokens share its score; float tie-breaks would flip with rounding)
+        rank = scores.argsort(-1).argsort(-1)  # (B, nqb, nch): 0 = lowest score
+        tok_rank = rank.gather(2, chunk_of.clamp_min(0).unsqueeze(1).expand(b, nqb, -1))  # (B, nqb, n)
+        span = int(kpos.max()) + 2
+        pri = (tok_rank + 1) * span + kp + 1
+        pri = torch.where(forced, (n_chunks + 2) * span, pri).masked_fill(~vis, 0)
+        top = pri.topk(min(self.budget, pri.shape[-1]), dim=-1)
+        chosen = torch.zeros_like(vis)
+        chosen.scatter_(2, top.indices, top.values > 0)  # (B, nqb, n)
+        if self.sinks:  # the code's global tokens: the earliest `sinks` chosen entries give way to positions 0..
+            chosen = (chosen & (chosen.long().cumsum(-1) > self.sinks)) | (vis & (kp < self.sinks))
+        read = chosen.gather(1, local.clamp_min(0).unsqueeze(-1).expand(b, q, chosen.shape[-1]))  # (B, q, n)
+        read = read.unsqueeze(1) & visible
+        if self.dense_tail:
+            tail = torch.zeros(q, dtype=torch.bool, device=read.device)
+            tail[-self.dense_tail :] = True
+            read = torch.where(tail.view(1, 1, q, 1), visible, read)
+        if layer.padded:  # pad queries see everything visible to the row (outputs discarded, no empty rows)
+            read = read | (qpos < 0).view(b, 1, q, 1)
+        return read
+
+    def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
+        if query.shape[2] == 1 or softcap is not None or layer.static:
+            return attend_layer(run, layer, query, key, value, scaling, softcap)
+        read = self.read_mask(run, layer, query, key, value, scaling)
+        if read is None:
+            return attend_layer(run, layer, query, key, value, scaling, softcap)
+        out, _ = masked_attention(query, key, value, read, scaling)
+        if run.recorder is not None:
+            run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=read, scaling=scaling,
+                              out=out))
+        layer.compact()
+        return out
