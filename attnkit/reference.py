@@ -62,3 +62,14 @@ def dense_attention(
     probs = torch.nan_to_num(probs, nan=0.0)
     out = torch.matmul(probs, v)
     return out, probs, lse
+
+
+def recorded_reference(record: dict) -> torch.Tensor:
+    """The float32 reference output of one recorded layer call (``run.recorder``): attention under the
+    record's mask (and logit bias), then, for methods that rectify a sparse output (Rectified SpaAttn), the
+    record's ``scale`` (B, H, q, 1) and ``addend`` (B, H, q, D): out = scale * attention + addend."""
+    r = record
+    out, _, _ = dense_attention(r["query"], r["key"], r["value"], r["mask"], r["scaling"], bias=r.get("bias"))
+    if r.get("scale") is not None:
+        out = out * r["scale"].float() + r["addend"].float()
+    return out

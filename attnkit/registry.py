@@ -28,6 +28,7 @@ _REGISTRY: dict[str, str] = {
     "razorattention": "attnkit.methods.stored.razorattention:RazorAttention",
     "token_sparse": "attnkit.methods.read.token_sparse:TokenSparse",
     "dhsa": "attnkit.methods.read.dhsa:DHSA",
+    "rectified": "attnkit.methods.read.rectified:Rectified",
 }
 
 

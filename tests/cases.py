@@ -32,6 +32,7 @@ TINY = {
                      {"min_tokens": 4, "window": 3, "tau": 0.3, "kernel": 3, "layers": "0-2"}),
     "dhsa": ({"budget": 128, "recent": 8, "sinks": 2},
              {"budget": 12, "block": 4, "chunk": 4, "recent": 3, "sinks": 2, "dense_tail": 2}),
+    "rectified": ({"block": 128}, {"block": 4, "local": 0}),
 }
 
 # the same for SmolLM2 on a ~400-token prompt
@@ -54,6 +55,7 @@ REAL = {
     "razorattention": ({"window": 1020, "heads": [[1, 0], [5, 2], [20, 1]]}, {"window": 92, "heads": []}),
     "token_sparse": ({"min_tokens": 1024, "window": 32}, {"min_tokens": 32, "window": 16, "tau": 0.2}),
     "dhsa": ({"budget": 1024}, {"budget": 96, "block": 32, "chunk": 16, "recent": 32, "sinks": 8, "dense_tail": 16}),
+    "rectified": ({"block": 1024}, {"block": 32}),
 }
 
 METHODS = list(TINY)

@@ -167,3 +167,52 @@ def test_dhsa_fixed_chunks_read_what_the_papers_rule_picks():
     want = set(chosen) | {0, 1}
     got = r["mask"][0, 0, blk * 8 + 7].nonzero()[:, 0].tolist()  # the block's last query reads the whole set
     assert set(got) == want
+
+
+def test_rectified_pooled_rule_matches_a_direct_loop():
+    """Critical blocks, GAPR and IPAR of one query head from plain loops over blocks (causal adaptation)."""
+    model = tiny_llama().to(DEVICE)
+    bs, n = 4, 48
+    ids = torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    cfg = dict(block=bs, p_remain=0.5, drop=0.5, sinks=1, local=0)
+    records = []
+    with torch.no_grad(), attnkit.apply(model, "rectified", **cfg) as run:
+        run.recorder = lambda r: records.append(r)
+        model(ids)
+    r = records[1]
+    h, hkv = r["query"].shape[1], r["key"].shape[1]
+    head = h - 1
+    q = r["query"][0, head].float()
+    k, v = r["key"][0, head // (h // hkv)].float(), r["value"][0, head // (h // hkv)].float()
+    nb = n // bs
+    blk = lambda x, j: x[j * bs : (j + 1) * bs]  # noqa: E731
+    for i in (5, 11):
+        qi = blk(q, i)
+        qm, qd = qi.mean(0), (qi - qi.mean(0)).abs().mean(0)
+        logits, counts = [], []
+        for j in range(i + 1):
+            c = bs if j < i else (bs + 1) / 2  # the diagonal: 1, 2, .., bs keys seen
+            logits.append((qm @ blk(k, j).mean(0)) * r["scaling"] + torch.log(torch.tensor(c)))
+        p = torch.stack(logits).softmax(0)
+        cand = [j for j in range(1, i)]  # block 0 is the sink, block i the diagonal
+        cand.sort(key=lambda j: -p[j].item())
+        cum, n_keep = 0.0, 1
+        for j in cand:
+            cum += p[j].item()
+            if cum <= 0.5:
+                n_keep += 1
+        n_keep = min(max(n_keep, int(0.5 * len(cand))), len(cand))
+        critical = {0, i} | set(cand[:n_keep])
+        scale, add = 0.0, torch.zeros_like(qm)
+        for j in range(i + 1):
+            km = blk(k, j).mean(0)
+            kd = (blk(k, j) - km).abs().mean(0)
+            if j not in critical and (qm @ km).abs() > (qd @ km).abs() + (qm @ kd).abs():
+                add += p[j] * blk(v, j).mean(0)
+            else:
+                scale += p[j].item()
+        rows = slice(i * bs, (i + 1) * bs)
+        assert torch.allclose(r["scale"][0, head, rows, 0], torch.tensor(scale), atol=1e-5)
+        assert torch.allclose(r["addend"][0, head, rows], add.expand(bs, -1), atol=1e-5)
+        read_blocks = {j for j in range(nb) if r["mask"][0, head, i * bs, j * bs]}
+        assert read_blocks == critical
