@@ -196,3 +196,37 @@ def write_profile(profile: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile))
     return path
+
+
+def calibrate_token_sparse(model, prompts: list[torch.Tensor], progress: bool = False) -> dict:
+    """Token Sparse Attention's offline layer choice: the representation drift of every decoder layer,
+    R_l = mean over tokens of ||h_out - h_in|| / (||h_in|| + 1e-8), averaged over the prompts (1, L) (dense
+    forwards, no method active). The method sparsifies the layers at or below the drift's ``delta`` quantile."""
+    from tqdm.auto import tqdm
+
+    from attnkit.analysis.residual import decoder_layers
+
+    layers = decoder_layers(model)
+    sums = [0.0] * len(layers)
+    hooks = []
+
+    def hook(i):
+        def after(module, args, kwargs, out):
+            h_in = (args[0] if args else kwargs["hidden_states"]).float()
+            h_out = (out[0] if isinstance(out, tuple) else out).float()
+            sums[i] += ((h_out - h_in).norm(dim=-1) / (h_in.norm(dim=-1) + 1e-8)).mean().item()
+        return after
+
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_hook(hook(i), with_kwargs=True))
+    try:
+        bar = tqdm(prompts, desc="token_sparse drift", disable=not progress, unit="prompt")
+        with torch.no_grad():
+            for ids in bar:
+                model(input_ids=ids)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    drift = [s / len(prompts) for s in sums]
+    return {"method": "token_sparse", "num_layers": len(layers), "drift": drift,
+            "sparse_at_delta_0.5": [i for i, r in enumerate(drift) if r <= float(torch.tensor(drift).quantile(0.5))]}

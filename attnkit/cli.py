@@ -155,10 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", parents=[common], help="calibration runs that methods load as profiles (JSON)")
-    p.add_argument("target", choices=["fasa", "tidaldecode", "zerotuning", "act", "razorattention"],
+    p.add_argument("target", choices=["fasa", "tidaldecode", "zerotuning", "act", "razorattention", "token_sparse"],
                    help="fasa: dominant frequency chunks per head; tidaldecode: the re-selection layer; "
                         "zerotuning: heads and gamma on a task's calibration split; act: ACT's head filter; "
-                        "razorattention: echo / induction head scores")
+                        "razorattention: echo / induction head scores; token_sparse: representation drift "
+                        "per layer (its sparse layers)")
     p.add_argument("--model", default="smollm2-135m", help="model name (default: %(default)s)")
     p.add_argument("-o", "--out", type=Path, required=True, help="profile to write (JSON)")
     p.add_argument("--samples", type=_number(int, 1),
@@ -395,6 +396,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, tok = load(args.model, args.device, args.dtype)
     ids = essay_tokens(tok, args.samples * args.tokens).to(next(model.parameters()).device)
     prompts = list(ids.view(args.samples, args.tokens).split(1))  # consecutive, non-overlapping essay windows
+    if args.target == "token_sparse":
+        from attnkit.calibrate import calibrate_token_sparse
+
+        profile = calibrate_token_sparse(model, prompts, progress=True)
+        profile.update(model=args.model, samples=args.samples, tokens=args.tokens)
+        path = write_profile(profile, args.out)
+        print(f"token_sparse drift for {args.model}: sparse layers at delta 0.5 {profile['sparse_at_delta_0.5']} -> "
+              f"{path}; use it as --set token_sparse.profile={path}")
+        return 0
     if args.target == "tidaldecode":
         profile = calibrate_tidaldecode(model, prompts, budgets, args.new_tokens, args.dense_layers, progress=True)
         profile.update(model=args.model, samples=args.samples, tokens=args.tokens, new_tokens=args.new_tokens)

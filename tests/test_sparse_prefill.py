@@ -216,3 +216,22 @@ def test_rectified_pooled_rule_matches_a_direct_loop():
         assert torch.allclose(r["addend"][0, head, rows], add.expand(bs, -1), atol=1e-5)
         read_blocks = {j for j in range(nb) if r["mask"][0, head, i * bs, j * bs]}
         assert read_blocks == critical
+
+
+def test_token_sparse_drift_profile_picks_the_low_drift_layers(tmp_path):
+    from attnkit.calibrate import calibrate_token_sparse, write_profile
+
+    model = tiny_llama().to(DEVICE)
+    prompts = [torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(s)).to(DEVICE) for s in (1, 2)]
+    prof = calibrate_token_sparse(model, prompts)
+    assert prof["num_layers"] == 3 and all(r > 0 for r in prof["drift"])
+    path = write_profile(prof, tmp_path / "drift.json")
+    low = sorted(range(3), key=lambda i: prof["drift"][i])
+    with attnkit.apply(model, "token_sparse", profile=str(path), delta=0.0) as run:
+        assert run.method.sparse_layers(run) == [low[0]]  # the 0 quantile: the lowest-drift layer alone
+    with attnkit.apply(model, "token_sparse", profile=str(path), delta=1.0) as run:
+        assert run.method.sparse_layers(run) == [0, 1, 2]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"drift": [1]}')
+    with pytest.raises(ValueError, match="not a drift profile"):
+        attnkit.make_method("token_sparse", profile=str(bad))
