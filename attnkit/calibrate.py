@@ -230,3 +230,43 @@ def calibrate_token_sparse(model, prompts: list[torch.Tensor], progress: bool = 
     drift = [s / len(prompts) for s in sums]
     return {"method": "token_sparse", "num_layers": len(layers), "drift": drift,
             "sparse_at_delta_0.5": [i for i, r in enumerate(drift) if r <= float(torch.tensor(drift).quantile(0.5))]}
+
+
+def calibrate_tca(model, prompts: list[torch.Tensor], tau: float = 0.9, block: int = 128, configs: int = 14,
+                  window: int = 512, alpha: float = 0.5, progress: bool = False) -> dict:
+    """TCA-Attention's offline budgets: one dense forward per prompt (1, L); per global layer and KV head, the
+    cheapest configuration (:func:`attnkit.methods.stored.tca.config_table`) whose chosen tokens plus the local
+    ``window`` hold at least ``tau`` of the last query's attention, the most demanding prompt deciding."""
+    from tqdm.auto import tqdm
+
+    from attnkit.methods.stored.tca import block_counts, config_table, select_tokens
+    from attnkit.reference import dense_attention
+
+    table = config_table(block, configs)
+    need: dict[int, torch.Tensor] = {}
+    for ids in tqdm(prompts, desc="tca budgets", disable=not progress, unit="prompt"):
+        records = []
+        with torch.no_grad(), attnkit.apply(model, "full") as run:
+            run.recorder = lambda r: records.append((r["layer"], r["query"][:, :, -1:], r["key"], r["value"]))
+            model(input_ids=ids)
+        for layer, q, k, v in records:
+            if run.layer_types[layer] == "sliding_attention":
+                continue
+            _, probs, _ = dense_attention(q, k, v, None, q.shape[-1] ** -0.5)  # (1, H, 1, n): the last query
+            hkv, n = k.shape[1], k.shape[2]
+            s = probs.view(1, hkv, -1, n).mean(2)  # (1, Hkv, n)
+            pos = torch.arange(n, device=k.device)
+            old = (pos <= n - 1 - window).expand(1, hkv, n)
+            kb = (pos // block).expand(1, hkv, n)
+            ks = torch.tensor(block_counts(block), device=k.device)
+            best = torch.full((hkv,), configs - 1, dtype=torch.long)
+            for c in range(configs - 1, -1, -1):  # cheapest passing configuration wins
+                p = table[c].to(k.device).expand(1, hkv, -1)
+                chosen = select_tokens(s, kb, old, p, ks, alpha, int(kb.max()) + 1) | ~old
+                ok = ((s * chosen).sum(-1)[0] >= tau * s.sum(-1)[0]).cpu()
+                best = torch.where(ok, c, best)
+            need[layer] = best if layer not in need else torch.maximum(need[layer], best)
+    return {"method": "tca", "block": block, "configs": configs, "window": window, "tau": tau, "alpha": alpha,
+            "layers": {str(i): v.tolist() for i, v in sorted(need.items())},
+            "expected_tokens_per_block": [round(float((table[c] * torch.tensor(block_counts(block))).sum()), 2)
+                                          for c in range(configs)]}

@@ -155,11 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", parents=[common], help="calibration runs that methods load as profiles (JSON)")
-    p.add_argument("target", choices=["fasa", "tidaldecode", "zerotuning", "act", "razorattention", "token_sparse"],
+    p.add_argument("target", choices=["fasa", "tidaldecode", "zerotuning", "act", "razorattention", "token_sparse",
+                                       "tca"],
                    help="fasa: dominant frequency chunks per head; tidaldecode: the re-selection layer; "
                         "zerotuning: heads and gamma on a task's calibration split; act: ACT's head filter; "
                         "razorattention: echo / induction head scores; token_sparse: representation drift "
-                        "per layer (its sparse layers)")
+                        "per layer (its sparse layers); tca: per-head budget configurations")
     p.add_argument("--model", default="smollm2-135m", help="model name (default: %(default)s)")
     p.add_argument("-o", "--out", type=Path, required=True, help="profile to write (JSON)")
     p.add_argument("--samples", type=_number(int, 1),
@@ -404,6 +405,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         path = write_profile(profile, args.out)
         print(f"token_sparse drift for {args.model}: sparse layers at delta 0.5 {profile['sparse_at_delta_0.5']} -> "
               f"{path}; use it as --set token_sparse.profile={path}")
+        return 0
+    if args.target == "tca":
+        from attnkit.calibrate import calibrate_tca
+
+        window = min(4096, args.tokens // 4)
+        profile = calibrate_tca(model, prompts, window=window, progress=True)
+        profile.update(model=args.model, samples=args.samples, tokens=args.tokens)
+        path = write_profile(profile, args.out)
+        print(f"tca budgets for {args.model} ({args.samples} x {args.tokens} tokens, local window {window}) -> {path}; "
+              f"use it as --set tca.profile={path}")
         return 0
     if args.target == "tidaldecode":
         profile = calibrate_tidaldecode(model, prompts, budgets, args.new_tokens, args.dense_layers, progress=True)

@@ -29,6 +29,7 @@ _REGISTRY: dict[str, str] = {
     "token_sparse": "attnkit.methods.read.token_sparse:TokenSparse",
     "dhsa": "attnkit.methods.read.dhsa:DHSA",
     "rectified": "attnkit.methods.read.rectified:Rectified",
+    "tca": "attnkit.methods.stored.tca:TCA",
 }
 
 

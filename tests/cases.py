@@ -33,6 +33,7 @@ TINY = {
     "dhsa": ({"budget": 128, "recent": 8, "sinks": 2},
              {"budget": 12, "block": 4, "chunk": 4, "recent": 3, "sinks": 2, "dense_tail": 2}),
     "rectified": ({"block": 128}, {"block": 4, "local": 0}),
+    "tca": ({"window": 128}, {"block": 4, "window": 6, "configs": 4, "fallback": 1}),
 }
 
 # the same for SmolLM2 on a ~400-token prompt
@@ -56,6 +57,7 @@ REAL = {
     "token_sparse": ({"min_tokens": 1024, "window": 32}, {"min_tokens": 32, "window": 16, "tau": 0.2}),
     "dhsa": ({"budget": 1024}, {"budget": 96, "block": 32, "chunk": 16, "recent": 32, "sinks": 8, "dense_tail": 16}),
     "rectified": ({"block": 1024}, {"block": 32}),
+    "tca": ({"window": 1024}, {"block": 16, "window": 64, "fallback": 5}),
 }
 
 METHODS = list(TINY)

@@ -15,6 +15,7 @@ from attnkit.kernels.sparse_prefill import (
     pool_blocks,
 )
 from attnkit.methods.read.token_sparse import keep_counts
+from attnkit.session import cache_argument
 from conftest import DEVICE
 from tiny import tiny_llama
 
@@ -235,3 +236,60 @@ def test_token_sparse_drift_profile_picks_the_low_drift_layers(tmp_path):
     bad.write_text('{"drift": [1]}')
     with pytest.raises(ValueError, match="not a drift profile"):
         attnkit.make_method("token_sparse", profile=str(bad))
+
+
+def test_tca_block_choice_matches_a_direct_loop():
+    from attnkit.methods.stored.tca import block_counts, config_table, select_tokens
+
+    table = config_table(8, 5)
+    assert torch.allclose(table.sum(-1), torch.ones(5))
+    expect = (table * torch.tensor(block_counts(8))).sum(-1)
+    assert (expect[1:] > expect[:-1]).all()  # ascending in tokens kept
+    g = torch.Generator().manual_seed(2)
+    n = 40
+    s = torch.rand(1, n, generator=g).softmax(-1)
+    kb = (torch.arange(n) // 8)[None]
+    old = (torch.arange(n) < 33)[None]  # the last 7 are the local window
+    p = table[2][None]
+    chosen = select_tokens(s, kb, old, p, torch.tensor(block_counts(8)), 0.5, 5)
+    # the loop: redundancy per block, ranks -> counts by cumulative shares from the largest k, top-k by s
+    hs = []
+    for j in range(5):
+        e = [t for t in range(j * 8, j * 8 + 8) if t < 33]
+        m = sum(s[0, t].item() for t in e)
+        hs.append(0.5 * m + 0.5 * (1 - sum(s[0, t].item() ** 2 for t in e) / m**2))
+    ranked = sorted(range(5), key=lambda j: -hs[j])
+    ks = block_counts(8)[::-1]
+    cum = p[0].flip(0).cumsum(0).tolist()
+    want = set()
+    for r, j in enumerate(ranked):
+        frac = (r + 0.5) / 5
+        k = ks[min(next((i for i, c in enumerate(cum) if c >= frac), len(ks) - 1), len(ks) - 1)]
+        e = sorted((t for t in range(j * 8, j * 8 + 8) if t < 33), key=lambda t: -s[0, t].item())
+        want |= set(e[:k])
+    assert set(chosen[0].nonzero()[:, 0].tolist()) == want
+
+
+def test_tca_calibration_and_shrunk_cache(tmp_path):
+    from attnkit.calibrate import calibrate_tca, write_profile
+
+    model = tiny_llama().to(DEVICE)
+    prompts = [torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(1)).to(DEVICE)]
+    prof = calibrate_tca(model, prompts, tau=0.5, block=4, configs=4, window=8)
+    assert set(prof["layers"]) == {"0", "1", "2"} and all(0 <= c < 4 for v in prof["layers"].values() for c in v)
+    tight = calibrate_tca(model, prompts, tau=0.999, block=4, configs=4, window=8)
+    assert sum(map(sum, tight["layers"].values())) >= sum(map(sum, prof["layers"].values()))
+    path = write_profile(prof, tmp_path / "tca.json")
+    ids = torch.randint(3, 256, (1, 300), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with torch.no_grad():
+        with attnkit.apply(model, "full") as dense:
+            attnkit.inference.forward_chunks(model, ids, attnkit.inference.new_cache(model), chunk=300)
+            full_bytes = dense.cache.held_bytes()
+        with attnkit.apply(model, "tca", profile=str(path), block=4, configs=4, window=8) as run:
+            cache = attnkit.inference.new_cache(model)
+            attnkit.inference.forward_chunks(model, ids, cache, chunk=300)
+            model(input_ids=ids[:, -1:], **{cache_argument(model): cache})  # decoding starts: the cache shrinks
+            kept = [run.kept_tokens()[i].max().item() for i in range(3)]
+            assert max(kept) < 200 and cache.held_bytes() < 0.75 * full_bytes  # memory really freed
+    with pytest.raises(ValueError, match="calibrated with block 4"):
+        attnkit.make_method("tca", profile=str(path))

@@ -1,0 +1,247 @@
+"""TCA-Attention: per-head token budgets calibrated offline, handed to key blocks online by a redundancy score;
+sparse prefill over the chosen tokens plus a local window, and the KV cache shrunk to them."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attnkit.hf.attention import attend_layer
+from attnkit.hf.cache import KVLayer, _round_up
+from attnkit.kernels.sparse_prefill import masked_attention
+from attnkit.methods.base import LayerContext, Method, check_float, check_int
+from attnkit.reference import dense_attention
+
+NEG_INF = float("-inf")
+
+
+def config_table(block: int, n_configs: int) -> torch.Tensor:
+    """(n_configs, K) probabilities over the per-block token counts k = 1, 2, 4, ..., block (K of them): a
+    Gaussian on log2 k with sigma 1 and means spread evenly from log2 1 to log2 block; ascending in expected
+    tokens per block."""
+    ks = torch.tensor(block_counts(block), dtype=torch.float64).log2()
+    mu = torch.linspace(0, math.log2(block), n_configs, dtype=torch.float64)
+    p = torch.exp(-0.5 * (ks.view(1, -1) - mu.view(-1, 1)) ** 2)
+    return (p / p.sum(-1, keepdim=True)).float()
+
+
+def block_counts(block: int) -> list[int]:
+    """1, 2, 4, ..., up to ``block`` (``block`` itself last when it is no power of two)."""
+    out = [1 << i for i in range(int(math.log2(block)) + 1)]
+    return out if out[-1] == block else out + [block]
+
+
+def counts_by_rank(p: torch.Tensor, ks: torch.Tensor, n_blocks: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Tokens each block keeps: blocks ranked by redundancy (rank 0 = highest) take the largest counts first,
+    a share p_k of the blocks taking k. p (..., K) per head; ks (K,) ascending; n_blocks (...,) available blocks;
+    rank (..., nb) -> (..., nb) long."""
+    cum = p.flip(-1).cumsum(-1)  # shares from the largest k down
+    frac = (rank.float() + 0.5) / n_blocks.clamp_min(1).unsqueeze(-1).float()
+    which = torch.searchsorted(cum.contiguous(), frac.contiguous()).clamp_max(len(ks) - 1)
+    return ks.flip(0)[which]
+
+
+def select_tokens(s: torch.Tensor, kb: torch.Tensor, old: torch.Tensor, p: torch.Tensor, ks: torch.Tensor,
+                  alpha: float, n_kb: int) -> torch.Tensor:
+    """TCA's online choice. s (..., n) attention of the selecting query per slot; kb (..., n) key block of every
+    slot; old (..., n) bool: slots eligible (older than the local window, visible); p (..., K) the head's
+    configuration -> (..., n) bool chosen slots.
+
+    Block redundancy h_j = (1 - alpha) sum s + alpha (1 - sum s^2 / (sum s)^2) over the block's eligible slots;
+    blocks sorted by h get token counts from the configuration; each keeps its top-k slots by s."""
+    lead = s.shape[:-1]
+    s = s.float() * old
+    at = kb.clamp(0, n_kb - 1)
+    mass = torch.zeros((*lead, n_kb), device=s.device).scatter_add_(-1, at, s)
+    sq = torch.zeros_like(mass).scatter_add_(-1, at, s * s)
+    size = torch.zeros_like(mass).scatter_add_(-1, at, old.float())
+    h = (1 - alpha) * mass + alpha * (1 - sq / mass.clamp_min(1e-30) ** 2) * (mass > 0)
+    h = h.masked_fill(size == 0, NEG_INF)
+    rank = h.argsort(-1, descending=True).argsort(-1)  # (..., n_kb)
+    k_block = counts_by_rank(p, ks, (size > 0).sum(-1), rank)  # (..., n_kb)
+    # each slot's rank inside its block by s (descending): sort by (block, -s)
+    order = (at.double() * 4 - s.double() - old.double()).argsort(-1)  # eligible first within a block, by s
+    sorted_block = at.gather(-1, order)
+    first = torch.searchsorted(sorted_block.contiguous(), sorted_block.contiguous(), right=False)
+    rank_in = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=s.device).expand_as(order) - first)
+    return old & (rank_in < k_block.gather(-1, at))
+
+
+def load_profile(path: str) -> dict:
+    try:
+        p = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"tca: profile {path!r} not found; make one with `attnkit calibrate tca --model ... "
+                         "-o tca.json`") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"tca: profile {path!r} is not a readable JSON profile ({exc})") from None
+    need = ("block", "configs", "layers")
+    if not isinstance(p, dict) or any(f not in p for f in need):
+        raise ValueError(f"tca: {path!r} is not a TCA profile; accepted: JSON with fields {', '.join(need)}")
+    return p
+
+
+class TCALayer(KVLayer):
+    """Keeps every token during prefill; when decoding starts, each KV head keeps what its last query block
+    chose plus the local window (per-head counts: a head keeping fewer leaves holes, pos -1)."""
+
+    shared_layout = False
+
+    def __init__(self, cfg: "TCA", layer_idx: int, run) -> None:
+        super().__init__(layer_idx, run)
+        self.cfg = cfg
+        self.keep: torch.Tensor | None = None  # (B, Hkv, n) bool: the last prefill block's choice
+
+    def visible(self, qpos, kpos):
+        return kpos >= 0  # holes left by per-head compression are never read
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if key_states.shape[-2] == 1 and self.keep is not None:
+            self.compress()
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def begin_static(self, steps: int) -> None:
+        if self.keep is not None:
+            self.compress()
+        super().begin_static(steps)
+
+    def compress(self) -> None:
+        keep = self.keep[..., : self.n]
+        k = int(keep.sum(-1).max())
+        pri = torch.where(keep, self.pos[:, :, : self.n].float(), NEG_INF)
+        idx = pri.topk(k, dim=-1).indices.sort(-1).values
+        holes = ~keep.gather(2, idx)
+        self.keep_slots(idx)
+        self.pos[:, :, :k].masked_fill_(holes, -1)
+        self.keep = None
+        # really free the memory: buffers sized to what is kept plus the tokens this generation still adds
+        cap = _round_up(k + max(1, self.capacity_hint - self.seen))
+        if cap < self.capacity:
+            for name in self.slot_buffers:
+                setattr(self, name, getattr(self, name)[:, :, :cap].clone())
+
+
+@dataclass
+class TCA(Method):
+    """TCA-Attention: calibrated per-head budgets, online block redundancy, a local window; sparse prefill and a
+    shrunk KV cache.
+
+    Paper: TCA-Attention (https://arxiv.org/abs/2512.09238). No official code was found: this follows the
+    paper's description as summarised in ../shared/methods/sparse.md, and every reconstruction is named here.
+    Offline (``attnkit calibrate tca``, one forward over an essay): for each global layer and KV head, the
+    configuration (one of ``configs`` distributions over per-block counts k = 1, 2, 4, ..., block, log-Gaussian,
+    :func:`config_table`) that keeps the fewest tokens while the kept ones hold at least ``tau`` of the last
+    query's attention mass. Online, each block of ``block`` queries of a prefill forward takes the softmax
+    attention of its last query (averaged over the query heads of a KV head) as s; the key blocks older than its
+    local window get redundancy h_j = (1 - alpha) sum s + alpha (1 - sum s^2 / (sum s)^2), are ranked by it and
+    handed counts from the head's configuration (highest h, largest k); each keeps its top-k tokens by s. The
+    block's queries attend (causally) to those tokens plus the ``window`` newest positions. When decoding
+    starts, each KV head keeps what the prompt's last query block chose plus that window: the cache shrinks
+    (``held_bytes``); decode steps then append (dense over what is kept).
+
+    How we differ (reconstructions, no code to check): the configuration family (sigma 1 on log2 k, means evenly
+    spaced), the selecting query (each block's last), block ranks mapped to counts by cumulative shares; the
+    paper's decode rule (every ``block`` new tokens keep floor(sum_k k p_k) of them) is not implemented: decode
+    tokens are kept. Without a profile every head takes configuration ``fallback`` (-1: the middle one). Shapes: s (B, Hkv, blocks,
+    n), chosen (B, Hkv, blocks, n), read mask (B, Hkv, q, n).
+    """
+
+    name = "tca"
+    summary = "calibrated per-head budgets handed to key blocks by redundancy; sparse prefill, shrunk KV cache"
+    paper = "https://arxiv.org/abs/2512.09238"
+
+    tau: float = 0.9
+    block: int = 128
+    window: int = 4096
+    configs: int = 14
+    alpha: float = 0.5
+    fallback: int = -1
+    profile: str = ""
+
+    def __post_init__(self) -> None:
+        check_float(self.name, "tau", self.tau, 0.0, 1.0)
+        check_int(self.name, "block", self.block, 1)
+        check_int(self.name, "window", self.window, 1)
+        check_int(self.name, "configs", self.configs, 2)
+        check_float(self.name, "alpha", self.alpha, 0.0, 1.0)
+        check_int(self.name, "fallback", self.fallback, -1, self.configs - 1)
+        self._profile = load_profile(self.profile) if self.profile else None
+        for field in ("block", "configs"):
+            if self._profile is not None and self._profile[field] != getattr(self, field):
+                raise ValueError(f"tca: profile {self.profile!r} was calibrated with {field} "
+                                 f"{self._profile[field]}; set {field}={self._profile[field]}")
+        self._table = config_table(self.block, self.configs)
+
+    @classmethod
+    def for_budget(cls, tokens: int) -> "TCA":
+        """A local window of ``tokens`` / 2 (the calibrated blocks add the rest)."""
+        return cls(window=max(1, tokens // 2))
+
+    def make_layer(self, ctx: LayerContext) -> KVLayer:
+        return TCALayer(self, ctx.layer_idx, ctx.run)
+
+    def head_configs(self, layer_idx: int, hkv: int, device) -> torch.Tensor:
+        """(Hkv, K) the layer's per-head configuration probabilities."""
+        if self._profile is None:
+            c = self.configs // 2 if self.fallback < 0 else self.fallback
+            return self._table[c].expand(hkv, -1).to(device)
+        rows = self._profile["layers"].get(str(layer_idx))
+        if rows is None or len(rows) != hkv:
+            raise ValueError(f"tca: profile {self.profile!r} has no {hkv}-head entry for layer {layer_idx}; "
+                             "calibrate it on this model")
+        return self._table[torch.tensor(rows)].to(device)
+
+    def choose(self, layer: KVLayer, query, key, value, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen (B, Hkv, nqb, n), block of each query (B, q)) for this forward's query blocks."""
+        b, h, q, d = query.shape
+        hkv = key.shape[1]
+        kpos = layer.stored_pos()  # (B, Hkv, n)
+        qpos = layer.qpos
+        qb = torch.where(qpos >= 0, qpos // self.block, -1)
+        base = qb.masked_fill(qb < 0, 1 << 40).min(-1, keepdim=True).values.clamp_max(qb.max())
+        local = torch.where(qb >= 0, qb - base, -1)
+        nqb = int(local.max()) + 1
+        # each block's last query: its index in the chunk and its position
+        idx = torch.arange(q, device=qpos.device).expand(b, q)
+        last_i = torch.full((b, nqb), -1, device=qpos.device, dtype=torch.long)
+        last_i.scatter_reduce_(1, local.clamp_min(0), idx.masked_fill(local < 0, -1), "amax")
+        last_pos = qpos.gather(1, last_i.clamp_min(0))  # (B, nqb)
+        ql = query.gather(2, last_i.clamp_min(0).view(b, 1, nqb, 1).expand(b, h, nqb, d))
+        kp = kpos.unsqueeze(2)  # (B, Hkv, 1, n)
+        vis = (kp >= 0) & (kp <= last_pos.view(b, 1, nqb, 1))
+        _, probs, _ = dense_attention(ql, key, value, vis, scaling)  # (B, H, nqb, n)
+        s = probs.view(b, hkv, h // hkv, nqb, -1).mean(2)
+        old = vis & (kp <= last_pos.view(b, 1, nqb, 1) - self.window)
+        kb = torch.where(kpos >= 0, kpos // self.block, 0).unsqueeze(2).expand_as(s)
+        n_kb = int(kpos.max()) // self.block + 1
+        p = self.head_configs(layer.layer_idx, hkv, query.device).view(1, hkv, 1, -1).expand(b, hkv, nqb, -1)
+        ks = torch.tensor(block_counts(self.block), device=query.device)
+        chosen = select_tokens(s, kb, old, p, ks, self.alpha, n_kb)
+        recent = vis & ~old
+        return chosen | recent, local
+
+    def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
+        if query.shape[2] == 1 or softcap is not None or layer.static:
+            return attend_layer(run, layer, query, key, value, scaling, softcap)
+        b, _, q, _ = query.shape
+        if int(layer.count.max()) <= self.window:  # everything inside the local window: dense, nothing to shrink
+            return attend_layer(run, layer, query, key, value, scaling, softcap)
+        chosen, local = self.choose(layer, query, key, value, scaling)
+        kpos = layer.stored_pos()
+        per_q = chosen.gather(2, local.clamp_min(0).view(b, 1, q, 1).expand(b, chosen.shape[1], q, chosen.shape[-1]))
+        read = per_q & (kpos.unsqueeze(2) <= layer.qpos.view(b, 1, q, 1)) & (kpos.unsqueeze(2) >= 0)
+        if layer.padded:
+            read = read | (layer.qpos < 0).view(b, 1, q, 1)
+        out, _ = masked_attention(query, key, value, read, scaling)
+        # what each row's last query block chose: the cache keeps it when decoding starts (if no chunk follows)
+        row_last = local[:, -1].clamp_min(0).view(b, 1, 1, 1).expand(b, chosen.shape[1], 1, chosen.shape[-1])
+        layer.keep = chosen.gather(2, row_last)[:, :, 0]  # (B, Hkv, n)
+        if run.recorder is not None:
+            run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=read, scaling=scaling,
+                              out=out))
+        layer.compact()
+        return out
