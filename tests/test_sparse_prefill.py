@@ -119,7 +119,7 @@ def test_dhsa_mass_ratios_match_a_direct_count():
     query, key, value = rand(1, 2, n, 8), rand(1, 1, n, 8, seed=1), rand(1, 1, n, 8, seed=2)
     pos = torch.arange(n, device=DEVICE)[None]
     vis = causal_visibility(pos, pos)
-    got = mass_ratios(query, key, value, vis, pos, 0.5, w=w, block=5)
+    got = mass_ratios(query, key, value, pos, pos, 0.5, w=w, block=5)
     _, probs, _ = attnkit.dense_attention(query, key, value, vis, 0.5)
     m = probs.mean(1)[0]  # (n, n)
     for c in range(w - 1, n - w):
@@ -293,3 +293,23 @@ def test_tca_calibration_and_shrunk_cache(tmp_path):
             assert max(kept) < 200 and cache.held_bytes() < 0.75 * full_bytes  # memory really freed
     with pytest.raises(ValueError, match="calibrated with block 4"):
         attnkit.make_method("tca", profile=str(path))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_block_gather_attention_equals_the_masked_reference(shared):
+    from attnkit.kernels.sparse_prefill import block_gather_attention, mask_to_lists, query_blocks
+
+    b, h, hkv, n, q, d, blk = 2, 4, 2, 45, 20, 8, 6
+    query, key, value = rand(b, h, q, d), rand(b, hkv, n, d, seed=1), rand(b, hkv, n, d, seed=2)
+    kpos = torch.arange(n, device=DEVICE).expand(b, n).clone()
+    kpos[1] = torch.arange(n, device=DEVICE) - 7  # row 1 left-padded by 7
+    kpos[1, :7] = -1
+    qpos = kpos[:, -q:]
+    local, qidx, nqb = query_blocks(qpos, blk)
+    assert (qidx >= 0).sum() == (qpos >= 0).sum()
+    chosen = rand(b, 1 if shared else hkv, nqb, n, seed=5) > 0.3
+    out = block_gather_attention(query, key, value, qidx, mask_to_lists(chosen), qpos, kpos, 0.3, group=2)
+    per_q = chosen.gather(2, local.clamp_min(0).view(b, 1, q, 1).expand(b, chosen.shape[1], q, n))
+    mask = per_q & causal_visibility(qpos, kpos)
+    want, _, _ = attnkit.dense_attention(query, key, value, mask, 0.3)
+    assert torch.allclose(out, want, atol=1e-5)

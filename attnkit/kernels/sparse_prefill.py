@@ -109,6 +109,69 @@ def compact_mask(keys_idx: torch.Tensor, n: int, q: int, kpos: torch.Tensor, qpo
     return chosen[:, :, -q:].unsqueeze(-1) & chosen.unsqueeze(2) & causal_visibility(qpos, kpos)
 
 
+def query_blocks(qpos: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Query blocks by position, so a padded row blocks as its prompt alone: qpos (B, q) -> (local block of
+    every query (B, q), -1 for padding; query index at each (block, offset) (B, nqb, block), -1 where none;
+    nqb)."""
+    b, q = qpos.shape
+    qb = torch.where(qpos >= 0, qpos // block, -1)
+    base = qb.masked_fill(qb < 0, 1 << 40).min(-1, keepdim=True).values.clamp_max(qb.max())
+    local = torch.where(qb >= 0, qb - base, -1)
+    nqb = int(local.max()) + 1
+    qidx = torch.full((b, nqb * block + 1), -1, dtype=torch.long, device=qpos.device)
+    at = torch.where(local >= 0, local * block + qpos % block, nqb * block)
+    qidx.scatter_(1, at, torch.arange(q, device=qpos.device).expand(b, q))
+    return local, qidx[:, :-1].view(b, nqb, block), nqb
+
+
+def mask_to_lists(chosen: torch.Tensor) -> torch.Tensor:
+    """(..., n) bool -> (..., k) ascending slot ids of the True entries, -1 first where a row has fewer; k =
+    the most True entries of any row."""
+    k = max(int(chosen.sum(-1).max()), 1)
+    n = chosen.shape[-1]
+    key = torch.where(chosen, torch.arange(n, device=chosen.device), -1)
+    return key.topk(k, dim=-1).values.flip(-1)
+
+
+def block_gather_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, qidx: torch.Tensor, lists: torch.Tensor,
+    qpos: torch.Tensor, kpos: torch.Tensor, scaling: float, group: int = 64,
+) -> torch.Tensor:
+    """Exact attention where each query block reads its own list of key slots (causal by position inside it),
+    gathering the listed K/V once per block instead of materialising a (q, n) mask.
+
+    query (B, H, q, D); key/value (B, Hkv, n, D); qidx (B, nqb, block) query index per block offset (-1: none);
+    lists (B, Hs, nqb, k) slot ids per block, -1 unused, Hs in {1, Hkv} (a list shared by the query heads of a
+    KV head, or by all); qpos (B, q); kpos (B, n) or (B, Hkv, n) -> out (B, H, q, D), zero rows where a query
+    reads nothing. ``group`` query blocks are gathered at a time (memory: group x k x D per head).
+    """
+    b, h, q, d = query.shape
+    hkv = key.shape[1]
+    nqb, blk = qidx.shape[1:]
+    hs, k = lists.shape[1], lists.shape[-1]
+    g = h // hkv
+    kpos3 = kpos.unsqueeze(1).expand(b, hkv, kpos.shape[-1]) if kpos.ndim == 2 else kpos
+    out = query.new_zeros(b, h, q + 1, d)
+    for s in range(0, nqb, group):
+        qi = qidx[:, s : s + group]  # (B, G, blk)
+        nb = qi.shape[1]
+        safe_q = qi.clamp_min(0).view(b, 1, nb * blk)
+        qq = query.gather(2, safe_q.unsqueeze(-1).expand(b, h, nb * blk, d)).view(b, hkv, g, nb, blk, d)
+        qp = qpos.gather(1, safe_q[:, 0]).masked_fill(qi.view(b, -1) < 0, -1).view(b, 1, 1, nb, blk, 1)
+        li = lists[:, :, s : s + group].expand(b, hkv, nb, k) if hs == 1 else lists[:, :, s : s + group]
+        safe_k = li.clamp_min(0).reshape(b, hkv, nb * k)
+        kk = key.gather(2, safe_k.unsqueeze(-1).expand(b, hkv, nb * k, d)).view(b, hkv, 1, nb, k, d)
+        vv = value.gather(2, safe_k.unsqueeze(-1).expand(b, hkv, nb * k, value.shape[-1])).view(b, hkv, 1, nb, k, -1)
+        kp = kpos3.gather(2, safe_k).masked_fill(li.reshape(b, hkv, -1) < 0, -1).view(b, hkv, 1, nb, 1, k)
+        mask = (kp >= 0) & (kp <= qp) & (qp >= 0)  # (B, Hkv, 1, nb, blk, k)
+        scores = torch.matmul(qq.float(), kk.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, nb, blk, k)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        o = torch.matmul(probs, vv.float()).to(query.dtype).view(b, h, nb * blk, d)
+        at = torch.where(qi.view(b, -1) >= 0, qi.view(b, -1), q)
+        out.scatter_(2, at.view(b, 1, -1, 1).expand(b, h, nb * blk, d), o)
+    return out[:, :, :q]
+
+
 def block_token_mask(blocks: torch.Tensor, q: int, n: int, block_q: int, block_k: int) -> torch.Tensor:
     """(B, Hs, nqb, nkb) bool block choices -> (B, Hs, q, n) bool; query block i covers queries
     [i * block_q, (i + 1) * block_q), key block j covers slots [j * block_k, (j + 1) * block_k)."""
@@ -128,12 +191,15 @@ def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) 
 
 
 __all__ = [
+    "block_gather_attention",
     "block_token_mask",
     "causal_visibility",
     "compact_attention",
     "compact_mask",
     "expand_kv",
     "gather_heads",
+    "mask_to_lists",
     "masked_attention",
     "pool_blocks",
+    "query_blocks",
 ]

@@ -9,7 +9,13 @@ import torch
 
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
-from attnkit.kernels.sparse_prefill import causal_visibility, masked_attention
+from attnkit.kernels.sparse_prefill import (
+    block_gather_attention,
+    causal_visibility,
+    mask_to_lists,
+    masked_attention,
+    query_blocks,
+)
 from attnkit.methods.base import Method, check_choice, check_int
 from attnkit.reference import dense_attention
 
@@ -22,18 +28,20 @@ def fixed_chunks(kpos: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(kpos >= 0, kpos // size, -1)
 
 
-def mass_ratios(query, key, value, mask, kpos: torch.Tensor, scaling: float, w: int = 4, eps: float = 1e-6,
-                block: int = 512) -> torch.Tensor:
+def mass_ratios(query, key, value, qpos: torch.Tensor, kpos: torch.Tensor, scaling: float, w: int = 4,
+                eps: float = 1e-6, block: int = 256) -> torch.Tensor:
     """(B, n) the official ``label_boundaries`` score of a boundary after each slot c: with M the head-averaged
     attention of this forward's queries, A_past = M's mass from rows after c + w into columns (c - w, c], A_fut
     into (c, c + w]; ratio = (max + eps) / (min + eps); 0 where the window does not fit. Row blocks keep the
-    memory at block x n. query (B, H, q, D) = the last q slots; key/value (B, Hkv, n, D)."""
+    memory at block x n. query (B, H, q, D) = the last q slots; key/value (B, Hkv, n, D); qpos (B, q) and
+    kpos (B, n) positions (causal visibility)."""
     b, _, q, _ = query.shape
     n = key.shape[2]
     col = torch.zeros((b, n), device=key.device)
     band = torch.zeros((b, n, 2 * w), device=key.device)  # band[j, t] = M[slot j + t, j]
     for s in range(0, q, block):
-        _, probs, _ = dense_attention(query[:, :, s : s + block], key, value, mask[:, :, s : s + block], scaling)
+        mask = causal_visibility(qpos[:, s : s + block], kpos)
+        _, probs, _ = dense_attention(query[:, :, s : s + block], key, value, mask, scaling)
         m = probs.mean(1)  # (B, rows, n)
         rows = torch.arange(s, s + m.shape[1], device=key.device) + (n - q)  # their slots
         real = kpos.gather(1, rows.expand(b, -1)) >= 0
@@ -156,7 +164,7 @@ class DHSA(Method):
         t = max(1, tokens)
         return cls(budget=t, recent=min(128, t // 4), sinks=min(128, t // 4))
 
-    def chunk_ids(self, run, layer: KVLayer, query, key, value, mask, scaling: float) -> torch.Tensor:
+    def chunk_ids(self, run, layer: KVLayer, query, key, value, scaling: float) -> torch.Tensor:
         kpos = layer.stored_pos()[:, 0]
         first = min(i for i, t in enumerate(run.layer_types) if t != "sliding_attention")
         cached = run.shared.get(BOUNDS)
@@ -165,27 +173,23 @@ class DHSA(Method):
         if self.boundaries == "fixed":
             ids = fixed_chunks(kpos, self.chunk)
         else:
-            ratio = mass_ratios(query, key, value, mask, kpos, scaling)
+            ratio = mass_ratios(query, key, value, layer.qpos, kpos, scaling)
             n_keys = int((kpos >= 0).sum(-1).max())
             ids = mass_chunks(ratio, kpos, max(2, (n_keys // self.block) * self.beta), tail=self.dense_tail)
         run.shared[BOUNDS] = ids
         return ids
 
-    def read_mask(self, run, layer: KVLayer, query, key, value, scaling: float) -> torch.Tensor | None:
-        """(B, 1, q, n) bool: what each query reads, or None when the forward stays dense."""
-        b, _, q, _ = query.shape
+    def choose(self, run, layer: KVLayer, query, key, value, scaling: float):
+        """(chosen (B, nqb, n) bool: what each query block reads before causality; local block of every query
+        (B, q); query index per block offset (B, nqb, block)), or None when the forward stays dense."""
+        b = query.shape[0]
         kpos = layer.stored_pos()[:, 0]  # (B, n)
         qpos = layer.qpos  # (B, q)
-        visible = causal_visibility(qpos, kpos)  # (B, 1, q, n)
         if int((kpos >= 0).sum(-1).max()) <= self.budget:
             return None
-        chunk_of = self.chunk_ids(run, layer, query, key, value, visible, scaling)
+        chunk_of = self.chunk_ids(run, layer, query, key, value, scaling)
         n_chunks = int(chunk_of.max()) + 1
-        # query blocks by position (a padded row blocks like its prompt alone); -1 for padding
-        qb = torch.where(qpos >= 0, qpos // self.block, -1)
-        base = qb.masked_fill(qb < 0, 1 << 40).min(-1, keepdim=True).values.clamp_max(qb.max())
-        local = torch.where(qb >= 0, qb - base, -1)  # (B, q) block index within this forward
-        nqb = int(local.max()) + 1
+        local, qidx, nqb = query_blocks(qpos, self.block)  # by position: a padded row blocks as its prompt alone
         # head-averaged representations (queries over H, keys over Hkv: the official code's mean after repeat_kv)
         qrep = chunk_means(query.float().mean(1, keepdim=True), local, nqb)[:, 0]  # (B, nqb, D): mean x sqrt(len)
         krep = chunk_means(key.float().mean(1, keepdim=True), chunk_of, n_chunks)[:, 0]  # (B, nch, D)
@@ -207,25 +211,36 @@ class DHSA(Method):
         chosen.scatter_(2, top.indices, top.values > 0)  # (B, nqb, n)
         if self.sinks:  # the code's global tokens: the earliest `sinks` chosen entries give way to positions 0..
             chosen = (chosen & (chosen.long().cumsum(-1) > self.sinks)) | (vis & (kp < self.sinks))
-        read = chosen.gather(1, local.clamp_min(0).unsqueeze(-1).expand(b, q, chosen.shape[-1]))  # (B, q, n)
-        read = read.unsqueeze(1) & visible
-        if self.dense_tail:
-            tail = torch.zeros(q, dtype=torch.bool, device=read.device)
-            tail[-self.dense_tail :] = True
-            read = torch.where(tail.view(1, 1, q, 1), visible, read)
-        if layer.padded:  # pad queries see everything visible to the row (outputs discarded, no empty rows)
-            read = read | (qpos < 0).view(b, 1, q, 1)
+        return chosen, local, qidx
+
+    def tail(self, q: int) -> int:
+        return min(self.dense_tail, q)
+
+    def read_mask(self, layer: KVLayer, chosen: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """(B, 1, q, n) bool: what each query read (for the recorder; the attention never builds it)."""
+        b, q = local.shape
+        visible = causal_visibility(layer.qpos, layer.stored_pos()[:, 0])
+        read = chosen.gather(1, local.clamp_min(0).unsqueeze(-1).expand(b, q, chosen.shape[-1])).unsqueeze(1) & visible
+        t = self.tail(q)
+        if t:
+            read[:, :, q - t :] = visible[:, :, q - t :]
         return read
 
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         if query.shape[2] == 1 or softcap is not None or layer.static:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
-        read = self.read_mask(run, layer, query, key, value, scaling)
-        if read is None:
+        chosen = self.choose(run, layer, query, key, value, scaling)
+        if chosen is None:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
-        out, _ = masked_attention(query, key, value, read, scaling)
+        chosen, local, qidx = chosen
+        kpos, qpos, q = layer.stored_pos()[:, 0], layer.qpos, query.shape[2]
+        out = block_gather_attention(query, key, value, qidx, mask_to_lists(chosen).unsqueeze(1), qpos, kpos, scaling)
+        t = self.tail(q)
+        if t:  # the last queries (the code's instruction tokens) attend densely
+            out[:, :, q - t :], _ = masked_attention(query[:, :, q - t :], key, value,
+                                                     causal_visibility(qpos[:, q - t :], kpos), scaling)
         if run.recorder is not None:
-            run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=read, scaling=scaling,
-                              out=out))
+            run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value,
+                              mask=self.read_mask(layer, chosen, local), scaling=scaling, out=out))
         layer.compact()
         return out

@@ -12,7 +12,7 @@ import torch
 
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer, _round_up
-from attnkit.kernels.sparse_prefill import masked_attention
+from attnkit.kernels.sparse_prefill import block_gather_attention, mask_to_lists, query_blocks
 from attnkit.methods.base import LayerContext, Method, check_float, check_int
 from attnkit.reference import dense_attention
 
@@ -195,34 +195,36 @@ class TCA(Method):
                              "calibrate it on this model")
         return self._table[torch.tensor(rows)].to(device)
 
-    def choose(self, layer: KVLayer, query, key, value, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen (B, Hkv, nqb, n), block of each query (B, q)) for this forward's query blocks."""
+    def choose(self, layer: KVLayer, query, key, value, scaling: float, group: int = 64):
+        """(chosen (B, Hkv, nqb, n) bool per query block and KV head, before causality; local block of every
+        query (B, q); query index per block offset (B, nqb, block)). Blocks are scored ``group`` at a time."""
         b, h, q, d = query.shape
         hkv = key.shape[1]
         kpos = layer.stored_pos()  # (B, Hkv, n)
         qpos = layer.qpos
-        qb = torch.where(qpos >= 0, qpos // self.block, -1)
-        base = qb.masked_fill(qb < 0, 1 << 40).min(-1, keepdim=True).values.clamp_max(qb.max())
-        local = torch.where(qb >= 0, qb - base, -1)
-        nqb = int(local.max()) + 1
-        # each block's last query: its index in the chunk and its position
+        local, qidx, nqb = query_blocks(qpos, self.block)
         idx = torch.arange(q, device=qpos.device).expand(b, q)
         last_i = torch.full((b, nqb), -1, device=qpos.device, dtype=torch.long)
-        last_i.scatter_reduce_(1, local.clamp_min(0), idx.masked_fill(local < 0, -1), "amax")
+        last_i.scatter_reduce_(1, local.clamp_min(0), idx.masked_fill(local < 0, -1), "amax")  # block's last query
         last_pos = qpos.gather(1, last_i.clamp_min(0))  # (B, nqb)
-        ql = query.gather(2, last_i.clamp_min(0).view(b, 1, nqb, 1).expand(b, h, nqb, d))
-        kp = kpos.unsqueeze(2)  # (B, Hkv, 1, n)
-        vis = (kp >= 0) & (kp <= last_pos.view(b, 1, nqb, 1))
-        _, probs, _ = dense_attention(ql, key, value, vis, scaling)  # (B, H, nqb, n)
-        s = probs.view(b, hkv, h // hkv, nqb, -1).mean(2)
-        old = vis & (kp <= last_pos.view(b, 1, nqb, 1) - self.window)
-        kb = torch.where(kpos >= 0, kpos // self.block, 0).unsqueeze(2).expand_as(s)
         n_kb = int(kpos.max()) // self.block + 1
-        p = self.head_configs(layer.layer_idx, hkv, query.device).view(1, hkv, 1, -1).expand(b, hkv, nqb, -1)
+        p_all = self.head_configs(layer.layer_idx, hkv, query.device)
         ks = torch.tensor(block_counts(self.block), device=query.device)
-        chosen = select_tokens(s, kb, old, p, ks, self.alpha, n_kb)
-        recent = vis & ~old
-        return chosen | recent, local
+        kb_all = torch.where(kpos >= 0, kpos // self.block, 0)
+        chosen = torch.zeros((b, hkv, nqb, kpos.shape[-1]), dtype=torch.bool, device=query.device)
+        for s in range(0, nqb, group):
+            li, lp = last_i[:, s : s + group], last_pos[:, s : s + group]
+            g = li.shape[1]
+            ql = query.gather(2, li.clamp_min(0).view(b, 1, g, 1).expand(b, h, g, d))
+            kp = kpos.unsqueeze(2)  # (B, Hkv, 1, n)
+            vis = (kp >= 0) & (kp <= lp.view(b, 1, g, 1))
+            _, probs, _ = dense_attention(ql, key, value, vis, scaling)  # (B, H, g, n)
+            sc = probs.view(b, hkv, h // hkv, g, -1).mean(2)
+            old = vis & (kp <= lp.view(b, 1, g, 1) - self.window)
+            kb = kb_all.unsqueeze(2).expand_as(sc)
+            p = p_all.view(1, hkv, 1, -1).expand(b, hkv, g, -1)
+            chosen[:, :, s : s + g] = select_tokens(sc, kb, old, p, ks, self.alpha, n_kb) | (vis & ~old)
+        return chosen, local, qidx
 
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         if query.shape[2] == 1 or softcap is not None or layer.static:
@@ -230,17 +232,15 @@ class TCA(Method):
         b, _, q, _ = query.shape
         if int(layer.count.max()) <= self.window:  # everything inside the local window: dense, nothing to shrink
             return attend_layer(run, layer, query, key, value, scaling, softcap)
-        chosen, local = self.choose(layer, query, key, value, scaling)
+        chosen, local, qidx = self.choose(layer, query, key, value, scaling)
         kpos = layer.stored_pos()
-        per_q = chosen.gather(2, local.clamp_min(0).view(b, 1, q, 1).expand(b, chosen.shape[1], q, chosen.shape[-1]))
-        read = per_q & (kpos.unsqueeze(2) <= layer.qpos.view(b, 1, q, 1)) & (kpos.unsqueeze(2) >= 0)
-        if layer.padded:
-            read = read | (layer.qpos < 0).view(b, 1, q, 1)
-        out, _ = masked_attention(query, key, value, read, scaling)
+        out = block_gather_attention(query, key, value, qidx, mask_to_lists(chosen), layer.qpos, kpos, scaling)
         # what each row's last query block chose: the cache keeps it when decoding starts (if no chunk follows)
         row_last = local[:, -1].clamp_min(0).view(b, 1, 1, 1).expand(b, chosen.shape[1], 1, chosen.shape[-1])
         layer.keep = chosen.gather(2, row_last)[:, :, 0]  # (B, Hkv, n)
-        if run.recorder is not None:
+        if run.recorder is not None:  # what each query read, as a mask (built for the recorder only)
+            per_q = chosen.gather(2, local.clamp_min(0).view(b, 1, q, 1).expand(b, chosen.shape[1], q, chosen.shape[-1]))
+            read = per_q & (kpos.unsqueeze(2) <= layer.qpos.view(b, 1, q, 1)) & (kpos.unsqueeze(2) >= 0)
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=read, scaling=scaling,
                               out=out))
         layer.compact()
