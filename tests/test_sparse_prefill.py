@@ -313,3 +313,19 @@ def test_block_gather_attention_equals_the_masked_reference(shared):
     mask = per_q & causal_visibility(qpos, kpos)
     want, _, _ = attnkit.dense_attention(query, key, value, mask, 0.3)
     assert torch.allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_start", [0, 32])
+def test_flex_block_attention_equals_the_block_mask_reference(chunk_start):
+    from attnkit.kernels.sparse_prefill import flex_block_attention
+
+    b, h, hkv, n, d, blk = 1, 4, 2, 96, 16, 16
+    q = n - chunk_start
+    query, key, value = rand(b, h, q, d), rand(b, hkv, n, d, seed=1), rand(b, hkv, n, d, seed=2)
+    nb = n // blk
+    blocks = (rand(b, h, nb, nb, seed=3) > 0) | torch.eye(nb, dtype=torch.bool, device=DEVICE)
+    out = flex_block_attention(query, key, value, blocks, blk, 0.25, compiled=DEVICE == "cuda")
+    pos = torch.arange(n, device=DEVICE)[None]
+    mask = block_token_mask(blocks, n, n, blk, blk)[:, :, chunk_start:] & causal_visibility(pos[:, chunk_start:], pos)
+    want, _, _ = attnkit.dense_attention(query, key, value, mask, 0.25)
+    assert torch.allclose(out.float(), want, atol=1e-5)

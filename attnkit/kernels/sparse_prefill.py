@@ -172,6 +172,48 @@ def block_gather_attention(
     return out[:, :, :q]
 
 
+_FLEX: dict[str, object] = {}
+
+
+def flex_block_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, block: int, scaling: float,
+    compiled: bool | None = None,
+) -> torch.Tensor:
+    """Block-sparse causal attention through FlexAttention: query block i (of this chunk) reads the key blocks
+    ``blocks`` marks, causally. For a layer holding every token in order (slot = position) with the chunk
+    starting on a block boundary.
+
+    query (B, H, q, D) = the last q of n slots; key/value (B, Hkv, n, D); blocks (B, 1 or H, n // block rounded
+    up (query blocks of the whole sequence), same (key blocks)) bool -> (B, H, q, D). On CUDA the compiled
+    kernel skips unmarked blocks; elsewhere FlexAttention's eager path computes the same (slowly: tests only).
+    """
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    b, h, q, d = query.shape
+    n = key.shape[2]
+    if (n - q) % block:
+        raise ValueError(f"flex_block_attention: the chunk starts at slot {n - q}, not on a block of {block}")
+    first = (n - q) // block
+    sel = blocks[:, :, first : first + -(-q // block)].contiguous()  # (B, Hs, q blocks of the chunk, nkb)
+    hs = sel.shape[1]
+    off = n - q
+
+    def mask_mod(bi, hi, qi, ki):
+        return (ki <= qi + off) & sel[bi, hi if hs > 1 else 0, qi // block, ki // block]
+
+    nkb = sel.shape[-1]
+    num = sel.sum(-1).to(torch.int32)
+    idx = torch.where(sel, torch.arange(nkb, device=sel.device), nkb).sort(-1).values.clamp_max(nkb - 1)
+    bm = BlockMask.from_kv_blocks(num, idx.to(torch.int32), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(q, n))
+    use_compiled = query.is_cuda if compiled is None else compiled
+    fn = flex_attention
+    if use_compiled:
+        if "fn" not in _FLEX:
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        fn = _FLEX["fn"]
+    return fn(query, key, value, block_mask=bm, scale=scaling, enable_gqa=key.shape[1] != h)
+
+
 def block_token_mask(blocks: torch.Tensor, q: int, n: int, block_q: int, block_k: int) -> torch.Tensor:
     """(B, Hs, nqb, nkb) bool block choices -> (B, Hs, q, n) bool; query block i covers queries
     [i * block_q, (i + 1) * block_q), key block j covers slots [j * block_k, (j + 1) * block_k)."""
@@ -197,6 +239,7 @@ __all__ = [
     "compact_attention",
     "compact_mask",
     "expand_kv",
+    "flex_block_attention",
     "gather_heads",
     "mask_to_lists",
     "masked_attention",

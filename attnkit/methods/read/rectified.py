@@ -3,13 +3,14 @@ estimate of the mass it kept, plus pooled-value terms for the skipped blocks whe
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
-from attnkit.kernels.sparse_prefill import causal_visibility, masked_attention
+from attnkit.kernels.sparse_prefill import causal_visibility, flex_block_attention, masked_attention
 from attnkit.methods.base import Method, check_float, check_int
 from attnkit.reference import expand_kv
 
@@ -79,7 +80,8 @@ class Rectified(Method):
         return cls(block=max(1, tokens // 16))
 
     def plan(self, layer: KVLayer, query, key, value, scaling: float):
-        """Critical read mask (B, H, q, n), scale (B, H, q, 1) and addend (B, H, q, D), or None (dense)."""
+        """Critical blocks (B, H, query blocks, key blocks) by absolute block id, scale (B, H, q, 1) and addend
+        (B, H, q, D), or None (dense)."""
         b, h, q, d = query.shape
         hkv = key.shape[1]
         kpos = layer.stored_pos()[:, 0]  # (B, n)
@@ -93,22 +95,21 @@ class Rectified(Method):
         vmean, _, _ = block_stats(value, kb, nkb)
         qmean, qdev, _ = block_stats(query, qb, nkb)  # query blocks indexed by absolute block id too
         kmean, kdev, vmean = (expand_kv(t, h) for t in (kmean, kdev, vmean))  # (B, H, nkb, D)
-        # which query blocks this forward holds: (B, nkb) bool
-        has_q = torch.zeros((b, nkb), dtype=torch.bool, device=query.device)
-        has_q.scatter_(1, qb.clamp_min(0), qb >= 0)
-        # visible keys per (query block, key block): past blocks all their keys, the diagonal the mean count
-        visible = causal_visibility(qpos, kpos)[:, 0].float()  # (B, q, n)
-        per_q = torch.zeros((b, q, nkb), device=query.device).scatter_add_(
-            2, kb.clamp_min(0).unsqueeze(1).expand(b, q, -1), visible)  # (B, q, nkb)
+        # visible keys per (query block, key block): a past block all its keys, the diagonal the mean number its
+        # queries see (position p sees p - start + 1 of them: the layer holds every token), later blocks none
         qcnt = torch.zeros((b, nkb), device=query.device).scatter_add_(1, qb.clamp_min(0), (qb >= 0).float())
-        counts = torch.zeros((b, nkb, nkb), device=query.device)
-        counts.scatter_add_(1, qb.clamp_min(0).unsqueeze(-1).expand(b, q, nkb), per_q * (qb >= 0).unsqueeze(-1))
-        counts = counts / qcnt.clamp_min(1).unsqueeze(-1)  # (B, nkb query blocks, nkb key blocks)
+        seen = torch.where(qpos >= 0, qpos % self.block + 1, 0).float()
+        diag = torch.zeros((b, nkb), device=query.device).scatter_add_(1, qb.clamp_min(0), seen)
+        diag = diag / qcnt.clamp_min(1)
+        blocks = torch.arange(nkb, device=query.device)
+        past = blocks.view(1, -1, 1) > blocks.view(1, 1, -1)  # (1, nqb, nkb): key block j before query block i
+        counts = torch.where(past, kcnt.unsqueeze(1), 0.0)
+        counts = counts + torch.diag_embed(diag)
+        counts = counts * (qcnt > 0).unsqueeze(-1)  # (B, nqb, nkb); query blocks outside this forward: none
         z = torch.matmul(qmean, kmean.transpose(-1, -2)) * scaling  # (B, H, nqb, nkb)
         logits = z + counts.clamp_min(1e-30).log().unsqueeze(1)
         logits = logits.masked_fill((counts <= 0).unsqueeze(1), NEG_INF)
         p = logits.softmax(-1).nan_to_num(0.0)  # pooled probabilities with B-fold (visible-count) weights
-        blocks = torch.arange(nkb, device=query.device)
         qi = blocks.view(1, 1, nkb, 1)
         kj = blocks.view(1, 1, 1, nkb)
         avail = counts.unsqueeze(1) > 0
@@ -132,19 +133,26 @@ class Rectified(Method):
         add_b = torch.matmul(p * beneficial, vmean)  # (B, H, nqb, D)
         if not self.rectify:
             scale_b = torch.ones_like(scale_b)
-        # per query: its block's rows; the token mask of the critical blocks, causal
+        # per query: its block's scale and addend
         at = qb.clamp_min(0)
-        crit_q = critical.gather(2, at.view(b, 1, q, 1).expand(b, h, q, nkb))  # (B, H, q, nkb)
-        read = crit_q.gather(3, kb.clamp_min(0).view(b, 1, 1, -1).expand(b, h, q, kb.shape[1]))
-        read = read & causal_visibility(qpos, kpos)
         scale = scale_b.gather(2, at.view(b, 1, q, 1).expand(b, h, q, 1))
         addend = add_b.gather(2, at.view(b, 1, q, 1).expand(b, h, q, d))
-        if layer.padded:  # pad queries: dense and unscaled (outputs discarded, no empty rows)
+        if layer.padded:  # pad queries: unscaled (outputs discarded)
             pad = (qpos < 0).view(b, 1, q, 1)
-            read = read | pad
             scale = torch.where(pad, 1.0, scale)
             addend = torch.where(pad, 0.0, addend)
-        return read, scale, addend
+        return critical, scale, addend
+
+    def read_mask(self, layer: KVLayer, critical: torch.Tensor) -> torch.Tensor:
+        """(B, H, q, n) bool token mask of the critical blocks, causal (pad queries read everything)."""
+        kpos, qpos = layer.stored_pos()[:, 0], layer.qpos
+        b, h, _, nkb = critical.shape
+        q = qpos.shape[1]
+        kb = torch.where(kpos >= 0, kpos // self.block, 0)
+        qb = torch.where(qpos >= 0, qpos // self.block, 0)
+        crit_q = critical.gather(2, qb.view(b, 1, q, 1).expand(b, h, q, nkb))  # (B, H, q, nkb)
+        read = crit_q.gather(3, kb.view(b, 1, 1, -1).expand(b, h, q, kb.shape[1])) & causal_visibility(qpos, kpos)
+        return read | (qpos < 0).view(b, 1, q, 1) if layer.padded else read
 
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         if query.shape[2] == 1 or softcap is not None or layer.static:
@@ -152,8 +160,15 @@ class Rectified(Method):
         planned = self.plan(layer, query, key, value, scaling)
         if planned is None:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
-        read, scale, addend = planned
-        sparse, _ = masked_attention(query, key, value, read, scaling)
+        critical, scale, addend = planned
+        n, q = key.shape[2], query.shape[2]
+        flex = query.is_cuda and layer.holds_prefix() and (n - q) % self.block == 0 and self.block % 16 == 0 \
+            and os.environ.get("ATTNKIT_KERNELS") != "torch"
+        read = None if flex and run.recorder is None else self.read_mask(layer, critical)
+        if flex:  # slot = position: the critical blocks are FlexAttention blocks (compiled, skipped when unmarked)
+            sparse = flex_block_attention(query, key, value, critical, self.block, scaling)
+        else:
+            sparse, _ = masked_attention(query, key, value, read, scaling)
         out = (sparse.float() * scale + addend).to(query.dtype)
         if run.recorder is not None:
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=read, scaling=scaling,
