@@ -1,316 +1,327 @@
-"""Per-layer decode attention microbenchmark: attnkit's Triton kernels against SDPA flash, in one run.
+"""Prefill attention kernels x masks, in the style of the Long-Context Attention Benchmark (LongCA-bench).
 
-Llama-3.1-8B attention shape (32 query / 8 KV heads, head_dim 128, bf16), one decode query per row. For each
-context length it times:
+Masks: full, causal, sliding window, causal document, prefix-LM, share-question, block-causal, top-k block
+sparse, and the sparse-prefill methods' own masks (token_sparse: per-head token sets; dhsa: per query block
+token lists shared by heads; rectified: per-head critical blocks; tca: per KV head token lists). Kernels: SDPA
+flash / efficient / cuDNN (the masks each takes: flash and cuDNN only full and causal; efficient any mask as a
+dense bool tensor while that fits), FlexAttention (compiled, any mask through its mask_mod and block mask), and
+attnkit's kernels for the method masks (``compact_attention``, ``block_gather_attention``,
+``flex_block_attention``). Shapes: Llama-3.1-8B heads (32 query / 8 KV, head_dim 128), batch 1, bf16.
 
-* ``sdpa_flash``: SDPA restricted to the flash backend over exact-length K/V (a prefix view of the buffer).
-* ``attnkit_dense``: :func:`attnkit.kernels.decode_attention` over a capacity buffer (context + 2048 slots),
-  ``n`` read from a device tensor.
-* ``attnkit_sparse_p16`` / ``_p64``: 2048 selected tokens (128 pages of 16 / 32 pages of 64), selection
-  included: ``quest_scores`` + ``topk_pages`` + the sparse kernel, every call.
-* ``gather_sdpa_p16``: the naive baseline, the same Quest selection, then a torch gather of the selected
-  rows and SDPA flash over the copy.
+Per (mask, kernel, length): median forward time over ``--repeats`` timed calls (CUDA events), backward + forward
+where the kernel has one, TFLOP/s counted as 4 x mask area x query heads x head_dim (forward; x 2.5 for the
+backward pass), mask density, and peak memory above the inputs. Rows go to a CSV as they are measured; a rerun
+skips the rows the CSV holds (resume), and ``--seconds`` bounds a run. ``--plot`` draws forward TFLOP/s per mask
+and kernel at the longest length into an SVG.
 
-Then, unless ``--no-breakdown``, a breakdown of the sparse path for pages of 16, 32 and 64 (graph only, no eager
-timing; "bytes" is what each piece must read):
-
-* ``quest_torch_pP``: :func:`attnkit.kernels.quest_scores` (the torch scoring, ~10 small kernels with the masks
-  of ``topk_pages``) -- here the scores alone.
-* ``quest_fused_pP``: :func:`attnkit.kernels.triton_select.quest_scores_masked`, scores and masks in one kernel.
-* ``topk_pP``: ``torch.topk(sorted=False)`` alone on precomputed fp32 scores (2048 / P of them per KV head);
-  ``topk_bisect_pP``: attnkit's one-program-per-row bisection top-k on the same scores.
-* ``sparse_kernel_pP``: :func:`attnkit.kernels.sparse_decode_attention` alone on a precomputed selection.
-* ``sparse_fused_pP``: the whole step with :func:`attnkit.kernels.select_pages` + the sparse kernel.
-
-Each method is captured in a CUDA graph that calls it 24 times, cycling over 2-8 input sets so that the bytes
-read by consecutive calls exceed L2 (60 MB on H200) 4x, even for the sparse methods at 32K (16 MB per call);
-the graph is replayed ``--replays`` times per repeat and the median of ``--repeats`` repeats is reported, next
-to an eager (no graph) median. Effective TB/s counts the
-K+V bytes each call must read; the floor is all bytes read (K+V, plus the page summary for Quest selection)
-over the device-to-device copy bandwidth measured in the same run.
-
-    python benchmarks/attention_kernels.py --contexts 32768,131072,524288 --out results/attention_kernels.json
+    python benchmarks/attention_kernels.py --lengths 8192,32768,131072 --out results/attention_kernels.csv
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import csv
+import math
 import statistics
-from collections.abc import Callable
+import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnkit import kernels
-from attnkit.kernels.torch_ref import selected_slots
+from attnkit.kernels.sparse_prefill import block_gather_attention, compact_attention, flex_block_attention
 
-HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
-SELECTED_TOKENS = 2048
-CALLS_PER_GRAPH = 24  # cycling over the input sets (24 is a multiple of every set count 2..8 but 5, 7)
-L2_BYTES = 60 << 20  # H200; input sets are rotated so that their working sets together exceed it 4x
-HEADROOM = 2048  # free slots past the context in the capacity buffer
+FIELDS = ["mask", "kernel", "length", "pass", "ms", "tflops", "density", "peak_mib", "note"]
+BLOCK = 128
 
 
-def time_graph(fn: Callable[[int], torch.Tensor], sets: int, replays: int, repeats: int) -> float:
-    """Median us per call of ``fn(set_index)`` replayed from a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (and Triton compilation) off the capture stream, as torch advises
-        for i in range(3 * sets):
-            fn(i % sets)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS_PER_GRAPH):
-            fn(i % sets)
-    graph.replay()
-    torch.cuda.synchronize()
+def mask_mods(n: int, device, seed: int = 0) -> dict[str, tuple]:
+    """name -> (mask_mod(b, h, q, k) for FlexAttention, kind for SDPA: "full", "causal" or None, per-head?)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    nb = -(-n // BLOCK)
+    docs = torch.zeros(n, dtype=torch.long)  # causal document: documents of 1-16K tokens
+    at, d = 0, 0
+    while at < n:
+        size = int(torch.randint(1024, 16384, (1,), generator=g))
+        docs[at : at + size] = d
+        at, d = at + size, d + 1
+    docs = docs.to(device)
+    prefix = n // 4
+    q_end = n // 8  # share-question: a question, then 4 answers that each see the question and themselves
+    answer = torch.clamp((torch.arange(n) - q_end) // max(1, (n - q_end) // 4), min=-1).to(device)
+    density = 0.125  # top-k block sparse: 1/8 of the causal key blocks per query block, plus the diagonal
+    topk = (torch.rand(nb, nb, generator=g) < density).tril().to(device) | torch.eye(nb, dtype=torch.bool, device=device)
+
+    def full(b, h, q, k):
+        return (q >= 0) & (k >= 0)
+
+    def causal(b, h, q, k):
+        return k <= q
+
+    def sliding(b, h, q, k):
+        return (k <= q) & (q - k < 4096)
+
+    def document(b, h, q, k):
+        return (k <= q) & (docs[q] == docs[k])
+
+    def prefix_lm(b, h, q, k):
+        return (k <= q) | (k < prefix)
+
+    def share_question(b, h, q, k):
+        return (k <= q) & ((k < q_end) | (answer[q] == answer[k]))
+
+    def block_causal(b, h, q, k):
+        return (k // 2048) <= (q // 2048)
+
+    def topk_blocks(b, h, q, k):
+        return (k <= q) & topk[q // BLOCK, k // BLOCK]
+
+    return {"full": (full, "full"), "causal": (causal, "causal"), "sliding_window": (sliding, None),
+            "causal_document": (document, None), "prefix_lm": (prefix_lm, None),
+            "share_question": (share_question, None), "block_causal": (block_causal, None),
+            "topk_block_sparse": (topk_blocks, None)}
+
+
+def timed(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` calls after one warm-up (CUDA events; wall clock on CPU)."""
+    fn()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (replays * CALLS_PER_GRAPH))
-    del graph
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
     return statistics.median(times)
 
 
-def time_eager(fn: Callable[[int], torch.Tensor], sets: int, calls: int, repeats: int) -> float:
-    """Median us per call launched eagerly (host launch overhead included)."""
-    times = []
-    for _ in range(repeats):
+def area(mask_mod, n: int, device, rows: int = 2048) -> int:
+    """Exact number of visible (query, key) pairs, evaluated in row blocks."""
+    total = 0
+    k = torch.arange(n, device=device).view(1, -1)
+    for s in range(0, n, rows):
+        q = torch.arange(s, min(n, s + rows), device=device).view(-1, 1)
+        total += int(mask_mod(0, 0, q, k).sum())
+    return total
+
+
+def method_inputs(n: int, h: int, hkv: int, device, seed: int = 0) -> dict[str, tuple]:
+    """The method masks as their kernels take them, at settings like the papers' (random choices of the shapes
+    the methods produce): token_sparse keeps half of the tokens per head plus a 128 window; dhsa reads 2,048
+    tokens per query block of 128 (the 128 newest and random others); rectified keeps 20% of the key blocks per
+    head (plus the sink and diagonal); tca 1,024 tokens per KV head and query block plus a 4,096 window."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    nb = -(-n // BLOCK)
+    keep = n // 2
+    sets = torch.stack([torch.randperm(n - 128, generator=g)[:keep].sort().values for _ in range(h)])
+    sets = torch.cat([sets, torch.arange(n - 128, n).expand(h, 128)], dim=-1)[None].to(device)
+    pos = torch.arange(n, device=device)[None]
+    qidx = torch.arange(nb * BLOCK, device=device).view(1, nb, BLOCK)
+    qidx = torch.where(qidx < n, qidx, -1)
+
+    def lists(per: int, heads: int, window: int) -> torch.Tensor:
+        out = torch.full((1, heads, nb, per + window), -1, dtype=torch.long)
+        for i in range(nb):
+            end = min(n, (i + 1) * BLOCK)
+            recent = torch.arange(max(0, end - window), end)
+            old = end - len(recent)
+            pick = torch.randperm(old, generator=g)[: min(per, old)] if old else torch.zeros(0, dtype=torch.long)
+            for hh in range(heads):
+                row = torch.cat([pick if hh == 0 else torch.randperm(old, generator=g)[: min(per, old)], recent])
+                row = row.sort().values
+                out[0, hh, i, -len(row):] = row
+        return out.to(device)
+
+    crit = (torch.rand(1, h, nb, nb, generator=g) < 0.2).tril().to(device)
+    crit = crit | torch.eye(nb, dtype=torch.bool, device=device) | (torch.arange(nb, device=device) == 0)
+    return {"token_sparse": ("compact", sets, pos, keep + 128),
+            "dhsa": ("gather", qidx, lists(2048 - 128, 1, 128), pos),
+            "rectified": ("flex_blocks", crit),
+            "tca": ("gather", qidx, lists(1024, hkv, 4096), pos)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="8192,16384,32768,65536,131072")
+    ap.add_argument("--masks", default="")
+    ap.add_argument("--kernels", default="sdpa_flash,sdpa_efficient,sdpa_cudnn,flex,attnkit")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--dense-mask-limit", type=int, default=32768, help="largest length given a dense bool mask")
+    ap.add_argument("--seconds", type=float, default=0, help="stop starting new rows after this long (0: none)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=Path("results/attention_kernels.csv"))
+    ap.add_argument("--plot", type=Path, help="write an SVG of forward TFLOP/s at the longest length and exit")
+    args = ap.parse_args(argv)
+    if args.plot:
+        return plot(args.out, args.plot)
+    t0 = time.time()
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    h, hkv, d = args.heads, args.kv_heads, args.head_dim
+    done = set()
+    if args.out.is_file():
+        with args.out.open() as f:
+            done = {(r["mask"], r["kernel"], r["length"], r["pass"]) for r in csv.DictReader(f)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not args.out.is_file()
+    out = args.out.open("a", newline="")
+    writer = csv.DictWriter(out, FIELDS)
+    if new_file:
+        writer.writeheader()
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False) if dev.type == "cuda" else flex_attention
+    kernels = args.kernels.split(",")
+    for n in [int(x) for x in args.lengths.split(",")]:
+        q = torch.randn(1, h, n, d, device=dev, dtype=dtype)
+        k = torch.randn(1, hkv, n, d, device=dev, dtype=dtype)
+        v = torch.randn(1, hkv, n, d, device=dev, dtype=dtype)
+        mods = mask_mods(n, dev)
+        wanted = [m for m in (args.masks.split(",") if args.masks else [*mods, "token_sparse", "dhsa", "rectified",
+                                                                          "tca"])]
+        for name in wanted:
+            if name in mods:
+                mod, kind = mods[name]
+                mask_area = area(mod, n, dev)
+            else:
+                mod, kind, mask_area = None, None, None
+            for kernel in kernels:
+                for pas in (["fwd"] if args.no_backward else ["fwd", "fwd+bwd"]):
+                    if (name, kernel, str(n), pas) in done:
+                        continue
+                    if args.seconds and time.time() - t0 > args.seconds:
+                        print("time bound reached", file=sys.stderr)
+                        out.close()
+                        return 0
+                    row = run_one(name, kernel, pas, n, q, k, v, mod, kind, mask_area, mods, flex, create_block_mask,
+                                  args, dev)
+                    if row is None:
+                        continue
+                    writer.writerow(row)
+                    out.flush()
+                    print(",".join(str(row[f]) for f in FIELDS), flush=True)
+        del q, k, v
+    out.close()
+    return 0
+
+
+def run_one(name, kernel, pas, n, q, k, v, mod, kind, mask_area, mods, flex, create_block_mask, args, dev):
+    """One measured row, or None where the kernel does not take the mask (or this pass)."""
+    h, d = q.shape[1], q.shape[-1]
+    scale = d**-0.5
+    note = ""
+    method = mod is None
+    if method:
+        if kernel != "attnkit" or pas != "fwd":
+            return None  # attnkit's sparse-prefill kernels are forward only
+        spec = method_inputs(n, h, k.shape[1], dev)[name]
+        if spec[0] == "compact":
+            _, sets, pos, per = spec
+            fn = lambda: compact_attention(q, k, v, pos, sets, per, scale)  # noqa: E731
+            mask_area = per * (per + 1) / 2  # per head: kept queries causally over kept keys
+        elif spec[0] == "gather":
+            _, qidx, lists, pos = spec
+            fn = lambda: block_gather_attention(q, k, v, qidx, lists, pos, pos, scale)  # noqa: E731
+            mask_area = float((lists >= 0).sum()) * BLOCK / lists.shape[1]  # upper bound: every query reads its list
+            note = "area: block lists x block"
+        else:
+            crit = spec[1]
+            fn = lambda: flex_block_attention(q, k, v, crit, BLOCK, scale)  # noqa: E731
+            mask_area = float(crit.sum()) * BLOCK * BLOCK / h
+            note = "area: critical blocks x block^2"
+    else:
+        need_grad = pas == "fwd+bwd"
+        qq, kk, vv = (t.detach().requires_grad_(need_grad) for t in (q, k, v))
+        if kernel in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient"):
+            backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+                       "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[kernel]
+            attn_mask = None
+            if kind is None:
+                if kernel != "sdpa_efficient" or n > args.dense_mask_limit:
+                    return None
+                qi = torch.arange(n, device=dev).view(-1, 1)
+                attn_mask = mod(0, 0, qi, torch.arange(n, device=dev).view(1, -1))
+            # SDPA's masked and cuDNN paths take no grouped heads: repeat K/V (counted in peak memory)
+            rep = kernel != "sdpa_flash"
+            ke = kk.repeat_interleave(h // kk.shape[1], 1) if rep else kk
+            ve = vv.repeat_interleave(h // vv.shape[1], 1) if rep else vv
+
+            def call():
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(qq, ke, ve, attn_mask=attn_mask, scale=scale,
+                                                          is_causal=kind == "causal", enable_gqa=not rep)
+        elif kernel == "flex":
+            t = time.time()
+            bm = create_block_mask(mod, 1, 1, n, n, device=dev)
+            note = f"block mask {time.time() - t:.1f}s"
+
+            def call():
+                return flex(qq, kk, vv, block_mask=bm, scale=scale, enable_gqa=True)
+        else:
+            return None
+
+        def fn():
+            o = call()
+            if need_grad:
+                o.sum().backward()
+            return o
+    if dev.type == "cuda":
         torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(calls):
-            fn(i % sets)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    try:
+        ms = timed(fn, args.repeats)
+    except (RuntimeError, torch.OutOfMemoryError) as exc:  # a kernel that refuses this shape: say so in the row
+        return {"mask": name, "kernel": kernel, "length": n, "pass": pas, "ms": "", "tflops": "", "density": "",
+                "peak_mib": "", "note": f"refused: {str(exc).splitlines()[0][:120]}"}
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.type == "cuda" else float("nan")
+    flops = 4 * mask_area * h * d * (3.5 if pas == "fwd+bwd" else 1.0)
+    row = {"mask": name, "kernel": kernel, "length": n, "pass": pas, "ms": round(ms, 3),
+           "tflops": round(flops / ms / 1e9, 1), "density": round(mask_area / (n * n), 4),
+           "peak_mib": round(peak, 1), "note": note}
+    return row
 
 
-def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting read + write."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * nbytes * reps / (start.elapsed_time(end) * 1e-3)
+def plot(csv_path: Path, svg: Path) -> int:
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def set_count(context: int, batch: int) -> int:
-    """Input sets to rotate over: enough that sparse calls (selected K/V + page-16 summary) overflow L2 4x."""
-    sparse_bytes = batch * KV_HEADS * HEAD_DIM * DTYPE.itemsize * (2 * SELECTED_TOKENS + 2 * context // 16)
-    count = min(8, max(2, -(-4 * L2_BYTES // sparse_bytes)))
-    return next(c for c in (count, 6, 4, 3, 2) if c <= count and CALLS_PER_GRAPH % c == 0)
-
-
-def make_sets(context: int, batch: int, sets: int) -> list[dict[str, torch.Tensor]]:
-    """Input sets: q (B, H, 1, D); k, v (B, Hkv, cap, D) capacity buffers; pos (B, Hkv, cap), -1 past context."""
-    cap = context + HEADROOM
-    out = []
-    for _ in range(sets):
-        pos = torch.arange(cap, device="cuda").expand(batch, KV_HEADS, cap).contiguous()
-        pos[..., context:] = -1
-        out.append(
-            dict(
-                q=torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE),
-                k=torch.randn(batch, KV_HEADS, cap, HEAD_DIM, device="cuda", dtype=DTYPE),
-                v=torch.randn(batch, KV_HEADS, cap, HEAD_DIM, device="cuda", dtype=DTYPE),
-                pos=pos,
-                n=torch.tensor([context], device="cuda", dtype=torch.int32),
-                out=torch.empty(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE),
-            )
-        )
-    return out
-
-
-def methods(context: int, sets: list[dict[str, torch.Tensor]]) -> dict[str, tuple[Callable[[int], torch.Tensor], int]]:
-    """name -> (fn(set_index), extra bytes read besides K+V: the page summaries)."""
-    found: dict[str, tuple[Callable[[int], torch.Tensor], int]] = {}
-
-    def sdpa(i: int) -> torch.Tensor:
-        s = sets[i]
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(
-                s["q"], s["k"][:, :, :context], s["v"][:, :, :context], enable_gqa=True
-            )
-
-    def dense(i: int) -> torch.Tensor:
-        s = sets[i]
-        return kernels.decode_attention(s["q"], s["k"], s["v"], s["pos"], s["n"], out=s["out"])
-
-    found["sdpa_flash"] = (sdpa, 0)
-    found["attnkit_dense"] = (dense, 0)
-    for page in (16, 64):
-        for s in sets:  # built once, as a decode loop would keep them up to date with update_page_summary
-            s[f"summary{page}"] = kernels.page_summaries(s["k"], s["pos"], page)
-            s[f"pages{page}"] = torch.tensor([-(-context // page)], device="cuda")
-        summary_bytes = sets[0][f"summary{page}"].numel() * sets[0][f"summary{page}"].element_size()
-
-        def select(s: dict[str, torch.Tensor], page: int = page) -> torch.Tensor:
-            scores = kernels.quest_scores(s["q"], s[f"summary{page}"])
-            return kernels.topk_pages(scores, SELECTED_TOKENS // page, s[f"pages{page}"], force_last=True)
-
-        def sparse(i: int, page: int = page, select: Callable = select) -> torch.Tensor:
-            s = sets[i]
-            idx = select(s)
-            return kernels.sparse_decode_attention(s["q"], s["k"], s["v"], s["pos"], idx, page, out=s["out"])
-
-        found[f"attnkit_sparse_p{page}"] = (sparse, summary_bytes)
-        if page == 16:
-
-            def gather(i: int, select: Callable = select) -> torch.Tensor:
-                s = sets[i]
-                slots, _ = selected_slots(select(s), 16, s["k"].shape[2])  # every selected slot is valid here
-                rows = slots.unsqueeze(-1).expand(*slots.shape, HEAD_DIM)
-                k_sel, v_sel = s["k"].gather(2, rows), s["v"].gather(2, rows)
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    return F.scaled_dot_product_attention(s["q"], k_sel, v_sel, enable_gqa=True)
-
-            found["gather_sdpa_p16"] = (gather, summary_bytes)
-    return found
-
-
-def breakdown(context: int, sets: list[dict[str, torch.Tensor]]) -> list[tuple[str, Callable[[int], torch.Tensor], int]]:
-    """(name, fn(set_index), bytes it must read) for the pieces of the sparse path; see the module docstring."""
-    from attnkit.kernels import triton_select
-
-    rows: list[tuple[str, Callable[[int], torch.Tensor], int]] = []
-    for page in (16, 32, 64):
-        take = SELECTED_TOKENS // page
-        for s in sets:
-            if f"summary{page}" not in s:
-                s[f"summary{page}"] = kernels.page_summaries(s["k"], s["pos"], page)
-                s[f"pages{page}"] = torch.tensor([-(-context // page)], device="cuda")
-            s[f"scores{page}"] = triton_select.quest_scores_masked(s["q"], s[f"summary{page}"], s[f"pages{page}"])
-            s[f"idx{page}"] = triton_select.topk_from_masked(s[f"scores{page}"], take)
-        s0 = sets[0]
-        summary_bytes = s0[f"summary{page}"].numel() * s0[f"summary{page}"].element_size()
-        score_bytes = s0[f"scores{page}"].numel() * 4
-        kv_sparse = 2 * s0["q"].shape[0] * KV_HEADS * SELECTED_TOKENS * HEAD_DIM * DTYPE.itemsize
-
-        def quest_torch(i: int, page: int = page) -> torch.Tensor:
-            return kernels.quest_scores(sets[i]["q"], sets[i][f"summary{page}"])
-
-        def quest_fused(i: int, page: int = page) -> torch.Tensor:
-            s = sets[i]
-            return triton_select.quest_scores_masked(s["q"], s[f"summary{page}"], s[f"pages{page}"],
-                                                     out=s[f"scores{page}"])
-
-        def topk(i: int, page: int = page, take: int = take) -> torch.Tensor:
-            return torch.topk(sets[i][f"scores{page}"], take, dim=-1, sorted=False).indices
-
-        def topk_bisect(i: int, page: int = page, take: int = take) -> torch.Tensor:
-            return triton_select.topk_bisect(sets[i][f"scores{page}"], take)
-
-        def sparse_kernel(i: int, page: int = page) -> torch.Tensor:
-            s = sets[i]
-            return kernels.sparse_decode_attention(s["q"], s["k"], s["v"], s["pos"], s[f"idx{page}"], page,
-                                                   out=s["out"])
-
-        def sparse_fused(i: int, page: int = page, take: int = take) -> torch.Tensor:
-            s = sets[i]
-            idx = kernels.select_pages(s["q"], s[f"summary{page}"], take, s[f"pages{page}"], force_last=True)
-            return kernels.sparse_decode_attention(s["q"], s["k"], s["v"], s["pos"], idx, page, out=s["out"])
-
-        rows += [
-            (f"quest_torch_p{page}", quest_torch, summary_bytes),
-            (f"quest_fused_p{page}", quest_fused, summary_bytes),
-            (f"topk_p{page}", topk, score_bytes),
-            (f"topk_bisect_p{page}", topk_bisect, score_bytes),
-            (f"sparse_kernel_p{page}", sparse_kernel, kv_sparse),
-            (f"sparse_fused_p{page}", sparse_fused, kv_sparse + summary_bytes),
-        ]
-    return rows
-
-
-def check_selection(sets: list[dict[str, torch.Tensor]], page: int) -> float:
-    """Fraction of select_pages' picks that the torch path (quest_scores + topk_pages) also picks."""
-    s = sets[0]
-    take = SELECTED_TOKENS // page
-    fused = kernels.select_pages(s["q"], s[f"summary{page}"], take, s[f"pages{page}"])
-    ref = kernels.topk_pages(kernels.quest_scores(s["q"], s[f"summary{page}"]), take, s[f"pages{page}"])
-    hit = (fused.unsqueeze(-1) == ref.unsqueeze(-2)).any(-1) & (fused >= 0)
-    return hit.sum().item() / max(1, (ref >= 0).sum().item())
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", default="32768,131072,524288", help="comma-separated context lengths")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--replays", type=int, default=8, help="graph replays per repeat (x24 calls each)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-breakdown", action="store_true", help="skip the sparse-path breakdown rows")
-    parser.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
-    args = parser.parse_args()
-    assert torch.cuda.is_available(), "GPU benchmark"
-    torch.manual_seed(0)
-    bw = copy_bandwidth()
-    print(f"device: {torch.cuda.get_device_name()}, kernels backend: {kernels.backend('cuda')}, "
-          f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    rows = []
-    for context in [int(c) for c in args.contexts.split(",")]:
-        sets = make_sets(context, args.batch, set_count(context, args.batch))
-        found = methods(context, sets)
-        # A sanity check worth its microseconds on a first run: the dense kernel against SDPA flash.
-        ref = found["sdpa_flash"][0](0).float()
-        err = (found["attnkit_dense"][0](0).float() - ref).abs().max().item()
-        print(f"\ncontext {context} ({len(sets)} input sets): |attnkit_dense - sdpa_flash| max = {err:.2e}")
-        kv_dense = 2 * args.batch * KV_HEADS * context * HEAD_DIM * DTYPE.itemsize
-        kv_sparse = 2 * args.batch * KV_HEADS * SELECTED_TOKENS * HEAD_DIM * DTYPE.itemsize
-        base = None
-        print("| method | graph us | eager us | KV TB/s | floor us | vs sdpa_flash |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for name, (fn, extra) in found.items():
-            graph_us = time_graph(fn, len(sets), args.replays, args.repeats)
-            eager_us = time_eager(fn, len(sets), 50, args.repeats)
-            kv = kv_dense if name in ("sdpa_flash", "attnkit_dense") else kv_sparse
-            floor_us = (kv + extra) / bw * 1e6
-            base = graph_us if base is None else base
-            row = dict(context=context, batch=args.batch, method=name, graph_us=graph_us, eager_us=eager_us,
-                       kv_bytes=kv, extra_bytes=extra, kv_tbps=kv / graph_us / 1e6, floor_us=floor_us,
-                       speedup_vs_sdpa_flash=base / graph_us)
-            rows.append(row)
-            print(f"| {name} | {graph_us:.1f} | {eager_us:.1f} | {row['kv_tbps']:.2f} | {floor_us:.1f} | "
-                  f"{row['speedup_vs_sdpa_flash']:.2f}x |", flush=True)
-        if not args.no_breakdown:
-            pieces = breakdown(context, sets)
-            overlap = ", ".join(f"p{p} {check_selection(sets, p):.3f}" for p in (16, 32, 64))
-            print(f"\nbreakdown, context {context}; select_pages picks shared with quest_scores + topk_pages: {overlap}")
-            print("| piece | graph us | bytes read MB | TB/s | floor us | vs sdpa_flash |")
-            print("| --- | ---: | ---: | ---: | ---: | ---: |")
-            for name, fn, nbytes in pieces:
-                graph_us = time_graph(fn, len(sets), args.replays, args.repeats)
-                floor_us = nbytes / bw * 1e6
-                row = dict(context=context, batch=args.batch, method=name, graph_us=graph_us, eager_us=None,
-                           kv_bytes=None, extra_bytes=nbytes, kv_tbps=None, floor_us=floor_us,
-                           speedup_vs_sdpa_flash=base / graph_us, breakdown=True)
-                rows.append(row)
-                print(f"| {name} | {graph_us:.1f} | {nbytes / 1e6:.1f} | {nbytes / graph_us / 1e6:.2f} | "
-                      f"{floor_us:.1f} | {row['speedup_vs_sdpa_flash']:.2f}x |", flush=True)
-        del sets, found
-        torch.cuda.empty_cache()
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_bw_bytes_per_s=bw,
-                    heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=str(DTYPE))
-        args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-        print(f"\nwrote {args.out}")
+    rows = [r for r in csv.DictReader(csv_path.open()) if r["pass"] == "fwd" and r["tflops"]]
+    longest = max(int(r["length"]) for r in rows)
+    rows = [r for r in rows if int(r["length"]) == longest]
+    masks = list(dict.fromkeys(r["mask"] for r in rows))
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(kernels)
+    for i, kname in enumerate(kernels):
+        vals = [next((float(r["tflops"]) for r in rows if r["mask"] == m and r["kernel"] == kname), math.nan)
+                for m in masks]
+        ax.bar([x + i * width for x in range(len(masks))], vals, width, label=kname)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(masks))], masks, rotation=30, ha="right")
+    ax.set_ylabel("forward TFLOP/s")
+    ax.set_title(f"prefill attention at {longest:,} tokens (Llama-3.1-8B heads, bf16)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    svg.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(svg)
+    print(svg)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

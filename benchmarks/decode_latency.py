@@ -141,6 +141,12 @@ def settings_for(budget: int, sinks: int = 4, window: int | None = None) -> dict
         "fasa": {"budget": k},
         "recycled_attention": {"recycled": k},
         "spatten": {"budget": k},
+        # sparse prefill (decode dense): the papers' defaults; DHSA with fixed chunks (its mass labelling is an
+        # eager attention pass over the first layer); TCA without a profile takes its middle configuration
+        "token_sparse": {},
+        "dhsa": {"budget": k, "boundaries": "fixed", "chunk": 32},
+        "rectified": {},
+        "tca": {},
     }
 
 

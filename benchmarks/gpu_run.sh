@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -14,7 +14,7 @@ for s in $stages; do
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 python3 -m pytest -q -p no:cacheprovider \
         tests/test_kernels.py tests/test_methods.py tests/test_api.py tests/test_padded_batch.py tests/test_static_decode.py 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
     kernels)
-      python3 benchmarks/attention_kernels.py --out "$OUT/kernels.json" 2>&1 | tail -40 | tee "$OUT/kernels.log" ;;
+      python3 benchmarks/decode_kernels.py --out "$OUT/kernels.json" 2>&1 | tail -40 | tee "$OUT/kernels.log" ;;
     decode32)
       python3 benchmarks/decode_latency.py --context 32768 --new-tokens 32 --out "$OUT/decode_32k.json" 2>&1 | tail -14 | tee "$OUT/decode_32k.log" ;;
     decode128)
@@ -36,6 +36,15 @@ for s in $stages; do
       python3 benchmarks/decode_latency.py --context $ctx --new-tokens 32 --skip-hf --skip-compile \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,streaming_llm \
         --out "$OUT/family_$ctx.json" 2>&1 | tail -16 | tee "$OUT/family_$ctx.log" ;;
+    prefill32|prefill128)  # issue 10: sparse prefill methods, one prefill chunk (time to first token, prefill s)
+      ctx=$([ "$s" = prefill32 ] && echo 32768 || echo 131072)
+      python3 benchmarks/decode_latency.py --context $ctx --new-tokens 2 --prefill-chunk $ctx --skip-hf --skip-compile \
+        --methods full,token_sparse,dhsa,rectified,tca --out "$OUT/prefill_$ctx.json" 2>&1 | tail -12 | tee "$OUT/prefill_$ctx.log" ;;
+    attnkernels)  # issue 10: masks x kernels, 8K-128K (resumable CSV, bounded)
+      python3 benchmarks/attention_kernels.py --seconds 480 --out "$OUT/attention_kernels.csv" 2>&1 | grep -v Warn | tail -60 | tee "$OUT/attention_kernels.log" ;;
+    sparsetests)  # issue 10's kernels and methods on CUDA (flex compiled, bf16)
+      ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 python3 -m pytest -q -p no:cacheprovider tests/test_sparse_prefill.py \
+        tests/test_methods.py tests/test_padded_batch.py -k "token_sparse or dhsa or rectified or tca or sparse_prefill" 2>&1 | tail -30 | tee "$OUT/sparsetests.log" ;;
     decode32b8)
       python3 benchmarks/decode_latency.py --context 32768 --batch 8 --new-tokens 16 --skip-hf --skip-compile --out "$OUT/decode_32k_b8.json" 2>&1 | tail -14 | tee "$OUT/decode_32k_b8.log" ;;
   esac
