@@ -234,7 +234,7 @@ def test_token_sparse_drift_profile_picks_the_low_drift_layers(tmp_path):
         assert run.method.sparse_layers(run) == [0, 1, 2]
     bad = tmp_path / "bad.json"
     bad.write_text('{"drift": [1]}')
-    with pytest.raises(ValueError, match="not a drift profile"):
+    with pytest.raises(ValueError, match="not a token_sparse profile"):
         attnkit.make_method("token_sparse", profile=str(bad))
 
 

@@ -10,7 +10,9 @@ The model's own sliding-window layers (Gemma-3) always get a plain window layer;
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -49,6 +51,21 @@ def check_float(method: str, name: str, value: Any, lo: float, hi: float) -> Non
 def check_choice(method: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{method}: {name}={value!r} is invalid; accepted: {', '.join(map(repr, choices))}")
+
+
+def load_json_profile(method: str, path: str, need: tuple[str, ...], make: str = "") -> dict:
+    """A calibration profile (JSON) with fields ``need``; one clear ValueError for a missing, unreadable or
+    foreign file. ``make`` is the command that writes one (default: `attnkit calibrate METHOD ...`)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        make = make or f"attnkit calibrate {method} --model ... -o profile.json"
+        raise ValueError(f"{method}: profile {path!r} not found; make one with `{make}`") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{method}: profile {path!r} is not a readable JSON profile ({exc})") from None
+    if not isinstance(data, dict) or any(k not in data for k in need):
+        raise ValueError(f"{method}: {path!r} is not a {method} profile; accepted: JSON with fields {', '.join(need)}")
+    return data
 
 
 @dataclass

@@ -3,9 +3,7 @@ sequence, output scattered back (dropped tokens live on through the residual str
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
 from attnkit.kernels.sparse_prefill import compact_attention, compact_mask
-from attnkit.methods.base import Method, check_float, check_int
+from attnkit.methods.base import Method, check_float, check_int, load_json_profile
 from attnkit.methods.read.zerotuning import parse_indices
 from attnkit.reference import dense_attention
 
@@ -22,14 +20,8 @@ NEG_INF = float("-inf")
 
 def load_drift(path: str) -> dict:
     """A drift profile (JSON from ``attnkit calibrate token_sparse``): num_layers and drift per layer."""
-    try:
-        p = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"token_sparse: profile {path!r} not found; make one with `attnkit calibrate token_sparse "
-                         "--model ... -o drift.json`") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"token_sparse: profile {path!r} is not a readable JSON profile ({exc})") from None
-    if not isinstance(p, dict) or not isinstance(p.get("drift"), list) or p.get("num_layers") != len(p["drift"]):
+    p = load_json_profile("token_sparse", path, ("num_layers", "drift"))
+    if not isinstance(p["drift"], list) or p["num_layers"] != len(p["drift"]):
         raise ValueError(f"token_sparse: {path!r} is not a drift profile; accepted: JSON with fields num_layers and "
                          "drift (one number per layer)")
     return p

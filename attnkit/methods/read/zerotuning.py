@@ -16,14 +16,12 @@ head search of ``attnkit calibrate zerotuning`` (attnkit/calibrate_heads.py) is 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from attnkit.hf.attention import attend_layer
-from attnkit.methods.base import Method, check_float
+from attnkit.methods.base import Method, check_float, load_json_profile
 from attnkit.methods.read.weighing import attention_lse, bias_initial, initial_bias_tensor
 from attnkit.session import text_config
 
@@ -48,17 +46,10 @@ def parse_indices(method: str, name: str, spec: str) -> list[int] | None:
 
 def load_gammas(method: str, path: str) -> dict:
     """A head-gamma profile (JSON from ``attnkit calibrate zerotuning``): fields num_layers, num_heads, gammas."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{method}: profile {path!r} not found; make one with `attnkit calibrate {method} "
-                         "--model ... --task ... -o profile.json`") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{method}: profile {path!r} is not a readable JSON profile ({exc})") from None
-    need = ("num_layers", "num_heads", "gammas")
-    if not isinstance(data, dict) or any(k not in data for k in need) or data.get("method") != method:
-        raise ValueError(f"{method}: {path!r} is not a {method} profile; accepted: JSON with method={method!r} "
-                         f"and fields {', '.join(need)}")
+    data = load_json_profile(method, path, ("method", "num_layers", "num_heads", "gammas"),
+                             f"attnkit calibrate {method} --model ... --task ... -o profile.json")
+    if data["method"] != method:
+        raise ValueError(f"{method}: {path!r} is not a {method} profile; accepted: JSON with method={method!r}")
     return data
 
 

@@ -3,17 +3,15 @@ sparse prefill over the chosen tokens plus a local window, and the KV cache shru
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer, _round_up
 from attnkit.kernels.sparse_prefill import block_gather_attention, mask_to_lists, query_blocks
-from attnkit.methods.base import LayerContext, Method, check_float, check_int
+from attnkit.methods.base import LayerContext, Method, check_float, check_int, load_json_profile
 from attnkit.reference import dense_attention
 
 NEG_INF = float("-inf")
@@ -72,17 +70,8 @@ def select_tokens(s: torch.Tensor, kb: torch.Tensor, old: torch.Tensor, p: torch
 
 
 def load_profile(path: str) -> dict:
-    try:
-        p = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"tca: profile {path!r} not found; make one with `attnkit calibrate tca --model ... "
-                         "-o tca.json`") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"tca: profile {path!r} is not a readable JSON profile ({exc})") from None
-    need = ("block", "configs", "layers")
-    if not isinstance(p, dict) or any(f not in p for f in need):
-        raise ValueError(f"tca: {path!r} is not a TCA profile; accepted: JSON with fields {', '.join(need)}")
-    return p
+    """A TCA profile (JSON from ``attnkit calibrate tca``): block, configs and per-layer head configurations."""
+    return load_json_profile("tca", path, ("block", "configs", "layers"))
 
 
 class TCALayer(KVLayer):
