@@ -109,6 +109,20 @@ def compact_mask(keys_idx: torch.Tensor, n: int, q: int, kpos: torch.Tensor, qpo
     return chosen[:, :, -q:].unsqueeze(-1) & chosen.unsqueeze(2) & causal_visibility(qpos, kpos)
 
 
+def flex_ready(layer, query: torch.Tensor, block: int, kernel: str) -> bool:
+    """True when a prefill chunk may go to :func:`flex_block_attention`: ``kernel`` is "flex" or "auto" on CUDA
+    (and ``ATTNKIT_KERNELS`` is not "torch"), the layer holds every token in order unpadded (slot = position)
+    and the chunk starts on a block boundary."""
+    import os
+
+    if kernel == "gather" or (kernel == "auto" and (not query.is_cuda or os.environ.get("ATTNKIT_KERNELS") == "torch")):
+        return False
+    aligned = layer.n == layer.seen and not layer.padded and (layer.n - query.shape[2]) % block == 0
+    if kernel == "flex" and not aligned:
+        return False  # a padded or evicted layout: the gather path (same result)
+    return aligned
+
+
 def query_blocks(qpos: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Query blocks by position, so a padded row blocks as its prompt alone: qpos (B, q) -> (local block of
     every query (B, q), -1 for padding; query index at each (block, offset) (B, nqb, block), -1 where none;
@@ -164,28 +178,48 @@ def block_gather_attention(
         vv = value.gather(2, safe_k.unsqueeze(-1).expand(b, hkv, nb * k, value.shape[-1])).view(b, hkv, 1, nb, k, -1)
         kp = kpos3.gather(2, safe_k).masked_fill(li.reshape(b, hkv, -1) < 0, -1).view(b, hkv, 1, nb, 1, k)
         mask = (kp >= 0) & (kp <= qp) & (qp >= 0)  # (B, Hkv, 1, nb, blk, k)
-        scores = torch.matmul(qq.float(), kk.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, nb, blk, k)
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
-        o = torch.matmul(probs, vv.float()).to(query.dtype).view(b, h, nb * blk, d)
+        if query.is_cuda and query.dtype != torch.float32:
+            o = _sdpa_blocks(qq, kk, vv, mask, scaling)
+        else:
+            scores = torch.matmul(qq.float(), kk.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, nb, blk, k)
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+            o = torch.matmul(probs, vv.float()).to(query.dtype)
+        o = o.reshape(b, h, nb * blk, d)
         at = torch.where(qi.view(b, -1) >= 0, qi.view(b, -1), q)
         out.scatter_(2, at.view(b, 1, -1, 1).expand(b, h, nb * blk, d), o)
     return out[:, :, :q]
+
+
+def _sdpa_blocks(qq, kk, vv, mask, scaling: float) -> torch.Tensor:
+    """Fused attention per (row, query block): qq (B, Hkv, G, nb, blk, D), kk/vv (B, Hkv, 1, nb, k, D), mask
+    (B, Hkv, 1, nb, blk, k) -> (B, Hkv, G, nb, blk, D); rows with no visible key come out zero."""
+    b, hkv, g, nb, blk, d = qq.shape
+    k = kk.shape[4]
+    q2 = qq.permute(0, 3, 1, 2, 4, 5).reshape(b * nb, hkv * g, blk, d)
+    k2 = kk.permute(0, 3, 1, 2, 4, 5).expand(b, nb, hkv, g, k, d).reshape(b * nb, hkv * g, k, d)
+    v2 = vv.permute(0, 3, 1, 2, 4, 5).expand(b, nb, hkv, g, k, vv.shape[-1]).reshape(b * nb, hkv * g, k, -1)
+    m = mask.permute(0, 3, 1, 2, 4, 5).expand(b, nb, hkv, g, blk, k).reshape(b * nb, hkv * g, blk, k)
+    empty = ~m.any(-1, keepdim=True)
+    o = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=m | empty, scale=scaling).masked_fill(empty, 0.0)
+    return o.view(b, nb, hkv, g, blk, -1).permute(0, 2, 3, 1, 4, 5)
 
 
 _FLEX: dict[str, object] = {}
 
 
 def flex_block_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, block: int, scaling: float,
-    compiled: bool | None = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor | None, block: int,
+    scaling: float, compiled: bool | None = None, tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention through FlexAttention: query block i (of this chunk) reads the key blocks
     ``blocks`` marks, causally. For a layer holding every token in order (slot = position) with the chunk
     starting on a block boundary.
 
-    query (B, H, q, D) = the last q of n slots; key/value (B, Hkv, n, D); blocks (B, 1 or H, n // block rounded
-    up (query blocks of the whole sequence), same (key blocks)) bool -> (B, H, q, D). On CUDA the compiled
-    kernel skips unmarked blocks; elsewhere FlexAttention's eager path computes the same (slowly: tests only).
+    query (B, H, q, D) = the last q of n slots; key/value (B, Hkv, n, D); blocks (B, Hs, the chunk's query
+    blocks (block 0 holds its first query), key blocks) bool, Hs in {1, Hkv, H} -> (B, H, q, D). ``tokens``
+    (B, Hs, the chunk's query blocks, n) bool instead selects key tokens per query block (DHSA, TCA); the key
+    blocks holding any of them are the kernel's blocks. On CUDA the compiled kernel skips unmarked blocks;
+    elsewhere FlexAttention's eager path computes the same (slowly: tests only).
     """
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -193,17 +227,27 @@ def flex_block_attention(
     n = key.shape[2]
     if (n - q) % block:
         raise ValueError(f"flex_block_attention: the chunk starts at slot {n - q}, not on a block of {block}")
-    first = (n - q) // block
-    sel = blocks[:, :, first : first + -(-q // block)].contiguous()  # (B, Hs, q blocks of the chunk, nkb)
-    hs = sel.shape[1]
+    nqb = -(-q // block)
     off = n - q
+    if tokens is not None:
+        tok = tokens[:, :, :nqb].contiguous()  # (B, Hs, q blocks of the chunk, n)
+        nkb = -(-n // block)
+        sel = F.pad(tok, (0, nkb * block - n)).view(*tok.shape[:3], nkb, block).any(-1)
+        grp = h // tok.shape[1]  # query heads per selection head (a KV head's group, or all)
 
-    def mask_mod(bi, hi, qi, ki):
-        return (ki <= qi + off) & sel[bi, hi if hs > 1 else 0, qi // block, ki // block]
+        def mask_mod(bi, hi, qi, ki):
+            return (ki <= qi + off) & tok[bi, hi // grp, qi // block, ki]
+    else:
+        sel = blocks[:, :, :nqb].contiguous()  # (B, Hs, q blocks of the chunk, nkb)
+        grp = h // sel.shape[1]
 
-    nkb = sel.shape[-1]
-    num = sel.sum(-1).to(torch.int32)
-    idx = torch.where(sel, torch.arange(nkb, device=sel.device), nkb).sort(-1).values.clamp_max(nkb - 1)
+        def mask_mod(bi, hi, qi, ki):
+            return (ki <= qi + off) & sel[bi, hi // grp, qi // block, ki // block]
+
+    bsel = sel.repeat_interleave(h // sel.shape[1], 1) if 1 < sel.shape[1] < h else sel  # 1 or H heads
+    nkb = bsel.shape[-1]
+    num = bsel.sum(-1).to(torch.int32)
+    idx = torch.where(bsel, torch.arange(nkb, device=bsel.device), nkb).sort(-1).values.clamp_max(nkb - 1)
     bm = BlockMask.from_kv_blocks(num, idx.to(torch.int32), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(q, n))
     use_compiled = query.is_cuda if compiled is None else compiled
     fn = flex_attention
@@ -234,6 +278,7 @@ def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) 
 
 __all__ = [
     "block_gather_attention",
+    "flex_ready",
     "block_token_mask",
     "causal_visibility",
     "compact_attention",

@@ -12,6 +12,8 @@ from attnkit.hf.cache import KVLayer
 from attnkit.kernels.sparse_prefill import (
     block_gather_attention,
     causal_visibility,
+    flex_block_attention,
+    flex_ready,
     mask_to_lists,
     masked_attention,
     query_blocks,
@@ -127,6 +129,8 @@ class DHSA(Method):
     1.1, strongest first, at least 9 apart, (keys // block) x ``beta`` chunks at most, plus a boundary where the
     dense tail starts; computed blockwise from the head-averaged float32 attention of the first global layer)
     and ``"fixed"`` (every ``chunk`` positions, as the repository's current block-sparse version does).
+    ``kernel``: "gather" (per block key lists, any layout), "flex" (FlexAttention over the chosen tokens' key
+    blocks, compiled on CUDA; used where slot = position, else gather) or "auto" (flex on CUDA, gather elsewhere).
     How we differ: a chunk's tokens share its score and the more recent ones win the ties (the code leaves ties
     to topk); with chunked prefill, boundaries and blocks see the current forward's queries only. Shapes: chunk
     ids (B, n), block scores (B, blocks, chunks), read mask (B, 1, q, n).
@@ -145,6 +149,7 @@ class DHSA(Method):
     dense_tail: int = 64
     boundaries: str = "mass"
     beta: int = 8
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         check_int(self.name, "budget", self.budget, 1)
@@ -157,6 +162,7 @@ class DHSA(Method):
                              "accepted: recent + sinks <= budget")
         check_choice(self.name, "boundaries", self.boundaries, ("fixed", "mass"))
         check_int(self.name, "beta", self.beta, 1)
+        check_choice(self.name, "kernel", self.kernel, ("auto", "gather", "flex"))
 
     @classmethod
     def for_budget(cls, tokens: int) -> "DHSA":
@@ -234,7 +240,11 @@ class DHSA(Method):
             return attend_layer(run, layer, query, key, value, scaling, softcap)
         chosen, local, qidx = chosen
         kpos, qpos, q = layer.stored_pos()[:, 0], layer.qpos, query.shape[2]
-        out = block_gather_attention(query, key, value, qidx, mask_to_lists(chosen).unsqueeze(1), qpos, kpos, scaling)
+        if flex_ready(layer, query, self.block, self.kernel):
+            out = flex_block_attention(query, key, value, None, self.block, scaling, tokens=chosen.unsqueeze(1))
+        else:
+            out = block_gather_attention(query, key, value, qidx, mask_to_lists(chosen).unsqueeze(1), qpos, kpos,
+                                         scaling)
         t = self.tail(q)
         if t:  # the last queries (the code's instruction tokens) attend densely
             out[:, :, q - t :], _ = masked_attention(query[:, :, q - t :], key, value,

@@ -166,7 +166,7 @@ class Rectified(Method):
             and os.environ.get("ATTNKIT_KERNELS") != "torch"
         read = None if flex and run.recorder is None else self.read_mask(layer, critical)
         if flex:  # slot = position: the critical blocks are FlexAttention blocks (compiled, skipped when unmarked)
-            sparse = flex_block_attention(query, key, value, critical, self.block, scaling)
+            sparse = flex_block_attention(query, key, value, critical[:, :, (n - q) // self.block :], self.block, scaling)
         else:
             sparse, _ = masked_attention(query, key, value, read, scaling)
         out = (sparse.float() * scale + addend).to(query.dtype)

@@ -10,8 +10,14 @@ import torch
 
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer, _round_up
-from attnkit.kernels.sparse_prefill import block_gather_attention, mask_to_lists, query_blocks
-from attnkit.methods.base import LayerContext, Method, check_float, check_int, load_json_profile
+from attnkit.kernels.sparse_prefill import (
+    block_gather_attention,
+    flex_block_attention,
+    flex_ready,
+    mask_to_lists,
+    query_blocks,
+)
+from attnkit.methods.base import LayerContext, Method, check_choice, check_float, check_int, load_json_profile
 from attnkit.reference import dense_attention
 
 NEG_INF = float("-inf")
@@ -135,7 +141,8 @@ class TCA(Method):
     How we differ (reconstructions, no code to check): the configuration family (sigma 1 on log2 k, means evenly
     spaced), the selecting query (each block's last), block ranks mapped to counts by cumulative shares; the
     paper's decode rule (every ``block`` new tokens keep floor(sum_k k p_k) of them) is not implemented: decode
-    tokens are kept. Without a profile every head takes configuration ``fallback`` (-1: the middle one). Shapes: s (B, Hkv, blocks,
+    tokens are kept. Without a profile every head takes configuration ``fallback`` (-1: the middle one).
+    ``kernel`` as DHSA's: "gather", "flex" (where slot = position) or "auto" (flex on CUDA). Shapes: s (B, Hkv, blocks,
     n), chosen (B, Hkv, blocks, n), read mask (B, Hkv, q, n).
     """
 
@@ -150,6 +157,7 @@ class TCA(Method):
     alpha: float = 0.5
     fallback: int = -1
     profile: str = ""
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         check_float(self.name, "tau", self.tau, 0.0, 1.0)
@@ -158,6 +166,7 @@ class TCA(Method):
         check_int(self.name, "configs", self.configs, 2)
         check_float(self.name, "alpha", self.alpha, 0.0, 1.0)
         check_int(self.name, "fallback", self.fallback, -1, self.configs - 1)
+        check_choice(self.name, "kernel", self.kernel, ("auto", "gather", "flex"))
         self._profile = load_profile(self.profile) if self.profile else None
         for field in ("block", "configs"):
             if self._profile is not None and self._profile[field] != getattr(self, field):
@@ -223,7 +232,10 @@ class TCA(Method):
             return attend_layer(run, layer, query, key, value, scaling, softcap)
         chosen, local, qidx = self.choose(layer, query, key, value, scaling)
         kpos = layer.stored_pos()
-        out = block_gather_attention(query, key, value, qidx, mask_to_lists(chosen), layer.qpos, kpos, scaling)
+        if flex_ready(layer, query, self.block, self.kernel):
+            out = flex_block_attention(query, key, value, None, self.block, scaling, tokens=chosen)
+        else:
+            out = block_gather_attention(query, key, value, qidx, mask_to_lists(chosen), layer.qpos, kpos, scaling)
         # what each row's last query block chose: the cache keeps it when decoding starts (if no chunk follows)
         row_last = local[:, -1].clamp_min(0).view(b, 1, 1, 1).expand(b, chosen.shape[1], 1, chosen.shape[-1])
         layer.keep = chosen.gather(2, row_last)[:, :, 0]  # (B, Hkv, n)
