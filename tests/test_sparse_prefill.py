@@ -353,3 +353,24 @@ def test_flex_kernel_equals_the_gather_kernel_in_the_model(method):
             with attnkit.apply(model, method, kernel=kernel, **cfg):
                 out[kernel] = model(ids).logits
     assert torch.allclose(out["gather"].float(), out["flex"].float(), atol=2e-4 if DTYPE == torch.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("method", ["token_sparse", "dhsa", "rectified", "tca"])
+def test_sparse_prefill_reports_the_share_it_read(method):
+    """run.stats()["prefill_read_share"]: attended (query, key) pairs over the causal ones, from the recorder's
+    masks independently."""
+    model = tiny_llama().to(DEVICE)
+    ids = torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    cfg = {"token_sparse": dict(min_tokens=6, window=4, tau=0.4, kernel=3, layers="0-2"),
+           "dhsa": dict(budget=12, block=8, chunk=4, recent=3, sinks=2, dense_tail=2, boundaries="fixed"),
+           "rectified": dict(block=8, local=0), "tca": dict(block=8, window=8, configs=4)}[method]
+    records = []
+    with torch.no_grad(), attnkit.apply(model, method, **cfg) as run:
+        run.recorder = lambda r: records.append(r)
+        model(ids)
+        share = run.stats()["prefill_read_share"]
+    h = records[0]["query"].shape[1]
+    read = sum(float(attnkit.reference.expand_kv(r["mask"], h).expand(-1, h, -1, -1).sum())
+               for r in records if r["mask"] is not None)
+    dense = sum(h * 64 * 65 / 2 for r in records if r["mask"] is not None)
+    assert 0 < share < 1 and abs(share - read / dense) < 1e-6

@@ -28,6 +28,24 @@ def causal_visibility(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
     return (k <= qpos.view(qpos.shape[0], 1, -1, 1)) & (k >= 0)
 
 
+def causal_pairs(qpos: torch.Tensor) -> float:
+    """(query, key) pairs a dense causal prefill chunk attends per head: each real query sees pos + 1 keys."""
+    return float((qpos + 1).clamp_min(0).sum())
+
+
+def read_pairs(chosen: torch.Tensor, local: torch.Tensor, first: int = 0) -> float:
+    """(query, key) pairs read when each query reads its block's chosen slots up to its own slot: chosen (B, Hs,
+    g, n) bool for query blocks first .. first + g - 1; local (B, q) block of every query (-1: padding), the q
+    queries being the last q slots. Summed over the Hs selection heads."""
+    b, hs, g, n = chosen.shape
+    q = local.shape[1]
+    cum = chosen.int().cumsum(-1).view(b, hs, g * n)
+    blk = local - first
+    ok = (blk >= 0) & (blk < g)
+    at = (blk.clamp(0, g - 1) * n + torch.arange(n - q, n, device=local.device)).view(b, 1, q).expand(b, hs, q)
+    return float((cum.gather(2, at) * ok.unsqueeze(1)).sum())
+
+
 def masked_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
     block: int = 1024,
@@ -280,6 +298,7 @@ __all__ = [
     "block_gather_attention",
     "flex_ready",
     "block_token_mask",
+    "causal_pairs",
     "causal_visibility",
     "compact_attention",
     "compact_mask",
@@ -290,4 +309,5 @@ __all__ = [
     "masked_attention",
     "pool_blocks",
     "query_blocks",
+    "read_pairs",
 ]

@@ -114,8 +114,19 @@ class Method:
         return KVLayer(ctx.layer_idx, ctx.run)
 
     def extra_stats(self, run: "Run") -> dict[str, Any]:
-        """Method-specific counters merged into ``run.stats()`` (e.g. SpAtten's heads alive)."""
-        return {}
+        """Method-specific counters merged into ``run.stats()`` (e.g. SpAtten's heads alive); sparse prefill
+        methods report the share of the causal (query, key) pairs their prefill attention read."""
+        tally = run.shared.get(f"{self.name}:read")
+        if tally is None:
+            return {}
+        return {"prefill_read_share": tally[0] / tally[1] if tally[1] else 1.0, "sparse_prefill_calls": tally[2]}
+
+    def note_read(self, run: "Run", read: float, causal: float) -> None:
+        """Count one sparse prefill call: ``read`` (query, key) pairs attended out of ``causal`` visible ones."""
+        tally = run.shared.setdefault(f"{self.name}:read", [0.0, 0.0, 0])
+        tally[0] += float(read)
+        tally[1] += float(causal)
+        tally[2] += 1
 
     def attend(self, run: "Run", module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         """query (B, H, q, D); key/value (B, Hkv, n, D) as stored by ``layer`` -> (B, H, q, D)."""

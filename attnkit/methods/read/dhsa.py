@@ -11,12 +11,14 @@ from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
 from attnkit.kernels.sparse_prefill import (
     block_gather_attention,
+    causal_pairs,
     causal_visibility,
     flex_block_attention,
     flex_ready,
     mask_to_lists,
     masked_attention,
     query_blocks,
+    read_pairs,
 )
 from attnkit.methods.base import Method, check_choice, check_int
 from attnkit.reference import dense_attention
@@ -246,6 +248,12 @@ class DHSA(Method):
             out = block_gather_attention(query, key, value, qidx, mask_to_lists(chosen).unsqueeze(1), qpos, kpos,
                                          scaling)
         t = self.tail(q)
+        tail_local = local.clone()
+        if t:
+            tail_local[:, q - t :] = -1
+        h = query.shape[1]
+        self.note_read(run, h * read_pairs(chosen.unsqueeze(1), tail_local) + h * causal_pairs(qpos[:, q - t :]),
+                       h * causal_pairs(qpos))
         if t:  # the last queries (the code's instruction tokens) attend densely
             out[:, :, q - t :], _ = masked_attention(query[:, :, q - t :], key, value,
                                                      causal_visibility(qpos[:, q - t :], kpos), scaling)

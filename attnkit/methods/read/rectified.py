@@ -141,6 +141,8 @@ class Rectified(Method):
             pad = (qpos < 0).view(b, 1, q, 1)
             scale = torch.where(pad, 1.0, scale)
             addend = torch.where(pad, 0.0, addend)
+        pairs = counts * qcnt.unsqueeze(-1)  # (B, nqb, nkb) visible (query, key) pairs per block pair
+        self._read = (float((critical * pairs.unsqueeze(1)).sum()), float(pairs.sum()) * h)
         return critical, scale, addend
 
     def read_mask(self, layer: KVLayer, critical: torch.Tensor) -> torch.Tensor:
@@ -161,6 +163,7 @@ class Rectified(Method):
         if planned is None:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
         critical, scale, addend = planned
+        self.note_read(run, *self._read)
         n, q = key.shape[2], query.shape[2]
         flex = query.is_cuda and layer.holds_prefix() and (n - q) % self.block == 0 and self.block % 16 == 0 \
             and os.environ.get("ATTNKIT_KERNELS") != "torch"

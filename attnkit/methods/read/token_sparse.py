@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
-from attnkit.kernels.sparse_prefill import compact_attention, compact_mask
+from attnkit.kernels.sparse_prefill import causal_pairs, compact_attention, compact_mask
 from attnkit.methods.base import Method, check_float, check_int, load_json_profile
 from attnkit.methods.read.zerotuning import parse_indices
 from attnkit.reference import dense_attention
@@ -175,6 +175,10 @@ class TokenSparse(Method):
         sets, n_query = chosen
         kpos = layer.stored_pos()[:, 0]
         out, _ = compact_attention(query, key, value, kpos, sets, n_query, scaling)
+        valid = sets >= 0  # read pairs: a kept query reads the kept keys up to itself (its rank in the list + 1)
+        rank = valid.long().cumsum(-1)
+        read = (rank * (valid & (sets >= key.shape[2] - q))).sum()
+        self.note_read(run, read, causal_pairs(layer.qpos) * query.shape[1])
         if run.recorder is not None:
             read = compact_mask(sets, key.shape[2], q, kpos, layer.qpos)
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=read, scaling=scaling,

@@ -12,10 +12,12 @@ from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer, _round_up
 from attnkit.kernels.sparse_prefill import (
     block_gather_attention,
+    causal_pairs,
     flex_block_attention,
     flex_ready,
     mask_to_lists,
     query_blocks,
+    read_pairs,
 )
 from attnkit.methods.base import LayerContext, Method, check_choice, check_float, check_int, load_json_profile
 from attnkit.reference import dense_attention
@@ -222,6 +224,7 @@ class TCA(Method):
             kb = kb_all.unsqueeze(2).expand_as(sc)
             p = p_all.view(1, hkv, 1, -1).expand(b, hkv, g, -1)
             chosen[:, :, s : s + g] = select_tokens(sc, kb, old, p, ks, self.alpha, n_kb) | (vis & ~old)
+            self._read += read_pairs(chosen[:, :, s : s + g], local, s) * (h // hkv)
         return chosen, local, qidx
 
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
@@ -230,7 +233,9 @@ class TCA(Method):
         b, _, q, _ = query.shape
         if int(layer.count.max()) <= self.window:  # everything inside the local window: dense, nothing to shrink
             return attend_layer(run, layer, query, key, value, scaling, softcap)
+        self._read = 0.0
         chosen, local, qidx = self.choose(layer, query, key, value, scaling)
+        self.note_read(run, self._read, causal_pairs(layer.qpos) * query.shape[1])
         kpos = layer.stored_pos()
         if flex_ready(layer, query, self.block, self.kernel):
             out = flex_block_attention(query, key, value, None, self.block, scaling, tokens=chosen)
