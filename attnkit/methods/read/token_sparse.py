@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
-from attnkit.kernels.sparse_prefill import causal_pairs, compact_attention, compact_mask
+from attnkit.kernels.sparse_prefill import causal_pairs, causal_visibility, compact_attention, compact_mask
 from attnkit.methods.base import Method, check_float, check_int, load_json_profile
 from attnkit.methods.read.zerotuning import parse_indices
 from attnkit.reference import dense_attention
@@ -27,13 +27,13 @@ def load_drift(path: str) -> dict:
     return p
 
 
-def token_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, cand: torch.Tensor, window: int,
-                 kernel: int, scaling: float) -> torch.Tensor:
+def token_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
+                 cand: torch.Tensor, window: int, kernel: int, scaling: float) -> torch.Tensor:
     """(B, H, n) importance of every candidate slot per query head: the mean softmax probability (over all keys)
     the chunk's last ``window`` queries give it, average-pooled over ``kernel`` slots with non-candidates (the
     window itself, padding) counting as zeros, as the official code pools the prefix alone. query (B, H, q, D);
-    cand (B, n) bool."""
-    m = None if mask is None else mask[:, :, -window:]
+    qpos (B, q), kpos (B, n) positions; cand (B, n) bool."""
+    m = causal_visibility(qpos[:, -window:], kpos)  # the window's rows only: no (q, n) mask
     _, probs, _ = dense_attention(query[:, :, -window:], key, value, m, scaling)  # (B, H, w, n)
     b, h, _, n = probs.shape
     s = probs.mean(2) * cand.unsqueeze(1)
@@ -136,7 +136,7 @@ class TokenSparse(Method):
             run.shared[key] = sorted(chosen)  # a list: cache files save it as JSON
         return run.shared[key]
 
-    def select(self, layer: KVLayer, query, key, value, mask, scaling: float) -> tuple[torch.Tensor, int] | None:
+    def select(self, layer: KVLayer, query, key, value, scaling: float) -> tuple[torch.Tensor, int] | None:
         """(B, H, k) ascending slot ids per query head (-1 first for rows keeping fewer) and the most kept
         queries of any (row, head); None when the layer stays dense for this chunk."""
         b, h, q, _ = query.shape
@@ -149,7 +149,7 @@ class TokenSparse(Method):
             return None
         recent = real & (kpos >= (layer.count - w))  # (B, n): each row's last w real tokens
         cand = real & ~recent
-        scores = token_scores(query, key, value, mask, cand, w, self.kernel, scaling)
+        scores = token_scores(query, key, value, layer.qpos, kpos, cand, w, self.kernel, scaling)
         keep = keep_counts(scores, cand, self.tau, self.min_tokens)  # (B,)
         if bool((keep == cand.sum(-1)).all()):
             return None
@@ -168,8 +168,7 @@ class TokenSparse(Method):
         q = query.shape[2]
         if q == 1 or softcap is not None or layer.static or layer.layer_idx not in self.sparse_layers(run):
             return attend_layer(run, layer, query, key, value, scaling, softcap)
-        mask = layer.mask()
-        chosen = self.select(layer, query, key, value, mask, scaling)
+        chosen = self.select(layer, query, key, value, scaling)
         if chosen is None:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
         sets, n_query = chosen
