@@ -261,6 +261,16 @@ def test_rows_record_scores_costs_and_provenance(tmp_path):
     assert json.loads(streaming["settings_json"]) == {"sinks": 4, "window": 44}
 
 
+def test_sparse_prefill_rows_record_the_share_read(tmp_path):
+    db = tmp_path / "s.db"
+    cfg = config(lengths=[160], methods=["dhsa"], tasks=["fake_gen"], samples=1, prefill_chunk=160)
+    runner.run_sweep(cfg, str(db), progress=False)
+    with Store(db) as store:
+        rows = store.rows()
+    shares = [json.loads(r["extra_json"])["prefill_read_share"] for r in rows]
+    assert shares and all(0 < s < 1 for s in shares)
+
+
 def test_more_samples_later_reuse_the_stored_ones(tmp_path, reference):
     db = tmp_path / "r.db"
     assert runner.run_sweep(config(samples=2), str(db), progress=False).written == 12 * 2

@@ -432,6 +432,10 @@ def evaluate_batch(model, tokenizer, cell: Cell, task, samples: list[Sample]) ->
                 if "reader" in gen.stats:  # what a driver read and kept
                     extra["reader"] = gen.stats["reader"]
             prefill_s = gens[0].prefill_s
+            share = run.method.extra_stats(run).get("prefill_read_share")
+            if share is not None:  # sparse prefill: the share of causal (query, key) pairs attended (the batch's)
+                for extra in extras:
+                    extra["prefill_read_share"] = round(share, 4)
         kv_peak = run.peak_kv_bytes // len(samples)
     config = {**cell.key_config(), "model": cell.model, "budget": cell.budget, "budget_tokens": cell.budget_tokens,
               "family": cell.family, "kind": cell.kind, "device_name": _device_name(device),
