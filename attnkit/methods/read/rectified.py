@@ -153,7 +153,11 @@ class Rectified(Method):
         kb = torch.where(kpos >= 0, kpos // self.block, 0)
         qb = torch.where(qpos >= 0, qpos // self.block, 0)
         crit_q = critical.gather(2, qb.view(b, 1, q, 1).expand(b, h, q, nkb))  # (B, H, q, nkb)
-        read = crit_q.gather(3, kb.view(b, 1, 1, -1).expand(b, h, q, kb.shape[1])) & causal_visibility(qpos, kpos)
+        if layer.holds_prefix():  # slot = position: key blocks are slot ranges (no (q, n) int64 index)
+            read = crit_q.repeat_interleave(self.block, dim=-1)[..., : kpos.shape[1]]
+        else:
+            read = crit_q.gather(3, kb.view(b, 1, 1, -1).expand(b, h, q, kb.shape[1]))
+        read = read & causal_visibility(qpos, kpos)
         return read | (qpos < 0).view(b, 1, q, 1) if layer.padded else read
 
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
