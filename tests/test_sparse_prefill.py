@@ -288,7 +288,12 @@ def test_tca_calibration_and_shrunk_cache(tmp_path):
         with attnkit.apply(model, "tca", profile=str(path), block=4, configs=4, window=8) as run:
             cache = attnkit.inference.new_cache(model)
             attnkit.inference.forward_chunks(model, ids, cache, chunk=300)
+            records = []
+            run.recorder = lambda r: records.append(r)
             model(input_ids=ids[:, -1:], **{cache_argument(model): cache})  # decoding starts: the cache shrinks
+            for r in records:  # a decode step never reads a hole left by per-head compression
+                pos = run.cache.layers[r["layer"]].stored_pos()
+                assert r["mask"] is not None and not (r["mask"][:, :, 0] & (pos < 0)).any()
             kept = [run.kept_tokens()[i].max().item() for i in range(3)]
             assert max(kept) < 200 and cache.held_bytes() < 0.75 * full_bytes  # memory really freed
     with pytest.raises(ValueError, match="calibrated with block 4"):

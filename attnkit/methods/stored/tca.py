@@ -87,6 +87,7 @@ class TCALayer(KVLayer):
     chose plus the local window (per-head counts: a head keeping fewer leaves holes, pos -1)."""
 
     shared_layout = False
+    all_visible_in_decode = False  # holes (pos -1) sit among the kept slots: a decode step needs its mask
 
     def __init__(self, cfg: "TCA", layer_idx: int, run) -> None:
         super().__init__(layer_idx, run)
