@@ -12,7 +12,7 @@ from attnkit.kernels.sparse_prefill import (
     compact_attention,
     compact_mask,
     masked_attention,
-    pool_blocks,
+    group_stats,
 )
 from attnkit.methods.read.token_sparse import keep_counts
 from attnkit.session import cache_argument
@@ -69,7 +69,7 @@ def test_block_token_mask_and_pooling():
     assert m.shape == (1, 1, 5, 6)
     assert m[0, 0, :3].tolist() == [[True] * 4 + [False] * 2] * 3 and m[0, 0, 3:].all()
     x = torch.arange(10.0).view(1, 1, 10, 1)
-    means, cnt = pool_blocks(x, 4)
+    means, _, cnt = group_stats(x, (torch.arange(10) // 4)[None], 3)
     assert means.flatten().tolist() == [1.5, 5.5, 8.5] and cnt.flatten().tolist() == [4, 4, 2]
 
 

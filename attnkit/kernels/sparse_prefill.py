@@ -282,16 +282,19 @@ def block_token_mask(blocks: torch.Tensor, q: int, n: int, block_q: int, block_k
     return blocks.repeat_interleave(block_q, dim=2)[:, :, :q].repeat_interleave(block_k, dim=3)[..., :n]
 
 
-def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Means of ``block`` consecutive rows: x (B, Hx, n, D), valid (B, 1 or Hx, n) bool or None -> (means
-    (B, Hx, ceil(n / block), D) float32, counts (B, 1 or Hx, nb) float32 of valid rows per block)."""
+def group_stats(x: torch.Tensor, ids: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Means, mean absolute deviations and row counts of groups of rows (blocks, chunks): x (B, Hx, n, D), ids
+    (B, n) group of each row in [0, nb) (-1: padding, not counted) -> (mean (B, Hx, nb, D), dev (B, Hx, nb, D),
+    count (B, nb)), float32."""
     b, hx, n, d = x.shape
-    nb = -(-n // block)
-    pad = nb * block - n
-    w = torch.ones((b, 1, n), device=x.device) if valid is None else valid.float()
-    xf = F.pad(x.float() * w.unsqueeze(-1), (0, 0, 0, pad)).view(b, hx, nb, block, d).sum(3)
-    cnt = F.pad(w, (0, pad)).view(b, w.shape[1], nb, block).sum(3)
-    return xf / cnt.clamp_min(1).unsqueeze(-1), cnt
+    w = (ids >= 0).float()
+    at = ids.clamp_min(0).view(b, 1, n, 1).expand(b, hx, n, d)
+    cnt = torch.zeros((b, nb), device=x.device).scatter_add_(1, ids.clamp_min(0), w)
+    xf = x.float() * w.view(b, 1, n, 1)
+    mean = torch.zeros((b, hx, nb, d), device=x.device).scatter_add_(2, at, xf) / cnt.clamp_min(1).view(b, 1, nb, 1)
+    dev = (x.float() - mean.gather(2, at)).abs() * w.view(b, 1, n, 1)
+    dev = torch.zeros_like(mean).scatter_add_(2, at, dev) / cnt.clamp_min(1).view(b, 1, nb, 1)
+    return mean, dev, cnt
 
 
 __all__ = [
@@ -307,7 +310,7 @@ __all__ = [
     "gather_heads",
     "mask_to_lists",
     "masked_attention",
-    "pool_blocks",
+    "group_stats",
     "query_blocks",
     "read_pairs",
 ]

@@ -15,6 +15,7 @@ from attnkit.kernels.sparse_prefill import (
     causal_visibility,
     flex_block_attention,
     flex_ready,
+    group_stats,
     mask_to_lists,
     masked_attention,
     query_blocks,
@@ -102,13 +103,8 @@ def mass_chunks(ratio: torch.Tensor, kpos: torch.Tensor, n_chunks: int, theta: f
 def chunk_means(x: torch.Tensor, chunk_of: torch.Tensor, n_chunks: int) -> torch.Tensor:
     """Length-normalised representations: the mean of each chunk's rows times sqrt(its length), float32.
     x (B, Hx, n, D); chunk_of (B, n) ids in [0, n_chunks) or -1 -> (B, Hx, n_chunks, D)."""
-    b, hx, n, d = x.shape
-    ids = chunk_of.clamp_min(0)
-    w = (chunk_of >= 0).float()
-    sums = torch.zeros((b, hx, n_chunks, d), device=x.device)
-    sums.scatter_add_(2, ids.view(b, 1, n, 1).expand(b, hx, n, d), x.float() * w.view(b, 1, n, 1))
-    cnt = torch.zeros((b, n_chunks), device=x.device).scatter_add_(1, ids, w)
-    return sums / cnt.clamp_min(1).sqrt().view(b, 1, n_chunks, 1)  # mean x sqrt(len) = sum / sqrt(len)
+    mean, _, cnt = group_stats(x, chunk_of, n_chunks)
+    return mean * cnt.sqrt().unsqueeze(1).unsqueeze(-1)
 
 
 @dataclass

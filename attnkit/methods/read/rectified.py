@@ -10,25 +10,11 @@ import torch
 
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
-from attnkit.kernels.sparse_prefill import causal_visibility, flex_block_attention, masked_attention
+from attnkit.kernels.sparse_prefill import causal_visibility, flex_block_attention, group_stats, masked_attention
 from attnkit.methods.base import Method, check_float, check_int
 from attnkit.reference import expand_kv
 
 NEG_INF = float("-inf")
-
-
-def block_stats(x: torch.Tensor, ids: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Block means, mean absolute deviations and real-row counts: x (B, Hx, n, D), ids (B, n) block of each row
-    (-1: padding) -> (mean (B, Hx, nb, D), dev (B, Hx, nb, D), count (B, nb)), float32."""
-    b, hx, n, d = x.shape
-    w = (ids >= 0).float()
-    at = ids.clamp_min(0).view(b, 1, n, 1).expand(b, hx, n, d)
-    cnt = torch.zeros((b, nb), device=x.device).scatter_add_(1, ids.clamp_min(0), w)
-    xf = x.float() * w.view(b, 1, n, 1)
-    mean = torch.zeros((b, hx, nb, d), device=x.device).scatter_add_(2, at, xf) / cnt.clamp_min(1).view(b, 1, nb, 1)
-    dev = (x.float() - mean.gather(2, at)).abs() * w.view(b, 1, n, 1)
-    dev = torch.zeros_like(mean).scatter_add_(2, at, dev) / cnt.clamp_min(1).view(b, 1, nb, 1)
-    return mean, dev, cnt
 
 
 @dataclass
@@ -91,9 +77,9 @@ class Rectified(Method):
         nkb = int(kb.max()) + 1
         if nkb <= self.sinks + self.local + 1:
             return None
-        kmean, kdev, kcnt = block_stats(key, kb, nkb)  # (B, Hkv, nkb, D)
-        vmean, _, _ = block_stats(value, kb, nkb)
-        qmean, qdev, _ = block_stats(query, qb, nkb)  # query blocks indexed by absolute block id too
+        kmean, kdev, kcnt = group_stats(key, kb, nkb)  # (B, Hkv, nkb, D)
+        vmean, _, _ = group_stats(value, kb, nkb)
+        qmean, qdev, _ = group_stats(query, qb, nkb)  # query blocks indexed by absolute block id too
         kmean, kdev, vmean = (expand_kv(t, h) for t in (kmean, kdev, vmean))  # (B, H, nkb, D)
         # visible keys per (query block, key block): a past block all its keys, the diagonal the mean number its
         # queries see (position p sees p - start + 1 of them: the layer holds every token), later blocks none
