@@ -139,6 +139,7 @@ def generate(
     static_decode: bool | None = None,
     cache: "CacheState | None" = None,
     eos_check_every: int = 16,
+    compile: bool = False,
 ) -> Generation | list[Generation]:
     """Generate with chunked prefill and a decode loop free of per-step host syncs.
 
@@ -157,11 +158,19 @@ def generate(
     dynamic path, which is also what runs where a method cannot take them; ``stats["decode"]`` says which ran
     and why).
 
+    ``compile=True`` also runs each fixed-shape step through ``torch.compile`` (one trace per step kind, a few
+    seconds on small models and tens of seconds on 8B ones, paid once per call): the model's own small ops are
+    fused before the graph is captured, which matters at batch 1 where they cost about as much as a sparse
+    method's attention. Logits then match the uncompiled steps within rounding, not bit for bit; if the step
+    cannot be traced as one graph the call decodes uncompiled and ``stats["decode"]`` says why.
+
     ``cache`` continues an earlier call: pass ``gen.state`` (same ``attnkit.apply`` block) or what
     :func:`attnkit.load_cache` returned; ``prompt`` is then the text or ids to append (no chat template: see
     :func:`attnkit.followup_text` for the next turn of a chat), single prompt only. EOS is checked every
     ``eos_check_every`` steps; a state whose generation ran past its EOS cannot be continued (use 1 for chats).
     """
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile={compile!r} is invalid; accepted: True or False")
     if not isinstance(eos_check_every, int) or eos_check_every < 1:
         raise ValueError(f"eos_check_every={eos_check_every!r} is invalid; accepted: an integer >= 1")
     if max_new_tokens < 1:
@@ -216,7 +225,8 @@ def generate(
     out = torch.empty((b, max_new_tokens), dtype=torch.long, device=device)
     out[:, 0] = token
     next_pos = position_ids[:, -1:] + 1 if position_ids is not None else None  # (B, 1)
-    decoder, mode = _static_decoder(model, cache, run, device, max_new_tokens - 1, cuda_graphs, static_decode)
+    decoder, mode = _static_decoder(model, cache, run, device, max_new_tokens - 1, cuda_graphs, static_decode,
+                                    compile)
     if decoder is not None and next_pos is None:
         next_pos = torch.full((b, 1), cache.get_seq_length(), dtype=torch.long, device=device)
     steps = 1
@@ -273,7 +283,8 @@ def generate(
     return gens if batched else gens[0]
 
 
-def _static_decoder(model, cache, run, device, steps: int, cuda_graphs: bool, static_decode: bool | None):
+def _static_decoder(model, cache, run, device, steps: int, cuda_graphs: bool, static_decode: bool | None,
+                    compile: bool = False):
     """The fixed-shape decoder for this generation (or None) and a one-line description of the decode mode."""
     if static_decode is None:
         static_decode = device.type == "cuda"
@@ -285,7 +296,7 @@ def _static_decoder(model, cache, run, device, steps: int, cuda_graphs: bool, st
             warnings.warn(f"attnkit: {run.method.name} decodes eagerly: {reason}", stacklevel=3)
         return None, f"dynamic ({reason})"
     graphs = cuda_graphs and os.environ.get("ATTNKIT_CUDA_GRAPHS", "1") != "0"
-    decoder = StaticDecoder(model, cache, steps, graphs)
+    decoder = StaticDecoder(model, cache, steps, graphs, compile=compile)
     return decoder, decoder.mode
 
 

@@ -97,7 +97,9 @@ class Run:
             out = attention.attend_layer(self, layer, query, key, value, scaling, softcap)
         else:
             out = self.method.attend(self, module, layer, query, key, value, scaling, softcap)
-        if layer.layer_idx == self.config.num_hidden_layers - 1 and self.cache is not None:
+        # (a fixed-shape step holds what the prefill left: a compiled one need not trace this host bookkeeping)
+        last = layer.layer_idx == self.config.num_hidden_layers - 1
+        if last and self.cache is not None and not torch.compiler.is_compiling():
             self.peak_kv_bytes = max(self.peak_kv_bytes, self.cache.held_bytes())
         return out
 

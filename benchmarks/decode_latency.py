@@ -158,7 +158,8 @@ def shape_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--budget", type=int, default=2048, help="tokens read or held per step by the sparse methods")
     ap.add_argument("--methods", default="full,streaming_llm,tokenselect,quest",
-                    help="comma-separated registered methods (settings at --budget: see settings_for)")
+                    help="comma-separated registered methods (settings at --budget: see settings_for); quest/p64 is "
+                         "Quest with 64-token pages, NAME+c the method compiled (attnkit.generate(compile=True))")
 
 
 def copy_bandwidth_gbs(device: str) -> float:
@@ -184,6 +185,39 @@ def dense_kv_bytes(config: LlamaConfig, tokens: int, batch: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * d * 2 * tokens * batch
 
 
+@torch.inference_mode()
+def flash_prefill_s(model, ids: torch.Tensor) -> float:
+    """Seconds for one forward over all of ``ids`` (causal SDPA restricted to the flash kernel, last logits only)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if ids.is_cuda else [SDPBackend.MATH]):
+        model(input_ids=ids[:, :256], logits_to_keep=1)  # warm-up
+        sync()
+        start = time.perf_counter()
+        model(input_ids=ids, logits_to_keep=1)
+        sync()
+    return time.perf_counter() - start
+
+
+def run_method(model, tok, ids: torch.Tensor, name: str, settings: dict, args, compiled: bool) -> dict:
+    """One attnkit.generate of ``name``: steady-state ms per token (the CUDA-graph replays), prefill, KV held."""
+    try:
+        with attnkit.apply(model, name, **settings) as run:
+            g = attnkit.generate(model, tok, list(ids.unbind(0)) if args.batch > 1 else ids,
+                                 max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk,
+                                 stop_at_eos=False, cuda_graphs=not args.no_graphs, compile=compiled)
+            g = g[0] if isinstance(g, list) else g
+            # steady state: the CUDA-graph replays (warm-up steps, compile and the one-off capture reported apart)
+            per_token = g.stats.get("steady_s_per_token", g.s_per_token)
+            return {"ms_per_token": 1000 * per_token, "prefill_s": g.prefill_s, "all_steps_ms": 1000 * g.s_per_token,
+                    "capture_s": g.stats.get("capture_s"), "kv_bytes": run.kv_bytes(), "settings": settings,
+                    "decode": g.stats.get("decode")}
+    except torch.OutOfMemoryError as exc:  # one method out of memory: say so, measure the others
+        print(f"{name}: out of memory ({str(exc).splitlines()[0][:160]})", flush=True)
+        return {"ms_per_token": float("nan"), "prefill_s": float("nan"), "kv_bytes": 0, "settings": settings,
+                "decode": "out of memory"}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape_arguments(ap)
@@ -191,9 +225,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window", type=int, default=2044)
     ap.add_argument("--skip-hf", action="store_true", help="skip model.generate (two extra prefills)")
+    ap.add_argument("--flash-prefill", action="store_true",
+                    help="also time one forward over the whole prompt with SDPA's flash kernel only (the chunked "
+                         "prefill's yardstick)")
     ap.add_argument("--skip-compile", action="store_true", help="skip StaticCache + torch.compile (a prefill and "
                     "a compile)")
     ap.add_argument("--no-graphs", action="store_true", help="attnkit decodes without CUDA graphs")
+    ap.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                    help="attnkit.generate(compile=...): the decode step through torch.compile (both: each method "
+                         "twice, rows 'attnkit NAME' and 'attnkit NAME compiled')")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("results/decode_latency.json"))
     args = ap.parse_args(argv)
@@ -215,6 +255,14 @@ def main(argv: list[str] | None = None) -> dict:
                                           "kv_bytes": dense_kv_bytes(model.config, args.context, args.batch)}
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
+    if args.flash_prefill:
+        try:
+            rows["one SDPA flash pass (prefill only)"] = {"ms_per_token": float("nan"), "kv_bytes": 0,
+                                                          "prefill_s": flash_prefill_s(model, ids)}
+        except Exception as exc:  # report, keep measuring the rest
+            print(f"one SDPA flash pass failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
     if not args.skip_compile and args.device.startswith("cuda"):
         try:
             ms, warm = hf_static_compiled_ms(model, ids, args.new_tokens, args.prefill_chunk)
@@ -226,30 +274,19 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.empty_cache()
 
     method_settings = settings_for(args.budget, args.sinks, args.window)
-    for name in [m for m in args.methods.split(",") if m]:
-        settings = method_settings[name]
-        try:
-            with attnkit.apply(model, name, **settings) as run:
-                g = attnkit.generate(model, tok, list(ids.unbind(0)) if args.batch > 1 else ids,
-                                     max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk,
-                                     stop_at_eos=False, cuda_graphs=not args.no_graphs)
-                g = g[0] if isinstance(g, list) else g
-                # steady state: the CUDA-graph replays (warm-up steps and the one-off capture reported apart)
-                per_token = g.stats.get("steady_s_per_token", g.s_per_token)
-                rows[f"attnkit {name}"] = {"ms_per_token": 1000 * per_token, "prefill_s": g.prefill_s,
-                                           "all_steps_ms": 1000 * g.s_per_token, "capture_s": g.stats.get("capture_s"),
-                                           "kv_bytes": run.kv_bytes(), "settings": settings,
-                                           "decode": g.stats.get("decode")}
-            del run, g
-        except torch.OutOfMemoryError as exc:  # one method out of memory: say so, measure the others
-            print(f"{name}: out of memory ({str(exc).splitlines()[0][:160]})", flush=True)
-            rows[f"attnkit {name}"] = {"ms_per_token": float("nan"), "prefill_s": float("nan"), "kv_bytes": 0,
-                                       "settings": settings, "decode": "out of memory"}
-        gc.collect()  # cache layers and the run reference each other: free them before the next method
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        args.out.parent.mkdir(parents=True, exist_ok=True)  # rows so far survive a later failure
-        args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=2, default=str))
-        print(f"{name}: {rows[f'attnkit {name}']['ms_per_token']:.2f} ms/token", flush=True)
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    for spec in [m for m in args.methods.split(",") if m]:
+        name = spec.removesuffix("+c")  # NAME+c: that method compiled only, whatever --compile says
+        for compiled in [True] if spec.endswith("+c") else variants:
+            label = f"attnkit {name}" + (" compiled" if compiled else "")
+            method, _, page = name.partition("/p")  # quest/p64: Quest with 64-token pages
+            settings = dict(method_settings[method], **({"page": int(page)} if page else {}))
+            rows[label] = run_method(model, tok, ids, method, settings, args, compiled)
+            gc.collect()  # cache layers and the run reference each other: free them before the next method
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            args.out.parent.mkdir(parents=True, exist_ok=True)  # rows so far survive a later failure
+            args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=2, default=str))
+            print(f"{label}: {rows[label]['ms_per_token']:.2f} ms/token ({rows[label]['decode']})", flush=True)
 
     base = rows.get("attnkit full", next(iter(rows.values())))["ms_per_token"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -268,6 +305,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['ms_per_token'] / floor_ms:.2f}x | {r['prefill_s']:.2f} | {kv / 2**20:.0f} |")
     print(f"weights-only floor {weights_floor:.2f} ms; decode modes: "
           + ", ".join(f"{n}: {r['decode']}" for n, r in rows.items() if r.get("decode")))
+    flash = rows.get("one SDPA flash pass (prefill only)")
+    if flash and "attnkit full" in rows:
+        print(f"prefill: attnkit full, {args.prefill_chunk}-token chunks, {rows['attnkit full']['prefill_s']:.2f} s vs "
+              f"one SDPA flash pass {flash['prefill_s']:.2f} s: {rows['attnkit full']['prefill_s'] / flash['prefill_s']:.2f}x")
     dense = rows.get("model.generate (dense)")
     if dense and "attnkit full" in rows:
         print(f"prefill: attnkit full, {args.prefill_chunk}-token chunks, {rows['attnkit full']['prefill_s']:.2f} s vs "

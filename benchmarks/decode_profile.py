@@ -26,7 +26,7 @@ from decode_latency import LLAMA_31_8B, build_model, copy_bandwidth_gbs, setting
 
 CATEGORIES = {
     "matmul": ("gemm", "gemv", "cutlass", "nvjet", "xmma", "splitk", "cublas", "matmul"),
-    "attention": ("_dense_split", "_sparse_split", "_combine", "flash", "fmha", "attention"),
+    "attention": ("_dense_split", "_sparse_split", "_quest_attend", "_combine", "flash", "fmha", "attention"),
     "selection": ("_quest", "_topk", "topk", "radix", "sort", "gathertopk", "bitonic"),
 }
 
@@ -39,17 +39,18 @@ def category(kernel: str) -> str:
     return "other (norms, RoPE, copies, scatters)"
 
 
-def profile_method(model, ids, name: str, budget: int, steps: int, chunk: int) -> dict:
-    arg = attnkit.session.cache_argument(model)
-    with torch.no_grad(), attnkit.apply(model, name, **settings_for(budget)[name]) as run:
+def profile_method(model, ids, name: str, budget: int, steps: int, chunk: int, compiled: bool = False) -> dict:
+    method, _, page = name.partition("/p")  # quest/p64: Quest with 64-token pages
+    settings = dict(settings_for(budget)[method], **({"page": int(page)} if page else {}))
+    with torch.no_grad(), attnkit.apply(model, method, **settings) as run:
         run.capacity_hint = ids.shape[1] + 2 * steps + 8
         cache = run.new_cache()
         run.capacity_hint = 0
         attnkit.inference.forward_chunks(model, ids, cache, chunk)
         pos = torch.full((ids.shape[0], 1), ids.shape[1], dtype=torch.long, device=ids.device)
         token = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
-        eager = StaticDecoder(model, cache, 2 * steps + 4, graphs=False)
-        for _ in range(2):  # compile the Triton kernels, warm cuBLAS
+        eager = StaticDecoder(model, cache, 2 * steps + 4, graphs=False, compile=compiled)
+        for _ in range(2):  # compile the Triton kernels (and the step, with --compile), warm cuBLAS
             eager.step(token, pos)
             pos += 1
         torch.cuda.synchronize()
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape_arguments(ap)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--compile", action="store_true", help="profile the torch.compile'd step (attnkit.generate's "
+                    "compile=True) after the uncompiled one, as rows NAME compiled")
     ap.add_argument("--out", type=Path, default=Path("results/decode_profile.json"))
     args = ap.parse_args(argv)
     model = build_model(args.layers, "cuda")
@@ -87,8 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = {}
     for name in [m for m in args.methods.split(",") if m]:
-        rows[name] = profile_method(model, ids, name, args.budget, args.steps, args.prefill_chunk)
-        torch.cuda.empty_cache()
+        for compiled in [False, True] if args.compile else [False]:
+            label = name + (" compiled" if compiled else "")
+            rows[label] = profile_method(model, ids, name, args.budget, args.steps, args.prefill_chunk, compiled)
+            torch.cuda.empty_cache()
     cats = ["matmul", "attention", "selection", "other (norms, RoPE, copies, scatters)"]
     print(f"\nDevice time per decode step (eager fixed-shape step under the profiler), Llama-3.1-8B shape, "
           f"batch {args.batch}, context {args.context}, {torch.cuda.get_device_name()}; weights floor "

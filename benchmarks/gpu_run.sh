@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests fasttests fast128 fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -45,6 +45,23 @@ for s in $stages; do
       python3 benchmarks/attention_kernels.py --seconds ${ATTNKIT_KERNEL_SECONDS:-480} --out /root/attention_kernels.csv \
         2>&1 | grep -v Warn | tail -60 | tee "$OUT/attention_kernels.log"
       cp /root/attention_kernels.csv "$OUT"/ ;;
+    fasttests)  # issue 7: compiled steps (Inductor), the fused Quest kernel, graph replay == eager static steps
+      ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 -m pytest -q -p no:cacheprovider \
+        tests/test_compiled_decode.py tests/test_static_decode.py tests/test_kernels.py -k "compile or trace or quest or graph or static" \
+        2>&1 | tail -30 | tee "$OUT/fasttests.log" ;;
+    fast128)  # issue 7: compiled steps and the fused Quest kernel at 128K, against attnkit full in the same run
+      timeout ${ATTNKIT_STAGE_SECONDS:-420} python3 benchmarks/decode_latency.py --context 131072 --new-tokens 32 --skip-hf --skip-compile \
+        --flash-prefill --methods full,full+c,streaming_llm+c,quest/p64+c,quest+c,tokenselect+c --out "$OUT/fast_128k.json" \
+        2>&1 | grep -v Warn | tail -16 | tee "$OUT/fast_128k.log" ;;
+    fast32b8)
+      timeout ${ATTNKIT_STAGE_SECONDS:-420} python3 benchmarks/decode_latency.py --context 32768 --batch 8 --new-tokens 16 --skip-hf --skip-compile \
+        --methods full,full+c,quest/p64+c,quest+c,streaming_llm+c --out "$OUT/fast_32k_b8.json" 2>&1 | grep -v Warn | tail -14 | tee "$OUT/fast_32k_b8.log" ;;
+    kernels7)  # issue 7's per-layer targets: 128K and 512K, attnkit against SDPA flash and FlexAttention
+      timeout ${ATTNKIT_STAGE_SECONDS:-240} python3 benchmarks/decode_kernels.py --contexts 131072,524288 --no-breakdown \
+        --out "$OUT/kernels7.json" 2>&1 | grep -v Warn | tail -40 | tee "$OUT/kernels7.log" ;;
+    profile32c)
+      (cd benchmarks && timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 decode_profile.py --context 32768 --compile \
+        --methods full,streaming_llm,quest/p64 --out "$OUT/profile_32k_c.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_32k_c.log" ;;
     sparsetests)  # issue 10's kernels and methods on CUDA (flex compiled, bf16)
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 python3 -m pytest -q -p no:cacheprovider tests/test_sparse_prefill.py \
         tests/test_methods.py tests/test_padded_batch.py -k "token_sparse or dhsa or rectified or tca or sparse_prefill" 2>&1 | tail -30 | tee "$OUT/sparsetests.log" ;;

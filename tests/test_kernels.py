@@ -457,3 +457,54 @@ def test_fused_cache_append_and_ring_match_the_torch_path() -> None:
     assert_close_rel(got[0].float(), want[0].float(), 1e-3)
     for g, wnt in zip(got[1:], want[1:]):
         assert torch.equal(g, wnt)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Quest's fused decode step (attnkit.kernels.triton_quest.quest_attention): top-k inside the sparse kernel.
+
+if ON_GPU:
+    QUEST_CASES = [
+        (cap, ratio, dim, dtype, 1 + (i % 2), page, kk)
+        for i, (cap, ratio, dim, dtype, (page, kk)) in enumerate(
+            itertools.product([100, 4099, 70000], [1, 4, 8], [64, 128, 256], DTYPES,
+                              [(16, 8), (64, 32), (32, 1), (128, 5)])
+        )
+    ]
+else:
+    QUEST_CASES = [(700, 4, 64, torch.float16, 1, 16, 8), (300, 2, 64, torch.float32, 2, 32, 3),
+                   (500, 1, 64, torch.float32, 1, 64, 20)]
+
+
+@needs_triton
+@pytest.mark.parametrize("cap,ratio,dim,dtype,batch,page,kk", QUEST_CASES)
+def test_triton_quest_attention_reads_the_bisection_top_k(
+    cap: int, ratio: int, dim: int, dtype: torch.dtype, batch: int, page: int, kk: int
+) -> None:
+    """Same pages as scoring + topk_bisect and the same output as the sparse kernel over them, for a full, a
+    half and a one-page valid range (forced last page), k above and below the valid pages, holes in pos."""
+    from attnkit.kernels.triton_quest import quest_attention
+
+    kv_heads = 2
+    q, k, v, pos = make_buffers(batch, kv_heads * ratio, kv_heads, dim, cap, dtype, TRITON_DEVICE, seed=cap + kk)
+    summary = torch_ref.page_summaries(k, pos, page).contiguous()
+    pages = summary.shape[2]
+    for n_valid in (pages, max(1, pages // 2), 1):
+        idx = torch.full((batch, kv_heads, kk), -7, dtype=torch.long, device=TRITON_DEVICE)
+        n_dev = torch.tensor([n_valid], device=TRITON_DEVICE)
+        out = quest_attention(q, k, v, pos, summary, kk, n_dev, page, out=_poison(q), idx_out=idx)
+        want = _select().topk_bisect(_select().quest_scores_masked(q, summary, n_valid, True), kk)
+        assert torch.equal(idx.sort(-1).values.cpu(), want.sort(-1).values.cpu()), f"n_valid={n_valid}"
+        ref = torch_ref.sparse_decode_attention(q.float(), k.float(), v.float(), pos, want, page)
+        assert_close_rel(out, ref, TOL[dtype])
+
+
+def test_quest_attention_dispatch_equals_select_then_read() -> None:
+    """The dispatching API on whatever path this machine takes: the selection of select_pages, read sparsely."""
+    device = "cuda" if ON_GPU else "cpu"
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    q, k, v, pos = make_buffers(1, 8, 2, 128, 1000, dtype, device, seed=11)
+    summary = torch_ref.page_summaries(k, pos, 16).contiguous()  # 63 pages
+    out = kernels.quest_attention(q, k, v, pos, summary, 10, torch.tensor([50], device=device), 16)
+    idx = kernels.select_pages(q, summary, 10, 50)
+    ref = torch_ref.sparse_decode_attention(q.float(), k.float(), v.float(), pos, idx, 16)
+    assert_close_rel(out, ref, TOL[dtype])

@@ -122,6 +122,11 @@ def only_real_queries(layer, probs: torch.Tensor) -> torch.Tensor:
 def attnkit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function transformers calls in every attention layer while attnkit is active."""
     run = ACTIVE_RUNS.get(id(module.config))
+    handle = getattr(run.cache, "step_handle", None) if run is not None else None
+    if handle is not None and torch.compiler.is_compiling():  # a compiled decode step (attnkit.hf.step_ops)
+        scale = module.head_dim**-0.5 if scaling is None else scaling
+        out = torch.ops.attnkit.step_attend(query, key, handle, module.layer_idx, scale, kwargs.get("softcap"))
+        return out.transpose(1, 2).contiguous(), None
     if run is None:
         raise RuntimeError(
             "attnkit attention was called outside `attnkit.apply(...)`; restore the model's attention "

@@ -117,10 +117,16 @@ class KVLayer(CacheLayerMixin):
         return self.keys[:, :, : self.n], self.values[:, :, : self.n]
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        if self.static and torch.compiler.is_compiling():
+            return self.span, 0  # see get_seq_length
         return self.n + query_length, 0
 
     def get_seq_length(self) -> int:
-        # Logical length: transformers derives default position ids from it.
+        # Logical length: transformers derives default position ids from it. A compiled fixed-shape step gets the
+        # length at the decode's start instead, so its trace does not specialise on a count that changes every
+        # step: nothing in such a step uses it (positions come from the decoder, masks from ``pos``).
+        if self.static and torch.compiler.is_compiling():
+            return self.static_seen
         return self.seen
 
     def get_max_length(self) -> int:
@@ -193,6 +199,7 @@ class KVLayer(CacheLayerMixin):
         self.qpos = self.count.clone()
         self.wslot = torch.full((b, h, 1), self.n, dtype=torch.long, device=self.device)
         self.pad_static = self.seen - self.count  # (B, 1): constant while decoding
+        self.static_seen = self.seen
         self.static = True
 
     def row_pad(self) -> torch.Tensor:
@@ -218,7 +225,6 @@ class KVLayer(CacheLayerMixin):
             self.values.scatter_(2, self.wslot.unsqueeze(-1).expand(b, h, 1, value_states.shape[-1]), value_states)
             self.pos.scatter_(2, self.wslot, self.qpos.view(b, 1, 1).expand(b, h, 1))
             self.sinks_stored = False
-        self.advance_host()
         if self.run is not None:
             self.run.current[self.layer_idx] = self
         return self.keys, self.values
@@ -231,7 +237,8 @@ class KVLayer(CacheLayerMixin):
         return self.run is not None and self.run.pad_mask is not None
 
     def advance_host(self) -> None:
-        """Host counters after one static step (what the step did on the device)."""
+        """Host counters after one static step (what the step did on the device). The decoder calls it after every
+        step, eager or replayed, never the step itself: a step's traced or captured code reads no host counter."""
         self.n = min(self.n + 1, self.span)
         self.seen += 1
 
@@ -539,9 +546,19 @@ class WindowLayer(KVLayer):
 class AttnkitCache(Cache):
     """A transformers ``Cache`` made of attnkit layers, one per decoder layer, owned by a :class:`Run`."""
 
+    #: set while a compiled decoder owns this cache (:mod:`attnkit.hf.step_ops`)
+    step_handle: int | None = None
+
     def __init__(self, layers: list[KVLayer], run: "Run | None" = None) -> None:
         super().__init__(layers=layers)
         self.run = run
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.step_handle is not None and torch.compiler.is_compiling():
+            # a compiled decode step: the layer's write is an opaque op; the attention takes its token for order
+            token = torch.ops.attnkit.step_write(key_states, value_states, self.step_handle, layer_idx)
+            return token, token
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def held_bytes(self) -> int:
         return sum(layer.held_bytes() for layer in self.layers)

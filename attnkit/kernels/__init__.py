@@ -22,6 +22,7 @@ __all__ = [
     "backend",
     "decode_attention",
     "page_summaries",
+    "quest_attention",
     "quest_scores",
     "select_pages",
     "sparse_decode_attention",
@@ -159,6 +160,49 @@ def select_pages(
     ):
         return _select_module().select_pages(q, summary, k, n_valid_pages, force_last)
     return topk_pages(quest_scores(q, summary), k, n_valid_pages, force_last)
+
+
+@functools.cache
+def _quest_module() -> ModuleType | None:
+    try:
+        from attnkit.kernels import triton_quest
+    except Exception:
+        return None
+    return triton_quest
+
+
+def quest_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    summary: torch.Tensor,
+    k_pages: int,
+    n_valid_pages: int | torch.Tensor,
+    page_size: int,
+    scale: float | None = None,
+    force_last: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quest's decode step: ``sparse_decode_attention`` over ``select_pages(q, summary, k_pages, ...)``.
+
+    On CUDA (bf16/fp16, D in 64 / 128 / 256, pages of 16-128) the selection and the sparse attention share one
+    kernel (:mod:`attnkit.kernels.triton_quest`: three launches in all, no selection written and read back);
+    elsewhere the two calls above. Shapes as in :func:`select_pages` and :func:`sparse_decode_attention`.
+    """
+    fused = _quest_module()
+    if (
+        fused is not None
+        and _impl(q) is not torch_ref
+        and summary.is_contiguous()
+        and summary.dtype == q.dtype
+        and page_size in fused.PAGES
+        and summary.shape[2] <= fused.MAX_PAGES
+    ):
+        return fused.quest_attention(q, k, v, pos, summary, k_pages, n_valid_pages, page_size, scale, force_last,
+                                     out)
+    idx = select_pages(q, summary, k_pages, n_valid_pages, force_last)
+    return sparse_decode_attention(q, k, v, pos, idx, page_size, scale, out)
 
 
 def tokenselect_votes(

@@ -141,6 +141,12 @@ class Quest(Method):
         if not layer.static and (q > 1 or n <= self.budget):
             return attend_layer(run, layer, query, key, value, scaling, softcap)
         # A static step always selects: with no more pages than the budget, every page is read (= dense).
+        if layer.static and not layer.padded:  # selection and reading share one kernel on CUDA
+            pages = layer.wslot[:1, :1, 0] // self.page + 1  # (1, 1) on the device: the page being written is last
+            out = kernels.quest_attention(query, layer.keys, layer.values, layer.pos, layer.summary,
+                                          self.budget // self.page, pages, self.page, scaling)
+            layer.static_after()
+            return out
         idx, page = self.select(query, layer)
         out = kernels.sparse_decode_attention(query, layer.keys, layer.values, layer.pos, idx, page, scaling)
         if layer.static:

@@ -20,7 +20,9 @@ class RecycledLayer(KVLayer):
 
     recycled: (B, Hkv, K) slot ids in ascending order of the score that chose them (-1: empty, kept first so that
     the rolling append drops an empty entry while there is one); qbar: (B, D) float32 mean query over heads.
-    ``decode_step`` counts decode steps since the prompt (host int, also advanced by graph replays).
+    ``decode_step`` counts decode steps since the prompt (host int, also advanced by graph replays); ``checking``
+    says whether the step under way (dynamic) or the next one (fixed-shape, whose counters advance after it) is a
+    drift check. It is kept as a bool so that a compiled step specialises on the step's kind, not its number.
     """
 
     def __init__(self, cfg: "RecycledAttention", layer_idx: int, run) -> None:
@@ -28,7 +30,12 @@ class RecycledLayer(KVLayer):
         self.cfg = cfg
         self.recycled: torch.Tensor | None = None
         self.qbar: torch.Tensor | None = None
-        self.decode_step = 0
+        self.set_step(0)
+
+    def set_step(self, step: int) -> None:
+        self.decode_step = step
+        ahead = 1 if self.static else 0  # a fixed-shape step's counter advances after the step
+        self.checking = (step + ahead) % self.cfg.stride == 0
 
     @property
     def wants_probs(self) -> str | None:  # the prompt's last query chooses the first recycled cache
@@ -36,7 +43,7 @@ class RecycledLayer(KVLayer):
 
     def observe(self, probs: torch.Tensor) -> None:
         self.recycled = self.choose(probs[:, :, -1])
-        self.decode_step = 0
+        self.set_step(0)
 
     def choose(self, probs: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, K) slots from (B, H, n) probabilities: max over the GQA group, max-pool 7, top K."""
@@ -58,28 +65,36 @@ class RecycledLayer(KVLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if key_states.shape[-2] == 1 and not self.static:
-            self.decode_step += 1
+            self.set_step(self.decode_step + 1)
         return super().update(key_states, value_states, *args, **kwargs)
+
+    def begin_static(self, steps: int) -> None:
+        super().begin_static(steps)
+        self.set_step(self.decode_step)
+
+    def end_static(self) -> None:
+        super().end_static()
+        self.set_step(self.decode_step)
 
     def advance_host(self) -> None:
         super().advance_host()
-        self.decode_step += 1
+        self.set_step(self.decode_step + 1)
 
     def host_state(self) -> tuple:
         return (*super().host_state(), self.decode_step)
 
     def set_host_state(self, state: tuple) -> None:
         super().set_host_state(state[:-1])
-        self.decode_step = state[-1]
+        self.set_step(state[-1])
 
     def static_phase(self) -> str:
         """The next step's kind: a drift check (every ``stride`` steps) or a partial step (CUDA graph key)."""
-        return "check" if (self.decode_step + 1) % self.cfg.stride == 0 else "partial"
+        return "check" if self.checking else "partial"
 
     def reset(self) -> None:
         super().reset()
         self.recycled = self.qbar = None
-        self.decode_step = 0
+        self.set_step(0)
 
 
 @dataclass
@@ -143,7 +158,7 @@ class RecycledAttention(Method):
         out = kernels.sparse_decode_attention(query, layer.keys, layer.values, layer.pos, idx, 1, scaling)
         rolled = torch.cat([layer.recycled[..., 1:], cur], dim=-1)
         full = None
-        if layer.decode_step % self.stride == 0:  # drift check: a drifted row takes the full step
+        if layer.checking:  # drift check: a drifted row takes the full step
             qmean = query[:, :, 0].float().mean(1)  # (B, D)
             full = F.cosine_similarity(qmean, layer.qbar, dim=-1) <= self.threshold  # (B,)
             span = layer.span if layer.static else layer.n

@@ -218,7 +218,8 @@ class RazorLayer(KVLayer):
         for (group, _), (kv, _) in zip(self.groups, self.index):
             group.update(key_states.index_select(1, kv) if split else key_states,
                          value_states.index_select(1, kv) if split else value_states)
-        self._sync()
+        if not self.static:  # a fixed-shape step's host counters are synced after it (advance_host)
+            self._sync()
         if self.run is not None:
             self.run.current[self.layer_idx] = self
         return key_states, value_states
@@ -235,7 +236,8 @@ class RazorLayer(KVLayer):
             out = query.new_empty((*query.shape[:3], outs[0][1].shape[-1]))
             for qi, part in outs:
                 out.index_copy_(1, qi, part)
-        self._sync()
+        if not self.static:
+            self._sync()
         return out
 
     def _sync(self) -> None:
@@ -272,6 +274,8 @@ class RazorLayer(KVLayer):
             g.begin_static(steps)
         self.static = True
         self._sync()
+        self.span = max(g.span for g, _ in self.groups)
+        self.static_seen = self.seen
 
     def advance_host(self) -> None:
         for g, _ in self.groups:
