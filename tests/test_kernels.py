@@ -459,6 +459,31 @@ def test_fused_cache_append_and_ring_match_the_torch_path() -> None:
         assert torch.equal(g, wnt)
 
 
+@needs_triton
+def test_fused_append_folds_the_key_into_its_page_summary() -> None:
+    """Quest's static append: the key joins the max / min of page qpos // page of its row (per row, per KV head)."""
+    from attnkit.kernels import triton_cache
+
+    dev, dtype = TRITON_DEVICE, torch.float16
+    gen = torch.Generator().manual_seed(1)
+    b, h, cap, d, page = 2, 3, 64, 64, 16
+    keys = torch.randn(b, h, cap, d, generator=gen).to(dev, dtype)
+    vals, pos = torch.randn(b, h, cap, d, generator=gen).to(dev, dtype), torch.full((b, h, cap), -1, device=dev)
+    kn = (3 * torch.randn(b, h, 1, d, generator=gen)).to(dev, dtype)
+    summary = torch.randn(b, h, cap // page, 2, d, generator=gen).to(dev, dtype)
+    summary[:, :, :, 1] -= 2  # min below max
+    summary[1, :, 1, 0], summary[1, :, 1, 1] = float("-inf"), float("inf")  # an empty page
+    qpos = torch.tensor([[37], [16]], device=dev)
+    wslot = torch.tensor([[[40]] * h, [[20]] * h], device=dev)
+    got = summary.clone()
+    triton_cache.append(keys.clone(), vals, pos.clone(), kn, kn, wslot, qpos, summary=got, page=page)
+    want = summary.clone()
+    for row, p in enumerate(qpos.view(-1).tolist()):
+        want[row, :, p // page, 0] = torch.maximum(want[row, :, p // page, 0], kn[row, :, 0])
+        want[row, :, p // page, 1] = torch.minimum(want[row, :, p // page, 1], kn[row, :, 0])
+    assert torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Quest's fused decode step (attnkit.kernels.triton_quest.quest_attention): top-k inside the sparse kernel.
 

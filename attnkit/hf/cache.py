@@ -214,23 +214,29 @@ class KVLayer(CacheLayerMixin):
         self.qpos.copy_(self.count)
         self.count.add_(1)
         fused = kernels.fused_cache(self.keys, key_states) if value_states.stride(-1) == 1 else None
-        if fused is not None:  # one launch instead of three scatters (and the sink original's two)
+        summary, page = self.summary_store()
+        if fused is not None:  # one launch instead of three scatters (and the sink original's two, Quest's fold)
             sink_keys, sinks = self.sink_store()
             fused.append(self.keys, self.values, self.pos, key_states, value_states, self.wslot, self.qpos,
-                         sink_keys, sinks)
+                         sink_keys, sinks, summary, page)
             self.sinks_stored = sink_keys is not None
+            self.summary_folded = summary is not None
         else:
             b, h, _, d = key_states.shape
             self.keys.scatter_(2, self.wslot.unsqueeze(-1).expand(b, h, 1, d), key_states)
             self.values.scatter_(2, self.wslot.unsqueeze(-1).expand(b, h, 1, value_states.shape[-1]), value_states)
             self.pos.scatter_(2, self.wslot, self.qpos.view(b, 1, 1).expand(b, h, 1))
-            self.sinks_stored = False
+            self.sinks_stored = self.summary_folded = False
         if self.run is not None:
             self.run.current[self.layer_idx] = self
         return self.keys, self.values
 
     def sink_store(self) -> tuple[torch.Tensor | None, int]:
         """(float32 sink originals, sinks) a fused append also fills (StreamingLLM), or (None, 0)."""
+        return None, 0
+
+    def summary_store(self) -> tuple[torch.Tensor | None, int]:
+        """(page summary, page size) a fused append also folds the key into (Quest), or (None, 0)."""
         return None, 0
 
     def pad_mask_active(self) -> bool:

@@ -15,14 +15,15 @@ import triton.language as tl
 
 @triton.jit
 def _append_kernel(
-    k_ptr, v_ptr, pos_ptr, kn_ptr, vn_ptr, wslot_ptr, qpos_ptr, sink_ptr,
+    k_ptr, v_ptr, pos_ptr, kn_ptr, vn_ptr, wslot_ptr, qpos_ptr, sink_ptr, sum_ptr,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_pb, stride_ph,
     stride_knb, stride_knh, stride_vnb, stride_vnh, stride_sb, stride_sh, stride_sn,
-    Hkv, SINKS,
-    D: tl.constexpr, DV: tl.constexpr, STORE_SINKS: tl.constexpr,
+    Hkv, SINKS, PAGES, PAGE,
+    D: tl.constexpr, DV: tl.constexpr, STORE_SINKS: tl.constexpr, FOLD: tl.constexpr,
 ):
     """Program (b * Hkv + h): write the new key / value at slot wslot[b, h] with position qpos[b]; with
-    STORE_SINKS, also its float32 original when qpos[b] < SINKS (StreamingLLM)."""
+    STORE_SINKS, also its float32 original when qpos[b] < SINKS (StreamingLLM); with FOLD, fold the key into the
+    channel-wise max / min of page qpos[b] // PAGE of the contiguous (B, Hkv, PAGES, 2, D) summary (Quest)."""
     bh = tl.program_id(0)
     b = (bh // Hkv).to(tl.int64)
     h = (bh % Hkv).to(tl.int64)
@@ -40,23 +41,37 @@ def _append_kernel(
         row = tl.where(is_sink, p, 0).to(tl.int64)
         tl.store(sink_ptr + b * stride_sb + h * stride_sh + row * stride_sn + offs, key.to(tl.float32),
                  mask=is_sink & (offs < D))
+    if FOLD:
+        page = (p // PAGE).to(tl.int64)
+        bounds = sum_ptr + (bh.to(tl.int64) * PAGES + page) * (2 * D)
+        hi = tl.load(bounds + offs)
+        lo = tl.load(bounds + D + offs)
+        tl.store(bounds + offs, tl.maximum(hi, key))
+        tl.store(bounds + D + offs, tl.minimum(lo, key))
 
 
 def append(
     keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     wslot: torch.Tensor, qpos: torch.Tensor, sink_keys: torch.Tensor | None = None, sinks: int = 0,
+    summary: torch.Tensor | None = None, page: int = 0,
 ) -> None:
     """In place: keys/values (B, Hkv, cap, D) and pos (B, Hkv, cap) get k_new/v_new (B, Hkv, 1, D) and qpos (B, 1)
-    at wslot (B, Hkv, 1); sink_keys (B, Hkv, sinks, D) float32, if given, gets the key of a position < sinks."""
+    at wslot (B, Hkv, 1); sink_keys (B, Hkv, sinks, D) float32, if given, gets the key of a position < sinks; a
+    contiguous summary (B, Hkv, P, 2, D) in the keys' dtype, if given, folds the key into page qpos // page."""
     b, h, _, d = keys.shape
     store = sink_keys is not None and sinks > 0
     sk = sink_keys if store else keys
+    fold = summary is not None
+    if fold and (not summary.is_contiguous() or summary.dtype != keys.dtype or summary.shape[-1] != d):
+        raise ValueError(f"summary {tuple(summary.shape)} {summary.dtype} must be contiguous (B, Hkv, P, 2, {d}) "
+                         f"in {keys.dtype}")
     _append_kernel[(b * h,)](
-        keys, values, pos, k_new, v_new, wslot, qpos, sk,
+        keys, values, pos, k_new, v_new, wslot, qpos, sk, summary if fold else keys,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         pos.stride(0), pos.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), sk.stride(0), sk.stride(1), sk.stride(2),
-        h, sinks, D=d, DV=values.shape[-1], STORE_SINKS=store, num_warps=1,
+        h, sinks, summary.shape[2] if fold else 0, max(page, 1),
+        D=d, DV=values.shape[-1], STORE_SINKS=store, FOLD=fold, num_warps=1,
     )
 
 

@@ -41,8 +41,12 @@ class QuestLayer(KVLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         out = super().update(key_states, value_states, *args, **kwargs)
-        self._fold(key_states, self.qpos)
+        if not (self.static and self.summary_folded):  # the fused append folds a static step's key itself
+            self._fold(key_states, self.qpos)
         return out
+
+    def summary_store(self) -> tuple[torch.Tensor | None, int]:
+        return (self.summary, self.page) if self.summary.is_contiguous() else (None, 0)
 
     def _fold(self, keys: torch.Tensor, qpos: torch.Tensor) -> None:
         """Fold the chunk's keys (B, Hkv, q, D) into the summaries of their pages (padding into a spare page)."""
