@@ -1,4 +1,4 @@
-"""Command line: ``attnkit methods | generate | ppl | eval | report``.
+"""Command line: ``attnkit methods | generate | ppl | eval | calibrate | report | analyze | zoo``.
 
 Every expected error (bad method or setting, unknown model, missing file, method that cannot run on the model)
 is reported as one ``attnkit: error: ...`` line with exit code 2 (130 on Ctrl-C); ``--debug`` re-raises instead.
@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: float32 on CPU, bfloat16 on CUDA (probabilities are float32 either way)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     p.set_defaults(func=cmd_analyze)
+
+    from attnkit.zoo.cli import add_parsers as add_zoo_parsers  # `attnkit zoo ...`, kept in its own module
+
+    add_zoo_parsers(sub, common, parse_method_setting)
     return parser
 
 

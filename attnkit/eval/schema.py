@@ -35,3 +35,32 @@ CREATE TABLE IF NOT EXISTS results (
 );
 CREATE INDEX IF NOT EXISTS results_cell ON results (model, method, task, length);
 """
+
+# attnkit.zoo training runs (one row per finished run), in the same database file as the eval results.
+ZOO_SCHEMA = """
+CREATE TABLE IF NOT EXISTS zoo_runs (
+    id INTEGER PRIMARY KEY,
+    run_key TEXT NOT NULL UNIQUE,    -- sha256 of the resolved TrainConfig
+    mixers TEXT NOT NULL,            -- "based" or per layer "base_conv+based"
+    task TEXT NOT NULL,
+    d_model INTEGER NOT NULL,
+    n_layers INTEGER NOT NULL,
+    vocab_size INTEGER NOT NULL,
+    seq_len INTEGER NOT NULL,
+    num_kv_pairs INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    accuracy REAL NOT NULL,          -- best test accuracy over epochs
+    final_accuracy REAL NOT NULL,    -- test accuracy after the last epoch run
+    epochs INTEGER NOT NULL,
+    state_size INTEGER NOT NULL,     -- floats a decode step carries per sequence (at seq_len)
+    params INTEGER NOT NULL,
+    wall_s REAL NOT NULL,            -- training + evaluation time
+    device TEXT NOT NULL,
+    history_json TEXT NOT NULL,      -- test accuracy per epoch
+    config_json TEXT NOT NULL,
+    finished INTEGER NOT NULL,       -- 1: ran all epochs or reached the early-stop accuracy
+    attnkit_version TEXT NOT NULL,
+    git_commit TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""

@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from attnkit.eval.schema import SCHEMA
+from attnkit.eval.schema import SCHEMA, ZOO_SCHEMA
 
 BUSY_TIMEOUT_S = 60.0
 
@@ -54,7 +54,7 @@ class Store:
         self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = NORMAL")  # in WAL mode: durable across process crashes
-        self.conn.executescript(SCHEMA + _FILE_HASHES)
+        self.conn.executescript(SCHEMA + _FILE_HASHES + ZOO_SCHEMA)
         self.columns = [r["name"] for r in self.conn.execute("PRAGMA table_info(results)")]
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -136,6 +136,27 @@ class Store:
 
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    # -- attnkit.zoo training runs --------------------------------------------------------------------------------
+    def zoo_run(self, run_key: str) -> dict[str, Any] | None:
+        """The stored row of a training run, or None."""
+        cur = self.conn.execute("SELECT * FROM zoo_runs WHERE run_key = ?", (run_key,))
+        row = cur.fetchone()
+        return None if row is None else dict(row)
+
+    def add_zoo_run(self, row: dict[str, Any]) -> bool:
+        """Insert a finished run (provenance added here); False if its run_key was already stored."""
+        from datetime import datetime, timezone
+
+        row = {**row, "attnkit_version": attnkit_version(), "git_commit": git_commit(),
+               "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        names = list(row)
+        sql = (f"INSERT INTO zoo_runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+               "ON CONFLICT (run_key) DO NOTHING")
+        return self.conn.execute(sql, [row[k] for k in names]).rowcount == 1
+
+    def zoo_runs(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM zoo_runs ORDER BY id")]
 
     # -- provenance -----------------------------------------------------------------------------------------------
     def file_sha256(self, path: str | os.PathLike) -> str:

@@ -1,0 +1,116 @@
+"""``attnkit zoo mixers | train | sweep | report``: the trained token mixers on MQAR, from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+TRAIN_FIELDS = ("vocab_size", "train_examples", "test_examples", "epochs", "batch_size", "weight_decay",
+                "early_stop", "seed", "mlp_ratio", "power_a")
+
+
+def _settings(items: list[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for mixer, key, value in items:
+        out.setdefault(mixer, {})[key] = value
+    return out
+
+
+def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> None:
+    """Register ``zoo`` and its subcommands on the main CLI's subparsers."""
+    zoo = sub.add_parser("zoo", parents=[common], help="trained token mixers (BASED, delta rule, RLS, ...) on MQAR")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+
+    p = zsub.add_parser("mixers", parents=[common], help="list the registered mixers")
+    p.set_defaults(func=cmd_mixers)
+
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--task", default="mqar", choices=["mqar"])
+    shared.add_argument("--set", dest="settings", action="append", default=[], type=parse_method_setting,
+                        metavar="MIXER.KEY=VALUE", help="mixer setting, repeatable (e.g. --set based.feature_dim=16)")
+    shared.add_argument("--db", default="results/zoo.db", help="results database (default: %(default)s)")
+    shared.add_argument("--checkpoints", default="results/zoo-checkpoints",
+                        help="epoch checkpoints of unfinished runs, for resuming (default: %(default)s)")
+    shared.add_argument("--device", default="cpu")
+    shared.add_argument("--n-layers", type=int, default=2, help="layers when one mixer name is given")
+    for name in TRAIN_FIELDS:
+        shared.add_argument("--" + name.replace("_", "-"), type=float if name in ("weight_decay", "early_stop",
+                                                                              "power_a") else int)
+
+    p = zsub.add_parser("train", parents=[common, shared], help="train one model on MQAR; result into --db")
+    p.add_argument("--mixer", required=True, help="one name for every layer, or NAME+NAME per layer")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--kv-pairs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.set_defaults(func=cmd_train)
+
+    p = zsub.add_parser("sweep", parents=[common, shared], help="mixers x widths x (T, N) x learning rates")
+    p.add_argument("--mixers", required=True, help="comma-separated specs, e.g. softmax,base_conv+based")
+    p.add_argument("--d-models", default="64", help="comma-separated widths")
+    p.add_argument("--shapes", default="64x4", help="comma-separated SEQ_LENxKV_PAIRS, e.g. 64x4,256x16")
+    p.add_argument("--lrs", default="1e-3", help="comma-separated learning rates (the best run per model counts)")
+    p.add_argument("--shard", help="I/N: run every N-th configuration from the I-th (several processes, one db)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = zsub.add_parser("report", parents=[common], help="the accuracy vs state-size frontier of a database")
+    p.add_argument("db")
+    p.add_argument("-o", "--out", default="results/zoo-report")
+    p.set_defaults(func=cmd_report)
+
+
+def _base(args: argparse.Namespace) -> dict[str, Any]:
+    base = {name: getattr(args, name) for name in TRAIN_FIELDS if getattr(args, name) is not None}
+    return {**base, "task": args.task, "mixer_settings": _settings(args.settings), "n_layers": args.n_layers}
+
+
+def cmd_mixers(args: argparse.Namespace) -> int:
+    from attnkit.zoo import mixers
+
+    for m in mixers():
+        print(f"{m['name']:18} {m['paper']:36} {json.dumps(m['defaults'])}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from attnkit.eval.store import Store
+    from attnkit.zoo.sweep import grid
+    from attnkit.zoo.train import train
+
+    (cfg,) = grid([args.mixer], [args.d_model], [(args.seq_len, args.kv_pairs)], [args.lr], **_base(args))
+    with Store(args.db) as store:
+        row = train(cfg, store, args.checkpoints, args.device)
+    print(f"{row['mixers']} d_model {row['d_model']} T {row['seq_len']} N {row['num_kv_pairs']}: accuracy "
+          f"{row['accuracy']:.4f} after {row['epochs']} epochs, state {row['state_size']:,} floats, "
+          f"{row['params']:,} parameters, {row['wall_s']:.1f} s -> {args.db}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from attnkit.zoo.sweep import grid, parse_shape, parse_shard, run_sweep
+
+    shapes = [parse_shape(s) for s in args.shapes.split(",") if s]
+    configs = grid([m for m in args.mixers.split(",") if m], [int(d) for d in args.d_models.split(",") if d], shapes,
+                   [float(x) for x in args.lrs.split(",") if x], **_base(args))
+    rows = run_sweep(configs, args.db, args.checkpoints, parse_shard(args.shard), args.executor, args.device,
+                     progress=not args.no_progress)
+    for r in rows:
+        print(f"{r['mixers']:28} d{r['d_model']:<4} {r['seq_len']}x{r['num_kv_pairs']:<4} "
+              f"acc {r['accuracy']:.3f} state {r['state_size']:>10,}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from attnkit.zoo.report import write_report
+
+    if not Path(args.db).exists():
+        raise ValueError(f"no database at {args.db}")
+    write_report(args.db, args.out)
+    print((Path(args.out) / "frontier.md").read_text(), end="")
+    print(f"report: {args.out}/frontier.svg, frontier.md, frontier.json")
+    return 0

@@ -1,0 +1,74 @@
+"""The recall vs state-size frontier of stored zoo runs: a Markdown table and an SVG plot per MQAR shape.
+
+As Zoology reports it: for each model (mixers, width) and task shape (T, N), the best test accuracy over the
+runs stored for it (the learning-rate sweep, seeds), plotted against the state a decode step carries at T.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def frontier(rows: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, list[tuple[int, float, int]]]]:
+    """{(T, N): {mixers: [(state_size, best accuracy, d_model), ...] sorted by state}} over stored runs."""
+    best: dict[tuple, tuple[int, float]] = {}
+    for r in rows:
+        key = (r["seq_len"], r["num_kv_pairs"], r["mixers"], r["d_model"])
+        if key not in best or r["accuracy"] > best[key][1]:
+            best[key] = (r["state_size"], r["accuracy"])
+    out: dict[tuple[int, int], dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for (t, n, mixers, d), (state, acc) in best.items():
+        out[(t, n)][mixers].append((state, acc, d))
+    return {shape: {m: sorted(points) for m, points in sorted(per.items())} for shape, per in sorted(out.items())}
+
+
+def markdown(front: dict) -> str:
+    lines = ["| T x N | mixers | d_model | state size | best accuracy |", "| --- | --- | ---: | ---: | ---: |"]
+    for (t, n), per in front.items():
+        for mixers, points in per.items():
+            for state, acc, d in points:
+                lines.append(f"| {t}x{n} | {mixers} | {d} | {state:,} | {acc:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(front: dict, path: Path) -> None:
+    """One panel per shape: accuracy against state size (log scale), one line per mixer stack."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from attnkit.eval.report_plots import RC
+
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(4.2 * max(1, len(front)), 3.6), layout="constrained")
+        axes = fig.subplots(1, max(1, len(front)), squeeze=False)[0]
+        for ax, ((t, n), per) in zip(axes, front.items()):
+            for mixers, points in per.items():
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mixers)
+            ax.set_xscale("log")
+            ax.set_ylim(0, 1.02)
+            ax.set_title(f"MQAR T={t}, N={n}")
+            ax.set_xlabel("state size (floats per sequence)")
+            ax.set_ylabel("accuracy")
+        axes[0].legend(loc="lower right")
+        fig.savefig(path, format="svg")
+
+
+def write_report(db: str | Path, out: str | Path) -> dict:
+    """frontier.md, frontier.svg and frontier.json under ``out`` from the database's zoo runs."""
+    from attnkit.eval.store import Store
+
+    with Store(db) as store:
+        rows = store.zoo_runs()
+    if not rows:
+        raise ValueError(f"{db} holds no zoo runs; run `attnkit zoo train` or `attnkit zoo sweep` first")
+    front = frontier(rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "frontier.md").write_text(markdown(front))
+    plot(front, out / "frontier.svg")
+    serial = {f"{t}x{n}": per for (t, n), per in front.items()}
+    (out / "frontier.json").write_text(json.dumps(serial, indent=2))
+    return serial

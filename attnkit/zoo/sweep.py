@@ -1,0 +1,125 @@
+"""Sweeps of zoo training runs: mixers x widths x (T, N) x learning rates, into one results database.
+
+Every run is a :class:`~attnkit.zoo.train.TrainConfig` keyed by its hash, so a sweep interrupted at any point
+reruns only what is missing (finished runs are stored, cut-off runs resume from their epoch checkpoints), several
+shards (``--shard i/n``) or Ray workers can share one database, and a run already stored by another sweep is not
+trained again. Zoology reports, per model, the best accuracy over a learning-rate sweep: the frontier in
+:mod:`attnkit.zoo.report` does the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from attnkit.zoo.train import TrainConfig, train
+
+
+def parse_mixers(spec: str) -> str | list[str]:
+    """``based`` (every layer) or ``base_conv+based`` (one name per layer)."""
+    names = [n.strip() for n in spec.split("+") if n.strip()]
+    if not names:
+        raise ValueError(f"mixer spec {spec!r} is invalid; accepted: NAME or NAME+NAME+... (one per layer)")
+    return names[0] if len(names) == 1 else names
+
+
+def parse_shape(spec: str) -> tuple[int, int]:
+    """``256x16`` -> (seq_len 256, num_kv_pairs 16)."""
+    t, sep, n = spec.lower().partition("x")
+    try:
+        if not sep:
+            raise ValueError
+        return int(t), int(n)
+    except ValueError:
+        raise ValueError(f"shape {spec!r} is invalid; accepted: SEQ_LENxKV_PAIRS, e.g. 256x16") from None
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``i/n`` (0-based) -> (i, n); None -> (0, 1)."""
+    if spec is None:
+        return 0, 1
+    i, sep, n = spec.partition("/")
+    try:
+        index, count = int(i), int(n)
+        if not sep or count < 1 or not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"shard {spec!r} is invalid; accepted: I/N with 0 <= I < N, e.g. 0/4") from None
+    return index, count
+
+
+def grid(
+    mixers: list[str], d_models: list[int], shapes: list[tuple[int, int]], lrs: list[float], **base: Any
+) -> list[TrainConfig]:
+    """Every combination as a TrainConfig (``base``: the other TrainConfig fields), validated up front."""
+    layers = base.pop("n_layers", None)
+    configs = []
+    for spec in mixers:
+        mix = parse_mixers(spec)
+        n_layers = len(mix) if isinstance(mix, list) else (layers or 2)
+        for d in d_models:
+            for seq_len, pairs in shapes:
+                for lr in lrs:
+                    configs.append(TrainConfig(mixers=mix, d_model=d, n_layers=n_layers, seq_len=seq_len,
+                                               num_kv_pairs=pairs, lr=lr, **base))
+    return configs
+
+
+def run_sweep(
+    configs: list[TrainConfig],
+    db: str | Path,
+    checkpoint_dir: str | Path,
+    shard: tuple[int, int] = (0, 1),
+    executor: str = "local",
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train this shard's runs (skipping stored ones); returns their result rows."""
+    from attnkit.eval.store import Store
+
+    index, count = shard
+    mine = configs[index::count]
+    if executor == "ray":
+        return _run_ray(mine, str(db), str(checkpoint_dir), device)
+    if executor != "local":
+        raise ValueError(f"unknown executor '{executor}'; available: local, ray")
+    rows = []
+    with Store(db) as store:
+        todo = [c for c in mine if store.zoo_run(c.key()) is None]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="run", desc="zoo sweep", dynamic_ncols=True)
+        for cfg in mine:
+            stored = store.zoo_run(cfg.key())
+            rows.append(stored if stored is not None else train(cfg, store, checkpoint_dir, device, progress=False))
+            if bar is not None and stored is None:
+                bar.update(1)
+                bar.set_postfix(last=f"{rows[-1]['mixers']} d{cfg.d_model} acc {rows[-1]['accuracy']:.3f}")
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+def _run_ray(configs: list[TrainConfig], db: str, checkpoint_dir: str, device: str) -> list[dict[str, Any]]:
+    from attnkit.eval.executors import require_ray
+
+    ray = require_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+    @ray.remote(num_gpus=1 if device.startswith("cuda") else 0)
+    def one(fields: dict[str, Any]) -> dict[str, Any]:
+        from attnkit.eval.store import Store
+
+        with Store(db) as store:
+            return train(TrainConfig(**fields), store, checkpoint_dir, device, progress=False)
+
+    try:
+        return ray.get([one.remote(dataclasses.asdict(c)) for c in configs])
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,216 @@
+"""Training a :class:`~attnkit.zoo.lm.TinyLM` on MQAR: AdamW, cosine schedule, early stop, resumable, stored.
+
+The recipe of Zoology / BASED's MQAR runs: AdamW (weight decay 0.1), a cosine learning-rate schedule with a short
+linear warm-up, one pass over a fixed training set per epoch in a seeded order, the test set scored after every
+epoch, training stopped once test accuracy reaches ``early_stop`` (0.99). One run is one :class:`TrainConfig`;
+its key is the sha256 of the resolved config, its result one row of the ``zoo_runs`` table of an attnkit results
+database (the same SQLite file ``attnkit eval`` writes). A run already stored is not trained again; a run cut off
+resumes from its last epoch checkpoint (safetensors: weights, optimizer moments, epoch counters; never pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnkit.zoo.base import check_float, check_int
+from attnkit.zoo.lm import LMConfig, TinyLM
+from attnkit.zoo.mqar import mqar, mqar_accuracy
+from attnkit.zoo.registry import mixer_class
+
+TASKS = ("mqar",)
+
+
+@dataclass
+class TrainConfig:
+    """One MQAR training run. Defaults: Zoology's (V 8192, T 64, N 4, 2 layers, d 64, 100k / 3k examples)."""
+
+    mixers: str | list[str] = "based"
+    mixer_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    d_model: int = 64
+    n_layers: int = 2
+    mlp_ratio: int = 0  # Zoology's MQAR models have no MLP
+    task: str = "mqar"
+    vocab_size: int = 8192
+    seq_len: int = 64
+    num_kv_pairs: int = 4
+    power_a: float = 0.01
+    train_examples: int = 100_000
+    test_examples: int = 3_000
+    epochs: int = 64
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: float = 0.02  # share of the steps with a linear warm-up
+    early_stop: float = 0.99
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"zoo train: task={self.task!r} is invalid; accepted: {', '.join(TASKS)}")
+        for name in ("train_examples", "test_examples", "epochs", "batch_size"):
+            check_int("zoo train", name, getattr(self, name), 1)
+        check_int("zoo train", "seed", self.seed, 0)
+        check_float("zoo train", "lr", self.lr, 0.0, 1.0, open_lo=True)
+        check_float("zoo train", "weight_decay", self.weight_decay, 0.0, 10.0)
+        check_float("zoo train", "warmup", self.warmup, 0.0, 1.0)
+        check_float("zoo train", "early_stop", self.early_stop, 0.0, 1.0, open_lo=True)
+        for name in self.lm_config().layer_mixers():  # validates the model settings and the mixer names
+            mixer_class(name)
+        mqar(1, self.vocab_size, self.seq_len, self.num_kv_pairs, self.power_a)  # validates the task settings
+
+    def lm_config(self) -> LMConfig:
+        return LMConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, mixers=self.mixers,
+                        mixer_settings=self.mixer_settings, mlp_ratio=self.mlp_ratio)
+
+    def key(self) -> str:
+        """sha256 of the resolved config: the run's identity in the store and its checkpoint's name."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup * total`` steps, then a cosine decay to 0."""
+    warm = max(1, round(cfg.warmup * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+@torch.no_grad()
+def evaluate(model: TinyLM, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """MQAR accuracy of ``model`` over a test set (B, T), in batches."""
+    model.eval()
+    preds = torch.cat([model(inputs[i : i + batch_size]).argmax(-1) for i in range(0, len(inputs), batch_size)])
+    model.train()
+    return mqar_accuracy(preds, labels)
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Weights, optimizer moments and counters in one safetensors file (written to a temp name, then renamed)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()
+               if k != "head.weight" or not model.config.tie_embeddings}
+    for index, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns its counters (a corrupt file: one clear error)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise ValueError(f"zoo train: checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); delete it to "
+                         "start the run over") from None
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(weights, strict=not model.config.tie_embeddings)
+    state = opt.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            state["state"].setdefault(int(index), {})[name] = value
+    opt.load_state_dict(state)
+    return meta
+
+
+def train(
+    cfg: TrainConfig,
+    store=None,
+    checkpoint_dir: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    max_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train one run (or return its stored row); see the module docstring.
+
+    ``max_epochs`` stops after that many epochs of this call (a checkpoint is left to resume from; nothing is
+    stored): used to split long runs and by the resume test. Returns the result row.
+    """
+    key = cfg.key()
+    if store is not None and (row := store.zoo_run(key)) is not None:
+        return row
+    torch.manual_seed(cfg.seed)
+    model = TinyLM(cfg.lm_config()).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]  # no weight decay on norms and biases
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.98))
+    x_train, y_train = mqar(cfg.train_examples, cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs, cfg.power_a, seed=cfg.seed)
+    x_test, y_test = mqar(cfg.test_examples, cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs, cfg.power_a,
+                          seed=cfg.seed + 1_000_003)  # a disjoint stream of draws
+    x_test, y_test = x_test.to(device), y_test.to(device)
+    steps_per_epoch = math.ceil(cfg.train_examples / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    meta = {"epoch": 0, "best": 0.0, "accuracy": 0.0, "wall_s": 0.0, "history": []}
+    ckpt = Path(checkpoint_dir) / f"{key[:20]}.safetensors" if checkpoint_dir is not None else None
+    if ckpt is not None and ckpt.exists():
+        meta = load_checkpoint(ckpt, model, opt)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.epochs, initial=meta["epoch"], unit="epoch", desc=f"zoo {label(cfg)}", dynamic_ncols=True)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    ran = 0
+    while meta["epoch"] < cfg.epochs and meta["best"] < cfg.early_stop:
+        if max_epochs is not None and ran >= max_epochs:
+            break
+        start = time.perf_counter()
+        order = torch.randperm(cfg.train_examples, generator=torch.Generator().manual_seed(cfg.seed * 9973 + meta["epoch"]))
+        for i in range(steps_per_epoch):
+            step = meta["epoch"] * steps_per_epoch + i
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, cfg)
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            logits = model(x_train[idx].to(device))
+            loss = loss_fn(logits.flatten(0, 1), y_train[idx].to(device).flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        acc = evaluate(model, x_test, y_test, max(cfg.batch_size, 256))
+        meta["epoch"] += 1
+        meta["accuracy"], meta["best"] = acc, max(meta["best"], acc)
+        meta["wall_s"] += time.perf_counter() - start
+        meta["history"].append(round(acc, 5))
+        ran += 1
+        if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(ckpt, model, opt, meta)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
+    if bar is not None:
+        bar.close()
+    finished = meta["epoch"] >= cfg.epochs or meta["best"] >= cfg.early_stop
+    row = {
+        "run_key": key, "mixers": label(cfg), "task": cfg.task, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+        "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len, "num_kv_pairs": cfg.num_kv_pairs, "seed": cfg.seed,
+        "accuracy": meta["best"], "final_accuracy": meta["accuracy"], "epochs": meta["epoch"],
+        "state_size": model.state_size(cfg.seq_len), "params": sum(p.numel() for p in model.parameters()),
+        "wall_s": meta["wall_s"], "device": device, "history_json": json.dumps(meta["history"]),
+        "config_json": json.dumps(asdict(cfg), sort_keys=True), "finished": int(finished),
+    }
+    if finished and store is not None:
+        store.add_zoo_run(row)
+    return row
+
+
+def label(cfg: TrainConfig) -> str:
+    """The run's mixers as one string: ``based`` or ``base_conv+based``."""
+    return cfg.mixers if isinstance(cfg.mixers, str) else "+".join(cfg.mixers)
