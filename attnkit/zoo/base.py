@@ -156,3 +156,17 @@ class Mixer(nn.Module):
             raise ValueError(f"{self.name}: the state grows with the sequence; pass seq_len (an integer >= 0)")
         check_int(self.name, "seq_len", seq_len, 0)
         return seq_len
+
+
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """softmax of ``scores`` over the entries where ``allowed`` (broadcastable bool) is True along ``dim``.
+
+    Rows with no allowed entry give all zeros instead of NaN, in the forward and the backward pass (the shift by
+    the row's maximum is detached: softmax does not depend on it).
+    """
+    scores = torch.where(allowed, scores, float("-inf"))  # broadcasts both
+    peak = scores.detach().amax(dim, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    weights = torch.exp(scores - peak)
+    total = weights.sum(dim, keepdim=True)
+    return weights / torch.where(total > 0, total, torch.ones_like(total))  # an allowed row sums to >= 1

@@ -17,6 +17,12 @@ _MIXERS: dict[str, str] = {
     "base_conv": "attnkit.zoo.base_conv:BaseConv",
     "delta_rule": "attnkit.zoo.delta_rule:DeltaRule",
     "rls": "attnkit.zoo.rls:RLSMemory",
+    "selective": "attnkit.zoo.selective:SelectiveAttention",
+    "deconstructed": "attnkit.zoo.deconstructed:DeconstructedAttention",
+    "meta_tokens": "attnkit.zoo.meta_tokens:MetaTokenAttention",
+    "landmark": "attnkit.zoo.landmark:LandmarkAttention",
+    "cca": "attnkit.zoo.cca:CCAAttention",
+    "superlinear": "attnkit.zoo.superlinear:SuperlinearAttention",
 }
 
 
