@@ -169,7 +169,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 
 
 
 def test_every_registered_mixer_is_covered():
-    assert set(CASES) == set(_MIXERS)
+    assert set(CASES) <= set(_MIXERS)  # tests/test_zoo_mixers2.py covers the rest and checks the union
     assert all(mixer_class(name).name == name for name in _MIXERS)
 
 
