@@ -38,13 +38,27 @@ def _suggest(word: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def resolve(table: dict[str, str], name: str, kind: str) -> Any:
+    """The object a lazy ``{name: "module:attr"}`` table names (imported now); ValueError with a suggestion for an
+    unknown ``kind`` name (methods here, zoo mixers in :mod:`attnkit.zoo.registry`)."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in table:
+        raise ValueError(f"unknown {kind} '{name}'{_suggest(key, list(table))}; available: {', '.join(table)}")
+    module, attr = table[key].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def check_settings(owner: str, fields: list[str], settings: dict[str, Any]) -> None:
+    """ValueError naming the first setting that is not one of ``fields``, with a suggestion."""
+    for key in settings:
+        if key not in fields:
+            listed = ", ".join(fields) or "none"
+            raise ValueError(f"{owner}: unknown setting '{key}'{_suggest(key, fields)}; settings: {listed}")
+
+
 def method_class(name: str) -> type[Method]:
     """The class registered under ``name``; ValueError with a suggestion for unknown names."""
-    key = name.strip().lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown method '{name}'{_suggest(key, list(_REGISTRY))}; available: {', '.join(_REGISTRY)}")
-    module, attr = _REGISTRY[key].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return resolve(_REGISTRY, name, "method")
 
 
 def make_method(method: str | Method, **settings: Any) -> Method:
@@ -54,11 +68,7 @@ def make_method(method: str | Method, **settings: Any) -> Method:
             raise ValueError("pass settings either in the method instance or as keywords, not both")
         return method
     cls = method_class(method)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    for key in settings:
-        if key not in fields:
-            listed = ", ".join(fields) or "none"
-            raise ValueError(f"{cls.name}: unknown setting '{key}'{_suggest(key, fields)}; settings: {listed}")
+    check_settings(cls.name, [f.name for f in dataclasses.fields(cls)], settings)
     return cls(**settings)
 
 

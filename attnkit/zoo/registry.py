@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
 from typing import Any
 
+from attnkit.registry import check_settings, resolve
 from attnkit.zoo.base import Mixer
 
 _MIXERS: dict[str, str] = {
@@ -26,28 +25,15 @@ _MIXERS: dict[str, str] = {
 }
 
 
-def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def mixer_class(name: str) -> type[Mixer]:
     """The class registered under ``name``; ValueError with a suggestion for unknown names."""
-    key = name.strip().lower().replace("-", "_")
-    if key not in _MIXERS:
-        raise ValueError(f"unknown mixer '{name}'{_suggest(key, list(_MIXERS))}; available: {', '.join(_MIXERS)}")
-    module, attr = _MIXERS[key].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return resolve(_MIXERS, name, "mixer")
 
 
 def build_mixer(name: str, d_model: int, **settings: Any) -> Mixer:
     """A mixer of width ``d_model`` from its name and config settings (unknown settings: ValueError)."""
     cls = mixer_class(name)
-    fields = [f.name for f in dataclasses.fields(cls.config_class)]
-    for key in settings:
-        if key not in fields:
-            listed = ", ".join(fields) or "none"
-            raise ValueError(f"{cls.name}: unknown setting '{key}'{_suggest(key, fields)}; settings: {listed}")
+    check_settings(cls.name, [f.name for f in dataclasses.fields(cls.config_class)], settings)
     return cls(d_model, cls.config_class(**settings))
 
 
