@@ -32,11 +32,14 @@ from attnkit.session import cache_argument
 WARMUP_STEPS = 2
 #: decodes shorter than this do not pay for a capture
 MIN_GRAPH_STEPS = 8
-#: compiled steps: one trace per phase is expected; the limit only keeps a surprise from silently going eager
+#: compiled steps: one trace per decode is expected; a surprise recompile beyond this fails loudly (fullgraph)
 RECOMPILE_LIMIT = 16
+#: torch.compile modes a step may use; the "reduce-overhead" family captures CUDA graphs of its own, which the
+#: decoder's graph would nest
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
-def compile_step(method, backend="inductor"):
+def compile_step(method, backend="inductor", mode: str | None = None):
     """``torch.compile`` of a bound decode-step method: static shapes, one graph for the whole step (the model's
     ops around attnkit's opaque write and attention ops), else an error (no silent graph breaks).
 
@@ -46,7 +49,8 @@ def compile_step(method, backend="inductor"):
     """
     fn = method.__func__
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    return torch.compile(types.MethodType(own, method.__self__), dynamic=False, fullgraph=True, backend=backend)
+    step = types.MethodType(own, method.__self__)
+    return torch.compile(step, dynamic=False, fullgraph=True, backend=backend, mode=mode)
 
 
 def static_unavailable(run, cache) -> str | None:
@@ -67,17 +71,19 @@ class StaticDecoder:
     when ``graphs`` is set (CUDA only).
 
     ``step(token, pos)`` takes (B,) token ids and (B, 1) positions on the device and returns (B, V) logits (a
-    static buffer when replaying: read or copy it before the next step).
+    static buffer when replaying: read or copy it before the next step). ``compile``: True for Inductor, or a
+    torch.compile backend (tests use Dynamo's ``eager``); ``compile_mode``: one of :data:`COMPILE_MODES`.
     """
 
     def __init__(
-        self, model: torch.nn.Module, cache, steps: int, graphs: bool, compile: bool | str | Callable = False
+        self, model: torch.nn.Module, cache, steps: int, graphs: bool, compile: bool | str | Callable = False,
+        compile_mode: str | None = None,
     ) -> None:
         self.model, self.cache = model, cache
         self.compiled = None
         if compile:
             step_ops.register(cache)  # attnkit's writes and attention stay opaque to the compiler
-            self.compiled = compile_step(self._eager_forward, "inductor" if compile is True else compile)
+            self.compiled = compile_step(self._eager_forward, "inductor" if compile is True else compile, compile_mode)
         self.compile_note = "compiled" if compile else "not compiled"
         self.arg = cache_argument(model)
         first = cache.layers[0]

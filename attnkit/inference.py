@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache
 
 from attnkit.cache_io import CacheState, continue_ids
-from attnkit.graphs import StaticDecoder, static_unavailable
+from attnkit.graphs import COMPILE_MODES, StaticDecoder, static_unavailable
 from attnkit.hf.attention import ACTIVE_RUNS
 from attnkit.session import cache_argument, text_config
 
@@ -139,7 +139,7 @@ def generate(
     static_decode: bool | None = None,
     cache: "CacheState | None" = None,
     eos_check_every: int = 16,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> Generation | list[Generation]:
     """Generate with chunked prefill and a decode loop free of per-step host syncs.
 
@@ -162,15 +162,17 @@ def generate(
     seconds on small models and tens of seconds on 8B ones, paid once per call): the model's own small ops are
     fused before the graph is captured, which matters at batch 1 where they cost about as much as a sparse
     method's attention. Logits then match the uncompiled steps within rounding, not bit for bit; if the step
-    cannot be traced as one graph the call decodes uncompiled and ``stats["decode"]`` says why.
+    cannot be traced as one graph the call decodes uncompiled and ``stats["decode"]`` says why. A string picks the
+    torch.compile mode (``"max-autotune-no-cudagraphs"``: Inductor also times its own GEMV kernels against
+    cuBLAS for every weight shape, minutes of compile for a chance at faster weight reads).
 
     ``cache`` continues an earlier call: pass ``gen.state`` (same ``attnkit.apply`` block) or what
     :func:`attnkit.load_cache` returned; ``prompt`` is then the text or ids to append (no chat template: see
     :func:`attnkit.followup_text` for the next turn of a chat), single prompt only. EOS is checked every
     ``eos_check_every`` steps; a state whose generation ran past its EOS cannot be continued (use 1 for chats).
     """
-    if not isinstance(compile, bool):
-        raise ValueError(f"compile={compile!r} is invalid; accepted: True or False")
+    if not isinstance(compile, bool) and compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r} is invalid; accepted: True, False or a mode in {COMPILE_MODES}")
     if not isinstance(eos_check_every, int) or eos_check_every < 1:
         raise ValueError(f"eos_check_every={eos_check_every!r} is invalid; accepted: an integer >= 1")
     if max_new_tokens < 1:
@@ -284,7 +286,7 @@ def generate(
 
 
 def _static_decoder(model, cache, run, device, steps: int, cuda_graphs: bool, static_decode: bool | None,
-                    compile: bool = False):
+                    compile: bool | str = False):
     """The fixed-shape decoder for this generation (or None) and a one-line description of the decode mode."""
     if static_decode is None:
         static_decode = device.type == "cuda"
@@ -296,7 +298,8 @@ def _static_decoder(model, cache, run, device, steps: int, cuda_graphs: bool, st
             warnings.warn(f"attnkit: {run.method.name} decodes eagerly: {reason}", stacklevel=3)
         return None, f"dynamic ({reason})"
     graphs = cuda_graphs and os.environ.get("ATTNKIT_CUDA_GRAPHS", "1") != "0"
-    decoder = StaticDecoder(model, cache, steps, graphs, compile=compile)
+    decoder = StaticDecoder(model, cache, steps, graphs, compile=bool(compile),
+                            compile_mode=compile if isinstance(compile, str) else None)
     return decoder, decoder.mode
 
 

@@ -205,7 +205,8 @@ def run_method(model, tok, ids: torch.Tensor, name: str, settings: dict, args, c
         with attnkit.apply(model, name, **settings) as run:
             g = attnkit.generate(model, tok, list(ids.unbind(0)) if args.batch > 1 else ids,
                                  max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk,
-                                 stop_at_eos=False, cuda_graphs=not args.no_graphs, compile=compiled)
+                                 stop_at_eos=False, cuda_graphs=not args.no_graphs,
+                                 compile=(args.compile_mode if args.compile_mode != "default" else True) if compiled else False)
             g = g[0] if isinstance(g, list) else g
             # steady state: the CUDA-graph replays (warm-up steps, compile and the one-off capture reported apart)
             per_token = g.stats.get("steady_s_per_token", g.s_per_token)
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-compile", action="store_true", help="skip StaticCache + torch.compile (a prefill and "
                     "a compile)")
     ap.add_argument("--no-graphs", action="store_true", help="attnkit decodes without CUDA graphs")
+    ap.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
+                    help="torch.compile mode of the compiled rows (max-autotune also times Triton GEMVs)")
     ap.add_argument("--compile", choices=["off", "on", "both"], default="off",
                     help="attnkit.generate(compile=...): the decode step through torch.compile (both: each method "
                          "twice, rows 'attnkit NAME' and 'attnkit NAME compiled')")

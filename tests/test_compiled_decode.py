@@ -121,5 +121,5 @@ def test_generate_refuses_a_compile_that_is_not_a_bool():
     from tiny import tiny_llama
 
     model = tiny_llama(dtype=DTYPE).to(DEVICE)
-    with pytest.raises(ValueError, match="compile='yes' is invalid; accepted: True or False"):
+    with pytest.raises(ValueError, match="compile='yes' is invalid; accepted: True, False or a mode in"):
         attnkit.generate(model, IdTok(), prompts()[0], max_new_tokens=2, compile="yes")
