@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests fasttests fast128 fast128min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests fasttests fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -57,6 +57,9 @@ for s in $stages; do
       timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 benchmarks/decode_latency.py --context 131072 --new-tokens 32 --skip-hf --skip-compile \
         --flash-prefill --methods full,full+c,streaming_llm+c,quest/p64+c --out "$OUT/fast_128k.json" \
         2>&1 | grep -v Warn | tail -14 | tee "$OUT/fast_128k.log" ;;
+    fast32min)  # the smallest useful check: compile's effect at 32K (the small kernels do not depend on the context)
+      timeout ${ATTNKIT_STAGE_SECONDS:-200} python3 benchmarks/decode_latency.py --context 32768 --new-tokens 32 --skip-hf --skip-compile \
+        --methods full,full+c,streaming_llm+c,quest/p64+c --out "$OUT/fast_32k.json" 2>&1 | grep -v Warn | tail -12 | tee "$OUT/fast_32k.log" ;;
     fast32b8)
       timeout ${ATTNKIT_STAGE_SECONDS:-420} python3 benchmarks/decode_latency.py --context 32768 --batch 8 --new-tokens 16 --skip-hf --skip-compile \
         --methods full,full+c,quest/p64+c,quest+c,streaming_llm+c --out "$OUT/fast_32k_b8.json" 2>&1 | grep -v Warn | tail -14 | tee "$OUT/fast_32k_b8.log" ;;
