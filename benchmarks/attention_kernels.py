@@ -15,11 +15,24 @@ skips the rows the CSV holds (resume), and ``--seconds`` bounds a run. ``--plot`
 and kernel at the longest length into an SVG.
 
     python benchmarks/attention_kernels.py --lengths 8192,32768,131072 --out results/attention_kernels.csv
+
+Context-parallel prefill (``--cp ring,ulysses,torch_ring --gpus N``): causal attention of one sequence split over
+N GPUs of the host (``attnkit.parallel``: our P2P ring and Ulysses all-to-all, torch's ``context_parallel`` ring),
+Llama-3.1-8B heads, forward only. Started without torchrun it re-launches itself under ``torch.distributed.run``
+with N processes (NCCL, ``NCCL_NVLS_ENABLE=0``; gloo on CPU). Rank 0 first times one-GPU SDPA flash at each
+length (the other ranks wait), then every rank runs each strategy on its shard (zigzag layout for the rings,
+contiguous for Ulysses). Per row: the slowest rank's median ms, TFLOP/s per GPU (4 x n(n+1)/2 x H x D / N /
+time) and scaling efficiency t(1 GPU) / (N x t(N GPUs)); columns ``gpus``, ``strategy`` and ``efficiency``
+(older CSVs get them added, their rows counted as one GPU).
+
+    python benchmarks/attention_kernels.py --cp ring,ulysses,torch_ring --gpus 2 --lengths 32768,131072,524288 \
+        --out results/attention_kernels.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import statistics
@@ -28,12 +41,18 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit.kernels.sparse_prefill import block_gather_attention, compact_attention, flex_block_attention
+from attnkit.parallel import (STRATEGIES, SeqLayout, ring_attention, torch_ring_attention, torch_ring_context,
+                              ulysses_attention)
+from attnkit.parallel.launch import init_distributed, relaunch, under_torchrun
+from attnkit.parallel.prefill import DEFAULT_LAYOUT
 
-FIELDS = ["mask", "kernel", "length", "pass", "ms", "tflops", "density", "peak_mib", "note"]
+FIELDS = ["mask", "kernel", "length", "pass", "ms", "tflops", "density", "peak_mib", "note", "gpus", "strategy",
+          "efficiency"]
 BLOCK = 128
 
 
@@ -164,23 +183,22 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("results/attention_kernels.csv"))
     ap.add_argument("--plot", type=Path, help="write an SVG of forward TFLOP/s at the longest length and exit")
+    ap.add_argument("--cp", default="", help="context-parallel strategies: ring,ulysses,torch_ring (see above)")
+    ap.add_argument("--gpus", type=int, default=0, help="processes (GPUs) for --cp (default: all visible, or 2)")
     args = ap.parse_args(argv)
     if args.plot:
         return plot(args.out, args.plot)
+    if args.cp:
+        if not under_torchrun():
+            gpus = args.gpus or (torch.cuda.device_count() if args.device == "cuda" else 2) or 2
+            return relaunch(gpus, list(sys.argv[1:] if argv is None else argv), script=__file__)
+        return cp_main(args)
     t0 = time.time()
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     h, hkv, d = args.heads, args.kv_heads, args.head_dim
-    done = set()
-    if args.out.is_file():
-        with args.out.open() as f:
-            done = {(r["mask"], r["kernel"], r["length"], r["pass"]) for r in csv.DictReader(f)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not args.out.is_file()
-    out = args.out.open("a", newline="")
-    writer = csv.DictWriter(out, FIELDS)
-    if new_file:
-        writer.writeheader()
+    done = done_rows(args.out)
+    out, writer = open_rows(args.out)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False) if dev.type == "cuda" else flex_attention
@@ -200,7 +218,7 @@ def main(argv=None) -> int:
                 mod, kind, mask_area = None, None, None
             for kernel in kernels:
                 for pas in (["fwd"] if args.no_backward else ["fwd", "fwd+bwd"]):
-                    if (name, kernel, str(n), pas) in done:
+                    if (name, kernel, str(n), pas, "1") in done:
                         continue
                     if args.seconds and time.time() - t0 > args.seconds:
                         print("time bound reached", file=sys.stderr)
@@ -212,7 +230,7 @@ def main(argv=None) -> int:
                         continue
                     writer.writerow(row)
                     out.flush()
-                    print(",".join(str(row[f]) for f in FIELDS), flush=True)
+                    print(",".join(str(row.get(f, "")) for f in FIELDS), flush=True)
         del q, k, v
     out.close()
     return 0
@@ -286,13 +304,168 @@ def run_one(name, kernel, pas, n, q, k, v, mod, kind, mask_area, mods, flex, cre
         ms = timed(fn, args.repeats)
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a kernel that refuses this shape: say so in the row
         return {"mask": name, "kernel": kernel, "length": n, "pass": pas, "ms": "", "tflops": "", "density": "",
-                "peak_mib": "", "note": f"refused: {str(exc).splitlines()[0][:120]}"}
+                "peak_mib": "", "note": f"refused: {str(exc).splitlines()[0][:120]}", "gpus": 1}
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.type == "cuda" else float("nan")
     flops = 4 * mask_area * h * d * (3.5 if pas == "fwd+bwd" else 1.0)
     row = {"mask": name, "kernel": kernel, "length": n, "pass": pas, "ms": round(ms, 3),
            "tflops": round(flops / ms / 1e9, 1), "density": round(mask_area / (n * n), 4),
-           "peak_mib": round(peak, 1), "note": note}
+           "peak_mib": round(peak, 1), "note": note, "gpus": 1}
     return row
+
+
+def done_rows(path: Path) -> set[tuple]:
+    """(mask, kernel, length, pass, gpus) of the rows a CSV holds (rows of CSVs without ``gpus``: one GPU)."""
+    if not path.is_file():
+        return set()
+    with path.open() as f:
+        return {(r["mask"], r["kernel"], r["length"], r["pass"], r.get("gpus") or "1") for r in csv.DictReader(f)}
+
+
+def open_rows(path: Path):
+    """(file, DictWriter) appending to ``path``; a CSV written before the ``gpus`` / ``strategy`` /
+    ``efficiency`` columns is rewritten once with them (its rows: one GPU), so resuming it keeps working."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        with path.open() as f:
+            reader = csv.DictReader(f)
+            header, rows = reader.fieldnames or [], list(reader)
+        if header != FIELDS:
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, FIELDS)
+                w.writeheader()
+                w.writerows({**{k: "" for k in FIELDS}, **r, "gpus": r.get("gpus") or 1} for r in rows)
+    new_file = not path.is_file()
+    out = path.open("a", newline="")
+    writer = csv.DictWriter(out, FIELDS, restval="")
+    if new_file:
+        writer.writeheader()
+    return out, writer
+
+
+def cp_main(args) -> int:
+    """The --cp run, one process per GPU under torchrun: rank 0's one-GPU baseline, then every strategy."""
+    dev = init_distributed(args.device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    strategies = args.cp.split(",")
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise SystemExit(f"--cp {s!r} is invalid; accepted: {', '.join(STRATEGIES)}")
+    if args.gpus and args.gpus != world:
+        raise SystemExit(f"--gpus {args.gpus} but torchrun started {world} processes; accepted: equal counts")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    h, hkv, d = args.heads, args.kv_heads, args.head_dim
+    box = [done_rows(args.out) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)  # every rank skips the same rows
+    done = box[0]
+    out, writer = open_rows(args.out) if rank == 0 else (None, None)
+    t0 = time.time()
+    for n in [int(x) for x in args.lengths.split(",")]:
+        todo = [s for s in strategies if ("causal", f"cp_{s}", str(n), "fwd", str(world)) not in done]
+        stop = [bool(args.seconds and time.time() - t0 > args.seconds)]
+        dist.broadcast_object_list(stop, src=0)
+        if stop[0]:
+            break
+        if todo and n % (2 * world):
+            if rank == 0:
+                print(f"length {n}: not a multiple of 2 x {world} GPUs; skipped", file=sys.stderr)
+            continue
+        if not todo:
+            continue
+        area_n = n * (n + 1) // 2
+        flops = 4 * area_n * h * d
+        base = [0.0]
+        if rank == 0:  # the one-GPU baseline, alone on its GPU (the other ranks wait at the broadcast)
+            base[0] = single_gpu_ms(n, h, hkv, d, dev, dtype, args.repeats)
+            kname = "sdpa_flash" if dev.type == "cuda" else "sdpa"
+            if ("causal", kname, str(n), "fwd", "1") not in done:
+                row = {"mask": "causal", "kernel": kname, "length": n, "pass": "fwd", "ms": round(base[0], 3),
+                       "tflops": sig3(flops / base[0] / 1e9), "density": round(area_n / (n * n), 4), "gpus": 1,
+                       "strategy": "single", "note": "baseline of the --cp rows"}
+                writer.writerow(row)
+                print(",".join(str(row.get(f, "")) for f in FIELDS), flush=True)
+        dist.broadcast_object_list(base, src=0)
+        for strategy in todo:
+            ms, peak, note = cp_time(strategy, n, dev, dtype, h, hkv, d, args.repeats)
+            if rank != 0:
+                continue
+            row = {"mask": "causal", "kernel": f"cp_{strategy}", "length": n, "pass": "fwd", "ms": ms,
+                   "density": round(area_n / (n * n), 4), "peak_mib": peak, "note": note, "gpus": world,
+                   "strategy": strategy}
+            if ms != "":
+                row.update({"tflops": sig3(flops / world / ms / 1e9),
+                            "efficiency": round(base[0] / (world * ms), 3),
+                            "note": f"{note}; 1 GPU {base[0]:.3f} ms"})
+            writer.writerow(row)
+            out.flush()
+            print(",".join(str(row.get(f, "")) for f in FIELDS), flush=True)
+    if out is not None:
+        out.close()
+    dist.destroy_process_group()
+    return 0
+
+
+def sig3(x: float) -> float:
+    """Three significant digits (TFLOP/s from 0.01 on a CPU smoke run to hundreds on GPUs)."""
+    return float(f"{x:.3g}")
+
+
+def single_gpu_ms(n: int, h: int, hkv: int, d: int, dev, dtype, repeats: int) -> float:
+    """Median ms of causal SDPA over the whole sequence on this device (flash on CUDA)."""
+    q, k, v = (torch.randn(1, x, n, d, device=dev, dtype=dtype) for x in (h, hkv, hkv))
+
+    def call():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if dev.type == "cuda" else list(_CPU_BACKENDS)):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d**-0.5, enable_gqa=True)
+
+    return timed(call, repeats)
+
+
+_CPU_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+
+
+def cp_time(strategy: str, n: int, dev, dtype, h: int, hkv: int, d: int, repeats: int) -> tuple:
+    """One strategy at one length, on every rank: (slowest rank's median ms, largest peak MiB above the inputs,
+    note), or ("", "", "refused: ...")."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lay = SeqLayout(n, world, rank, DEFAULT_LAYOUT[strategy])
+    if strategy == "torch_ring" and dev.type != "cuda":
+        return "", "", "refused: torch's context_parallel patches the CUDA SDPA kernels only"
+    g = torch.Generator(device=dev).manual_seed(rank)
+    q, k, v = (torch.randn(1, x, lay.local_len, d, device=dev, dtype=dtype, generator=g) for x in (h, hkv, hkv))
+    if strategy == "torch_ring":
+        ctx = torch_ring_context(lay, None, dev)
+        fn = lambda: torch_ring_attention(q, k, v, d**-0.5)  # noqa: E731
+    else:
+        ctx = contextlib.nullcontext()
+        attn = ring_attention if strategy == "ring" else ulysses_attention
+        fn = lambda: attn(q, k, v, lay, None, d**-0.5)  # noqa: E731
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    with ctx:
+        fn()  # warm-up (NCCL communicators, kernels)
+        for _ in range(repeats):  # every rank starts each timed call together
+            if cuda:
+                torch.cuda.synchronize()
+            dist.barrier()
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(1000 * (time.perf_counter() - t))
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else 0.0
+    worst = torch.tensor([statistics.median(times), peak], dtype=torch.float64, device=dev)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return round(float(worst[0]), 3), (round(float(worst[1]), 1) if cuda else ""), f"layout {lay.kind}"
 
 
 def plot(csv_path: Path, svg: Path) -> int:
