@@ -104,13 +104,14 @@ def test_mqar_ranking_on_cpu():
     """Zoology's ranking at a small CPU scale: attention recalls, BASED nearly does with a fixed state, a sliding
     window shorter than the query gaps does not. T 64 with 8 pairs, V 128, 2 layers (BaseConv + mixer), d 64."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    shared = dict(vocab_size=128, seq_len=64, num_kv_pairs=8, train_examples=4000, test_examples=300, epochs=12,
-                  batch_size=64, lr=1e-2, d_model=64, early_stop=0.97)
+    shared = dict(vocab_size=128, seq_len=64, num_kv_pairs=8, train_examples=4000, test_examples=300,
+                  batch_size=64, lr=1e-2, d_model=64, early_stop=0.9)
     acc = {}
-    for mixer, settings in [("softmax", {}), ("based", {"based": {"conv_kernel": 0}}),
-                            ("sliding_window", {"sliding_window": {"window": 8}})]:
-        row = train(TrainConfig(mixers=["base_conv", mixer], mixer_settings=settings, **shared), None, None,
-                    progress=False)
+    # (a window of 8 cannot reach keys 8+ tokens back whatever it learns: 4 epochs show it)
+    for mixer, settings, epochs in [("softmax", {}, 10), ("based", {"based": {"conv_kernel": 0}}, 10),
+                                    ("sliding_window", {"sliding_window": {"window": 8}}, 4)]:
+        row = train(TrainConfig(mixers=["base_conv", mixer], mixer_settings=settings, epochs=epochs, **shared), None,
+                    None, progress=False)
         acc[mixer] = (row["accuracy"], row["state_size"])
     assert acc["softmax"][0] >= 0.9, acc
     assert acc["based"][0] >= 0.8, acc
