@@ -103,13 +103,17 @@ def mask_mods(n: int, device, seed: int = 0) -> dict[str, tuple]:
             "topk_block_sparse": (topk_blocks, None)}
 
 
-def timed(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn`` over ``repeats`` calls after one warm-up (CUDA events; wall clock on CPU)."""
+def timed(fn, repeats: int, before=None) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` calls after one warm-up (CUDA events; wall clock on CPU);
+    ``before()`` runs ahead of each timed call (a barrier, so that every rank starts together)."""
     fn()
     times = []
     for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        if before is not None:
+            before()
+        if torch.cuda.is_available():
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             fn()
@@ -444,26 +448,10 @@ def cp_time(strategy: str, n: int, dev, dtype, h: int, hkv: int, d: int, repeats
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
-    with ctx:
-        fn()  # warm-up (NCCL communicators, kernels)
-        for _ in range(repeats):  # every rank starts each timed call together
-            if cuda:
-                torch.cuda.synchronize()
-            dist.barrier()
-            if cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(1000 * (time.perf_counter() - t))
+    with ctx:  # warm-up inside (NCCL communicators, kernels), then every rank starts each timed call together
+        median = timed(fn, repeats, before=dist.barrier)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else 0.0
-    worst = torch.tensor([statistics.median(times), peak], dtype=torch.float64, device=dev)
+    worst = torch.tensor([median, peak], dtype=torch.float64, device=dev)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return round(float(worst[0]), 3), (round(float(worst[1]), 1) if cuda else ""), f"layout {lay.kind}"
 
