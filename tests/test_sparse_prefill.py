@@ -379,3 +379,24 @@ def test_sparse_prefill_reports_the_share_it_read(method):
                for r in records if r["mask"] is not None)
     dense = sum(h * 64 * 65 / 2 for r in records if r["mask"] is not None)
     assert 0 < share < 1 and abs(share - read / dense) < 1e-6
+
+
+def test_flex_falls_back_to_the_uncompiled_kernel_when_inductor_refuses(monkeypatch):
+    import attnkit.kernels.sparse_prefill as sp
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("NoValidChoicesError: No choices to select")
+
+    monkeypatch.setattr(sp, "_FLEX", {"fn": refuse})
+    monkeypatch.setattr(sp, "_FLEX_REFUSED", set())
+    b, h, hkv, n, d, blk = 1, 4, 2, 32, 16, 4
+    query, key, value = rand(b, h, n, d), rand(b, hkv, n, d, seed=1), rand(b, hkv, n, d, seed=2)
+    blocks = torch.ones(b, h, n // blk, n // blk, dtype=torch.bool, device=DEVICE)
+    with pytest.warns(UserWarning, match="refused 4-token blocks"):
+        out = sp.flex_block_attention(query, key, value, blocks, blk, 0.25, compiled=True)
+    assert sp._FLEX_REFUSED == {4}
+    pos = torch.arange(n, device=DEVICE)[None]
+    want, _, _ = attnkit.dense_attention(query, key, value, causal_visibility(pos, pos).expand(b, h, n, n), 0.25)
+    assert torch.allclose(out.float(), want, atol=1e-5 if DTYPE == torch.float32 else 2e-2)
+    again = sp.flex_block_attention(query, key, value, blocks, blk, 0.25, compiled=True)  # no second try, no warning
+    assert torch.equal(again, out)

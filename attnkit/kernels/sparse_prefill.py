@@ -16,6 +16,8 @@ padding stay right. Every path returns the log-sum-exp too (Rectified SpaAttn me
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -223,6 +225,7 @@ def _sdpa_blocks(qq, kk, vv, mask, scaling: float) -> torch.Tensor:
 
 
 _FLEX: dict[str, object] = {}
+_FLEX_REFUSED: set[int] = set()  # block sizes the compiled flex_attention could not build a kernel for
 
 
 def flex_block_attention(
@@ -267,13 +270,21 @@ def flex_block_attention(
     num = bsel.sum(-1).to(torch.int32)
     idx = torch.where(bsel, torch.arange(nkb, device=bsel.device), nkb).sort(-1).values.clamp_max(nkb - 1)
     bm = BlockMask.from_kv_blocks(num, idx.to(torch.int32), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(q, n))
-    use_compiled = query.is_cuda if compiled is None else compiled
-    fn = flex_attention
-    if use_compiled:
-        if "fn" not in _FLEX:
-            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-        fn = _FLEX["fn"]
-    return fn(query, key, value, block_mask=bm, scale=scaling, enable_gqa=key.shape[1] != h)
+    use_compiled = (query.is_cuda if compiled is None else compiled) and block not in _FLEX_REFUSED
+    args = dict(block_mask=bm, scale=scaling, enable_gqa=key.shape[1] != h)
+    if not use_compiled:
+        return flex_attention(query, key, value, **args)
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    try:
+        return _FLEX["fn"](query, key, value, **args)
+    except Exception as err:  # noqa: BLE001 - Inductor raises many types; any of them means "no compiled kernel"
+        # Inductor's flex kernels need blocks of at least its tile (seen on the H100: a 4-token block has no
+        # valid config); the uncompiled flex_attention is exact, only slower, so run that for this block size.
+        _FLEX_REFUSED.add(block)
+        warnings.warn(f"attnkit: compiled FlexAttention refused {block}-token blocks ({type(err).__name__}); "
+                      "running the uncompiled flex_attention for this block size", stacklevel=2)
+        return flex_attention(query, key, value, **args)
 
 
 def block_token_mask(blocks: torch.Tensor, q: int, n: int, block_q: int, block_k: int) -> torch.Tensor:
