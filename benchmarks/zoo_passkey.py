@@ -49,6 +49,7 @@ def config(name: str, args: argparse.Namespace, seed: int) -> PasskeyConfig:
     return PasskeyConfig(mixers=mixer, mixer_settings={mixer: {"num_heads": HEADS, **settings}}, d_model=args.d_model,
                          n_layers=2, mlp_ratio=4, seq_len=args.seq_len, haystack=args.haystack, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, lm_weight=args.lm_weight,
+                         train_lengths=args.train_lengths,
                          eval_lengths=tuple(args.multiples), eval_examples=args.eval_examples, seed=seed)
 
 
@@ -79,6 +80,11 @@ def run_one(name: str, cfg: PasskeyConfig, args: argparse.Namespace) -> list[dic
     print(f"{name} seed {cfg.seed}: {rows[0]['accuracy']} in {time.perf_counter() - start:.0f} s", file=sys.stderr,
           flush=True)
     return rows
+
+
+def stored(row: dict) -> dict:
+    """A stored row's config, with the defaults of fields added since it was written."""
+    return {"train_lengths": "fixed", **row["config"]}
 
 
 def fmt(xs: list[float]) -> str:
@@ -119,6 +125,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--train-lengths", choices=["fixed", "uniform"], default="fixed")
     ap.add_argument("--lm-weight", type=float, default=1.0)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=16, help="landmark block size")
@@ -137,7 +144,7 @@ def main() -> None:
         for seed in args.seeds:
             for name in args.models:
                 cfg = config(name, args, seed)
-                if any(r["config"] == json.loads(json.dumps(cfg.__dict__)) and r["model"] == name for r in rows):
+                if any(stored(r) == json.loads(json.dumps(cfg.__dict__)) and r["model"] == name for r in rows):
                     continue  # already in the file
                 new = run_one(name, cfg, args)
                 with out.open("a") as f:
@@ -147,7 +154,7 @@ def main() -> None:
         print(f"total wall time {time.perf_counter() - start:.0f} s", file=sys.stderr)
     wanted = {json.dumps(config(n, args, s).__dict__, sort_keys=True, default=list) for n in args.models
               for s in args.seeds}
-    report([r for r in rows if json.dumps(r["config"], sort_keys=True, default=list) in wanted])
+    report([r for r in rows if json.dumps(stored(r), sort_keys=True, default=list) in wanted])
 
 
 if __name__ == "__main__":

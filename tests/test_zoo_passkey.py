@@ -167,3 +167,15 @@ def test_decode_path_agrees_with_the_teacher_forced_forward():
 def test_bad_training_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PasskeyConfig(**{**TINY, **kwargs})
+
+
+def test_uniform_training_lengths_vary_per_step_within_range():
+    from attnkit.zoo.passkey import train_length
+
+    cfg = PasskeyConfig(**{**TINY, "train_lengths": "uniform", "seq_len": 200})
+    lengths = [train_length(cfg, s) for s in range(200)]
+    assert min(lengths) >= min_length() and max(lengths) <= 200 and len(set(lengths)) > 30
+    assert lengths == [train_length(cfg, s) for s in range(200)]  # a resumed run sees the same lengths
+    assert train_length(PasskeyConfig(**{**TINY, "seq_len": 200}), 5) == 200
+    with pytest.raises(ValueError, match="train_lengths='random' is invalid"):
+        PasskeyConfig(**{**TINY, "train_lengths": "random"})

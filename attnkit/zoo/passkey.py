@@ -65,6 +65,7 @@ NEEDLE = PASSKEY_INFO + " "  # "The pass key is {key}. Remember it. {key} is the
 QUESTION = " " + PASSKEY_QUESTION + PASSKEY_PREFIX + " "  # " What is the pass key? The pass key is "
 HAYSTACKS = ("noise", "essay")
 SPLITS = ("train", "test")
+TRAIN_LENGTHS = ("fixed", "uniform")  # every training batch at seq_len, or at a length drawn per step
 TRAIN_SHARE = 0.9  # essay split: the first 90% of the characters train, the last 10% test
 
 
@@ -196,6 +197,8 @@ class PasskeyConfig:
     the recipe that learns the task on CPU: with the answer loss alone (``lm_weight=0``), or with one attention
     head, 2-layer d-64 models stayed at chance after 1500 steps at 128 characters; with the next-character loss and
     4 heads (``mixer_settings={"softmax": {"num_heads": 4}}``) NoPE softmax reached 100% in 1500 steps.
+    ``train_lengths="uniform"`` draws each step's length uniformly in [min_length, seq_len] (the usual recipe of
+    length-generalisation studies: with one fixed length a NoPE model may tie its answer to absolute positions).
     """
 
     mixers: str | list[str] = "softmax"
@@ -212,6 +215,7 @@ class PasskeyConfig:
     weight_decay: float = 0.1
     warmup: float = 0.05
     lm_weight: float = 1.0
+    train_lengths: str = "fixed"
     eval_lengths: tuple[int, ...] = (1, 2, 4)
     eval_examples: int = 200
     eval_batch_size: int = 50
@@ -226,6 +230,7 @@ class PasskeyConfig:
         check_float(owner, "weight_decay", self.weight_decay, 0.0, 10.0)
         check_float(owner, "warmup", self.warmup, 0.0, 1.0)
         check_float(owner, "lm_weight", self.lm_weight, 0.0, 100.0)
+        check_choice(owner, "train_lengths", self.train_lengths, TRAIN_LENGTHS)
         self.eval_lengths = tuple(self.eval_lengths)
         if not self.eval_lengths:
             raise ValueError(f"{owner}: eval_lengths=() is invalid; accepted: multiples of seq_len, e.g. (1, 2, 4)")
@@ -253,6 +258,14 @@ class PasskeyConfig:
 def train_seed(cfg: PasskeyConfig, step: int) -> int:
     """The data seed of training step ``step`` (evaluation seeds lie above 2**40)."""
     return cfg.seed * 100_000_000 + step
+
+
+def train_length(cfg: PasskeyConfig, step: int) -> int:
+    """The length of training step ``step``'s batch: ``seq_len``, or (``train_lengths="uniform"``) uniform in
+    [min_length, seq_len] from the step's seed, so the question does not always sit at the same position."""
+    if cfg.train_lengths == "fixed":
+        return cfg.seq_len
+    return int(np.random.default_rng([train_seed(cfg, step), 7]).integers(min_length(cfg.digits), cfg.seq_len + 1))
 
 
 def eval_seed(cfg: PasskeyConfig, seq_len: int) -> int:
@@ -340,7 +353,7 @@ def train_passkey(
         step = meta["step"]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg)
-        batch = passkey(cfg.batch_size, cfg.seq_len, cfg.haystack, cfg.digits, seed=train_seed(cfg, step))
+        batch = passkey(cfg.batch_size, train_length(cfg, step), cfg.haystack, cfg.digits, seed=train_seed(cfg, step))
         logits = model(batch.inputs)
         loss = answer = loss_fn(logits.flatten(0, 1), batch.labels.flatten())
         if cfg.lm_weight:  # next-character loss on every position (the haystack, needle and question too)
