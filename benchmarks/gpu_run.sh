@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests fasttests fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests fasttests breakdown7 profile128ts fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -66,6 +66,12 @@ for s in $stages; do
     kernels7)  # issue 7's per-layer targets: 128K and 512K, attnkit against SDPA flash and FlexAttention
       timeout ${ATTNKIT_STAGE_SECONDS:-240} python3 benchmarks/decode_kernels.py --contexts 131072,524288 --no-breakdown \
         --out "$OUT/kernels7.json" 2>&1 | grep -v Warn | tail -40 | tee "$OUT/kernels7.log" ;;
+    breakdown7)  # where the fused Quest step's 21 us (128K, H100) go: scoring, top-k and sparse read timed apart
+      timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 benchmarks/decode_kernels.py --contexts 131072,524288 \
+        --out "$OUT/breakdown7.json" 2>&1 | grep -v Warn | tail -60 | tee "$OUT/breakdown7.log" ;;
+    profile128ts)  # TokenSelect at 128K (0.77x full on the H100): kernel classes of its compiled step, Quest beside it
+      (cd benchmarks && timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 decode_profile.py --context 131072 --compile \
+        --methods tokenselect,quest/p64 --out "$OUT/profile_128k_ts.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_128k_ts.log" ;;
     profile32c)
       (cd benchmarks && timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 decode_profile.py --context 32768 --compile \
         --methods full,streaming_llm,quest/p64 --out "$OUT/profile_32k_c.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_32k_c.log" ;;
