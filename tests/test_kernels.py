@@ -392,6 +392,34 @@ def test_triton_tokenselect_votes_match_torch(cap: int, ratio: int, dim: int, dt
     assert torch.allclose(got[fin], want[fin], rtol=1e-3, atol=1e-5), (got[fin] - want[fin]).abs().max()
 
 
+@needs_triton
+@pytest.mark.parametrize("heads,kv_heads,splits", [(8, 2, 3), (32, 8, 5), (64, 8, 1)])
+def test_triton_votes_kernel_matches_torch(heads: int, kv_heads: int, splits: int) -> None:
+    """The votes stage alone, from torch-made scores and split statistics (runs in the interpreter too)."""
+    from attnkit.kernels import triton_select
+
+    batch, cap, dim = 2, 150, 64
+    q, k, _, pos = make_buffers(batch, heads, kv_heads, dim, cap, torch.bfloat16, TRITON_DEVICE, seed=heads)
+    pos = pos[:, :1].expand(-1, kv_heads, -1).contiguous()
+    span, lo = cap - 3, 4
+    hi = torch.tensor([cap - 9, cap - 40], device=TRITON_DEVICE)
+    kpos = pos[:, 0, :span]
+    cand = (kpos >= lo) & (kpos < hi.view(-1, 1))
+    group = heads // kv_heads
+    scores = torch.matmul(q.float().reshape(batch, kv_heads, group, dim), k[:, :, :span].float().transpose(-1, -2))
+    scores = scores.masked_fill(~cand.view(batch, 1, 1, span), float("-inf")).contiguous()
+    bounds = torch.linspace(0, span, splits + 1).long().tolist()
+    parts = [scores[..., a:b] for a, b in zip(bounds, bounds[1:])]
+    m = torch.stack([p.amax(-1) for p in parts], -1)
+    safe = torch.where(m == float("-inf"), 0.0, m)
+    l = torch.stack([torch.exp(p - s.unsqueeze(-1)).sum(-1) for p, s in zip(parts, safe.unbind(-1))], -1)
+    got = triton_select.votes_from_scores(scores, m.contiguous(), l.contiguous(), pos, lo, hi)
+    want = torch_ref.tokenselect_votes(q, k, pos, lo, hi.view(-1, 1), span)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    fin = torch.isfinite(want)
+    assert torch.allclose(got[fin], want[fin], rtol=1e-4, atol=1e-6), (got[fin] - want[fin]).abs().max()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash prefill path runs on CUDA only (CPU uses SDPA)")
 @pytest.mark.parametrize("q,n,heads,kv_heads,dim", [(64, 64, 8, 8, 64), (100, 1000, 32, 8, 128), (1, 300, 8, 2, 128),
                                                     (512, 4099, 16, 2, 256), (7, 9, 4, 1, 64)])

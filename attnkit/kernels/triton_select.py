@@ -242,11 +242,44 @@ def _ts_scores_kernel(
     tl.store(l_ptr + rows * n_splits + split, l_i, mask=g_mask)
 
 
+@triton.jit(do_not_specialize=["lo"])
+def _ts_votes_kernel(
+    s_ptr, m_ptr, l_ptr, pos_ptr, hi_ptr, v_ptr,
+    stride_pb, ROWS, span, n_splits, lo,
+    ROWS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program (b, block): each query head's softmax weight exp(s - max) / sum from the split statistics, summed
+    over the ROWS = Hkv * G query heads of batch row b, for BLOCK slots; -inf off the candidates."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_r = tl.arange(0, ROWS_PAD)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    stat = (b * ROWS + offs_r[:, None]) * n_splits + offs_s[None, :]
+    stat_ok = (offs_r[:, None] < ROWS) & (offs_s[None, :] < n_splits)
+    m = tl.load(m_ptr + stat, mask=stat_ok, other=float("-inf"))
+    l = tl.load(l_ptr + stat, mask=stat_ok, other=0.0)
+    top = tl.max(m, axis=1)  # (ROWS_PAD,)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(l * tl.exp2((m - top[:, None]) * 1.4426950408889634), axis=1)  # splits without candidates: 0
+    inv = tl.where(total > 0, 1.0 / total, 1.0)
+    slots = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_span = slots < span
+    rows = b * ROWS + offs_r
+    s = tl.load(s_ptr + rows[:, None] * span + slots[None, :], mask=(offs_r[:, None] < ROWS) & in_span[None, :],
+                other=float("-inf"))
+    w = tl.exp2((s - top[:, None]) * 1.4426950408889634) * inv[:, None]
+    votes = tl.sum(w, axis=0)  # (BLOCK,)
+    p = tl.load(pos_ptr + b * stride_pb + slots, mask=in_span, other=-1)
+    hi = tl.load(hi_ptr + b)
+    votes = tl.where((p >= lo) & (p < hi), votes, float("-inf"))
+    tl.store(v_ptr + b * span + slots, votes, mask=in_span)
+
+
 def tokenselect_votes(
     q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor, span: int
 ) -> torch.Tensor:
     """Triton path of :func:`attnkit.kernels.torch_ref.tokenselect_votes` (same contract): one pass over the
-    candidate keys writes fp32 scores and per-split softmax statistics; the votes are three torch kernels."""
+    candidate keys writes fp32 scores and per-split softmax statistics, a second kernel turns them into the votes
+    (the per-head weights are never written: 2 launches and one read of the scores instead of ~6 torch kernels)."""
     from attnkit.kernels.triton_decode import _block_n, num_splits
 
     batch, heads, one, dim = q.shape
@@ -264,10 +297,23 @@ def tokenselect_votes(
         kv_heads, group, span, split_len, splits, int(lo),
         D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block, num_warps=4, num_stages=2,
     )
-    top = m.amax(-1, keepdim=True)  # (B, Hkv, G, 1)
-    top = torch.where(top == float("-inf"), 0.0, top)
-    total = (l * torch.exp(m - top)).sum(-1, keepdim=True)  # exp(-inf) = 0 for splits without candidates
-    weights = torch.exp(scores - top).div_(torch.where(total > 0, total, 1.0))
-    votes = weights.sum((1, 2))  # (B, span)
-    kpos = pos[:, 0, :span]
-    return votes.masked_fill_(~((kpos >= lo) & (kpos < hi.view(-1, 1))), float("-inf"))
+    return votes_from_scores(scores, m, l, pos, lo, hi)
+
+
+def votes_from_scores(
+    scores: torch.Tensor, m: torch.Tensor, l: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor
+) -> torch.Tensor:
+    """The votes kernel alone: scores (B, Hkv, G, span) fp32 (-inf off the candidates); m, l (B, Hkv, G, splits)
+    each split's max and sum of exp(s - max) (m -inf, l 0 for a split without candidates); pos (B, Hkv, cap);
+    hi (B,) int64 -> votes (B, span) fp32, -inf off the candidates."""
+    batch, kv_heads, group, span = scores.shape
+    splits = m.shape[-1]
+    votes = torch.empty((batch, span), device=scores.device, dtype=torch.float32)
+    rows = kv_heads * group
+    block = 128 if rows <= 32 else 32  # (rows x block) fp32 weights in registers
+    _ts_votes_kernel[(batch, triton.cdiv(span, block))](
+        scores, m, l, pos, hi, votes, pos.stride(0), rows, span, splits, int(lo),
+        ROWS_PAD=max(16, triton.next_power_of_2(rows)), SPLITS_PAD=max(16, triton.next_power_of_2(splits)),
+        BLOCK=block, num_warps=4,
+    )
+    return votes
