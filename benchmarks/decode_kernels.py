@@ -11,6 +11,9 @@ context length it times:
 * ``attnkit_quest_p16`` / ``_p64``: what Quest's fixed-shape step runs, :func:`attnkit.kernels.quest_attention`:
   the fused scoring kernel, then one kernel whose split programs each find the top pages (bisection over the
   row's scores) and read their share of them in place, then the split merge: three launches.
+* ``attnkit_quest_p16_w4`` / ``_w16`` (and ``_p64_``): the same kernel with its threshold search taking 3 / 15
+  cut points per round instead of bisecting (``ways=4`` / ``16``: 2 / 4 bisection steps per sequential reduction;
+  the selection is the same): which one Quest should default to is this row's to decide.
 * ``gather_sdpa_p16``: the naive baseline, the same Quest selection, then a torch gather of the selected
   rows and SDPA flash over the copy.
 * ``flex_dense``: FlexAttention's decode kernel (``flex_attention`` under ``torch.compile(dynamic=False,
@@ -209,8 +212,17 @@ def methods(context: int, sets: list[dict[str, torch.Tensor]]) -> dict[str, tupl
             return kernels.quest_attention(s["q"], s["k"], s["v"], s["pos"], s[f"summary{page}"],
                                            SELECTED_TOKENS // page, s[f"pages{page}"], page, out=s["out"])
 
+        def quest_ways(i: int, page: int = page, ways: int = 16) -> torch.Tensor:
+            from attnkit.kernels.triton_quest import quest_attention
+
+            s = sets[i]
+            return quest_attention(s["q"], s["k"], s["v"], s["pos"], s[f"summary{page}"], SELECTED_TOKENS // page,
+                                   s[f"pages{page}"], page, out=s["out"], ways=ways)
+
         found[f"attnkit_sparse_p{page}"] = (sparse, summary_bytes)
         found[f"attnkit_quest_p{page}"] = (quest, summary_bytes)
+        found[f"attnkit_quest_p{page}_w4"] = (functools.partial(quest_ways, ways=4), summary_bytes)
+        found[f"attnkit_quest_p{page}_w16"] = (functools.partial(quest_ways, ways=16), summary_bytes)
         selects[page] = (select, SELECTED_TOKENS // page, summary_bytes)
         if page == 16:
 

@@ -525,13 +525,14 @@ if ON_GPU:
     ]
 else:
     QUEST_CASES = [(700, 4, 64, torch.float16, 1, 16, 8), (300, 2, 64, torch.float32, 2, 32, 3),
-                   (500, 1, 64, torch.float32, 1, 64, 20)]
+                   (500, 1, 64, torch.float32, 1, 64, 20), (2000, 2, 64, torch.float32, 1, 16, 30)]
 
 
 @needs_triton
+@pytest.mark.parametrize("ways", [2, 4, 16])
 @pytest.mark.parametrize("cap,ratio,dim,dtype,batch,page,kk", QUEST_CASES)
 def test_triton_quest_attention_reads_the_bisection_top_k(
-    cap: int, ratio: int, dim: int, dtype: torch.dtype, batch: int, page: int, kk: int
+    cap: int, ratio: int, dim: int, dtype: torch.dtype, batch: int, page: int, kk: int, ways: int
 ) -> None:
     """Same pages as scoring + topk_bisect and the same output as the sparse kernel over them, for a full, a
     half and a one-page valid range (forced last page), k above and below the valid pages, holes in pos."""
@@ -544,7 +545,7 @@ def test_triton_quest_attention_reads_the_bisection_top_k(
     for n_valid in (pages, max(1, pages // 2), 1):
         idx = torch.full((batch, kv_heads, kk), -7, dtype=torch.long, device=TRITON_DEVICE)
         n_dev = torch.tensor([n_valid], device=TRITON_DEVICE)
-        out = quest_attention(q, k, v, pos, summary, kk, n_dev, page, out=_poison(q), idx_out=idx)
+        out = quest_attention(q, k, v, pos, summary, kk, n_dev, page, out=_poison(q), idx_out=idx, ways=ways)
         want = _select().topk_bisect(_select().quest_scores_masked(q, summary, n_valid, True), kk)
         assert torch.equal(idx.sort(-1).values.cpu(), want.sort(-1).values.cpu()), f"n_valid={n_valid}"
         ref = torch_ref.sparse_decode_attention(q.float(), k.float(), v.float(), pos, want, page)

@@ -211,7 +211,7 @@ def tokenselect_votes(
     """TokenSelect soft votes (B, span) float32 over the candidate slots (``lo <= pos < hi[b]``), -inf elsewhere.
 
     On CUDA with bf16/fp16 keys and D in (64, 128, 256): one Triton pass over the candidate keys
-    (:func:`attnkit.kernels.triton_select.tokenselect_votes`, fp32 scores) plus three torch kernels; elsewhere the
+    (:func:`attnkit.kernels.triton_select.tokenselect_votes`, fp32 scores) and one votes kernel; elsewhere the
     torch reference (:func:`attnkit.kernels.torch_ref.tokenselect_votes`). See the latter for the shapes.
     """
     if (
