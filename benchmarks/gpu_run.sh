@@ -47,7 +47,7 @@ for s in $stages; do
       cp /root/attention_kernels.csv "$OUT"/ ;;
     fasttests)  # issue 7: compiled steps (Inductor), the fused Quest kernel, graph replay == eager static steps
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 -m pytest -q -p no:cacheprovider \
-        tests/test_compiled_decode.py tests/test_static_decode.py tests/test_kernels.py -k "compile or trace or quest or graph or static" \
+        tests/test_compiled_decode.py tests/test_static_decode.py tests/test_kernels.py -k "compile or trace or quest or graph or static or votes" \
         2>&1 | tail -30 | tee "$OUT/fasttests.log" ;;
     fast128)  # issue 7: compiled steps and the fused Quest kernel at 128K, against attnkit full in the same run
       timeout ${ATTNKIT_STAGE_SECONDS:-420} python3 benchmarks/decode_latency.py --context 131072 --new-tokens 32 --skip-hf --skip-compile \
