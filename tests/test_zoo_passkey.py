@@ -179,3 +179,34 @@ def test_uniform_training_lengths_vary_per_step_within_range():
     assert train_length(PasskeyConfig(**{**TINY, "seq_len": 200}), 5) == 200
     with pytest.raises(ValueError, match="train_lengths='random' is invalid"):
         PasskeyConfig(**{**TINY, "train_lengths": "random"})
+
+
+def test_cli_passkey_stores_one_row_reuses_it_and_stays_out_of_the_frontier(tmp_path, capsys):
+    import json
+
+    from attnkit.cli import main
+    from attnkit.eval.store import Store
+
+    db = tmp_path / "zoo.db"
+    args = ["zoo", "passkey", "--mixer", "softmax", "--set", "softmax.num_heads=2", "--haystack", "noise",
+            "--d-model", "16", "--n-layers", "1", "--mlp-ratio", "1", "--seq-len", str(min_length() + 9), "--steps",
+            "2", "--batch-size", "4", "--eval-examples", "4", "--multiples", "1,2", "--decode", "--no-progress",
+            "--db", str(db), "--checkpoints", str(tmp_path / "ck")]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "exact match" in first and "exact match decode" in first
+    with Store(db) as store:
+        (row,) = store.zoo_runs()
+    history = json.loads(row["history_json"])
+    n = min_length() + 9
+    assert row["task"] == "passkey" and row["seq_len"] == n and row["epochs"] == 2
+    assert set(history["exact_match"]) == set(history["exact_match_decode"]) == {str(n), str(2 * n)}
+    assert row["accuracy"] == history["exact_match"][str(n)]
+    assert main(args) == 0  # stored: not trained again
+    with Store(db) as store:
+        assert len(store.zoo_runs()) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == first.splitlines()[-1]
+    assert main(["zoo", "report", str(db), "-o", str(tmp_path / "rep")]) == 2  # no MQAR runs in it
+    assert "holds no MQAR runs" in capsys.readouterr().err
+    assert main([*args[:-4], "--multiples", "1,x", "--db", str(db)]) == 2
+    assert "--multiples '1,x' is invalid" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``attnkit zoo mixers | train | sweep | report``: the trained token mixers on MQAR, from the command line."""
+"""``attnkit zoo mixers | train | sweep | passkey | report``: the trained token mixers on MQAR and passkey."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from typing import Any
 
 TRAIN_FIELDS = ("vocab_size", "train_examples", "test_examples", "epochs", "batch_size", "weight_decay",
                 "early_stop", "seed", "mlp_ratio", "power_a")
+
+
+PASSKEY_FIELDS = {"d_model": int, "n_layers": int, "mlp_ratio": int, "seq_len": int, "digits": int, "steps": int,
+                  "batch_size": int, "lr": float, "weight_decay": float, "lm_weight": float, "train_lengths": str,
+                  "eval_examples": int, "seed": int}
 
 
 def _settings(items: list[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
@@ -56,6 +61,23 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
+    p = zsub.add_parser("passkey", parents=[common], help="train one model on passkey at one length, test at multiples "
+                        "of it (length generalisation; CPU); result into --db")
+    p.add_argument("--mixer", required=True, help="one name for every layer, or NAME+NAME per layer")
+    p.add_argument("--set", dest="settings", action="append", default=[], type=parse_method_setting,
+                   metavar="MIXER.KEY=VALUE", help="mixer setting, repeatable (e.g. --set landmark.top_k=2)")
+    p.add_argument("--haystack", choices=["noise", "essay"], default="essay")
+    p.add_argument("--multiples", default="1,2,4", help="evaluation lengths as multiples of --seq-len")
+    p.add_argument("--decode", action="store_true", help="also evaluate by greedy generation through the mixers' "
+                   "decode paths (landmark's top-k block retrieval lives there)")
+    p.add_argument("--db", default="results/zoo.db", help="results database (default: %(default)s)")
+    p.add_argument("--checkpoints", default="results/zoo-checkpoints",
+                   help="training checkpoints, for resuming (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+    for name, kind in PASSKEY_FIELDS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind)
+    p.set_defaults(func=cmd_passkey)
+
     p = zsub.add_parser("report", parents=[common], help="the accuracy vs state-size frontier of a database")
     p.add_argument("db")
     p.add_argument("-o", "--out", default="results/zoo-report")
@@ -100,6 +122,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['mixers']:28} d{r['d_model']:<4} {r['seq_len']}x{r['num_kv_pairs']:<4} "
               f"acc {r['accuracy']:.3f} state {r['state_size']:>10,}")
+    return 0
+
+
+def cmd_passkey(args: argparse.Namespace) -> int:
+    from attnkit.eval.store import Store
+    from attnkit.zoo.passkey import PasskeyConfig, run_passkey
+
+    mixers = args.mixer.split("+") if "+" in args.mixer else args.mixer
+    given = {name: getattr(args, name) for name in PASSKEY_FIELDS if getattr(args, name) is not None}
+    try:
+        multiples = tuple(int(m) for m in args.multiples.split(",") if m)
+    except ValueError:
+        raise ValueError(f"--multiples {args.multiples!r} is invalid; accepted: comma-separated integers >= 1") from None
+    cfg = PasskeyConfig(mixers=mixers, mixer_settings=_settings(args.settings), haystack=args.haystack,
+                        eval_lengths=multiples, **given)
+    with Store(args.db) as store:
+        row = run_passkey(cfg, store, args.checkpoints, args.decode, progress=not args.no_progress)
+    history = json.loads(row["history_json"])
+    for kind in ("exact_match", "exact_match_decode"):
+        if kind in history:
+            cells = ", ".join(f"{n}: {100 * v:.1f}%" for n, v in history[kind].items())
+            print(f"{row['mixers']} passkey ({args.haystack}), trained at {row['seq_len']}: {kind.replace('_', ' ')} "
+                  f"{cells}")
+    print(f"{row['params']:,} parameters, {row['epochs']} steps, {row['wall_s']:.1f} s -> {args.db}")
     return 0
 
 

@@ -391,3 +391,46 @@ def train_passkey(
 
 def label(cfg: PasskeyConfig) -> str:
     return cfg.mixers if isinstance(cfg.mixers, str) else "+".join(cfg.mixers)
+
+
+def run_passkey(
+    cfg: PasskeyConfig,
+    store: Any = None,
+    checkpoint_dir: str | Path | None = None,
+    decode: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or resume) one passkey model, evaluate it at every length, and store one ``zoo_runs`` row.
+
+    A run already in ``store`` (same resolved config, same ``decode``) is returned without training. The row:
+    ``task`` "passkey", ``seq_len`` the training length, ``num_kv_pairs`` 0, ``accuracy`` and ``final_accuracy`` the
+    exact match at the training length, ``epochs`` the optimiser steps, ``state_size`` the decode state at the
+    training length, ``history_json`` {"exact_match": {length: share}, "exact_match_decode": ... (with ``decode``:
+    greedy generation through the mixers' decode paths), "log": the training log}.
+    """
+    import hashlib
+    import json
+
+    key = hashlib.sha256(f"passkey:{cfg.key()}:decode={bool(decode)}".encode()).hexdigest()
+    if store is not None and (row := store.zoo_run(key)) is not None:
+        return row
+    model, trained = train_passkey(cfg, checkpoint_dir, progress=progress, log_every=max(1, cfg.steps // 20))
+    evaluated = time.perf_counter()
+    history: dict[str, Any] = {"exact_match": {str(n): round(v, 4) for n, v in evaluate_lengths(model, cfg).items()}}
+    if decode:
+        history["exact_match_decode"] = {str(n): round(v, 4) for n, v in evaluate_lengths(model, cfg, True).items()}
+    history["log"] = trained["log"]
+    at_train = history["exact_match"][str(cfg.seq_len)]
+    row = {
+        "run_key": key, "mixers": label(cfg), "task": "passkey", "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+        "vocab_size": VOCAB_SIZE, "seq_len": cfg.seq_len, "num_kv_pairs": 0, "seed": cfg.seed,
+        "accuracy": at_train, "final_accuracy": at_train, "epochs": trained["steps"],
+        "state_size": model.state_size(cfg.seq_len), "params": trained["params"],
+        "wall_s": round(trained["train_wall_s"] + time.perf_counter() - evaluated, 2),  # training (all calls) + eval
+        "device": "cpu", "history_json": json.dumps(history), "config_json": json.dumps(asdict(cfg), sort_keys=True),
+        "finished": int(trained["finished"]),
+    }
+    if trained["finished"] and store is not None:
+        store.add_zoo_run(row)
+    return row
+

@@ -61,9 +61,9 @@ def write_report(db: str | Path, out: str | Path) -> dict:
     from attnkit.eval.store import Store
 
     with Store(db) as store:
-        rows = store.zoo_runs()
+        rows = [r for r in store.zoo_runs() if r["task"] == "mqar"]  # passkey rows have no state-size frontier
     if not rows:
-        raise ValueError(f"{db} holds no zoo runs; run `attnkit zoo train` or `attnkit zoo sweep` first")
+        raise ValueError(f"{db} holds no MQAR runs; run `attnkit zoo train` or `attnkit zoo sweep` first")
     front = frontier(rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
