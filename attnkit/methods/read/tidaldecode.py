@@ -27,7 +27,7 @@ def head_slots(query: torch.Tensor, layer: KVLayer, k: int, scaling: float) -> t
     slots = torch.arange(span, device=keys.device)
     skip = (pos < 0) | (slots == cur)  # (B, Hkv, span)
     scores = scores.masked_fill(skip.unsqueeze(2), NEG_INF).reshape(b, h, span)
-    best, top = scores.topk(min(k - 1, span), dim=-1)
+    best, top = scores.topk(min(k - 1, span), dim=-1, sorted=False)  # the read needs no order
     top = top.masked_fill(best == NEG_INF, -1)
     return torch.cat([top, cur.expand(b, h, 1)], dim=-1)
 

@@ -100,7 +100,7 @@ class TokenSelect(Method):
         kpos = layer.pos[:, 0, : layer.span]  # (B, span)
         hi = layer.count_before - self.local  # (B, 1): candidates lie in [sinks, hi)
         votes = kernels.tokenselect_votes(query, layer.keys, layer.pos, self.sinks, hi, layer.span)  # (B, span)
-        best, top = votes.topk(min(self.top_k, votes.shape[-1]), dim=-1)  # (B, top_k)
+        best, top = votes.topk(min(self.top_k, votes.shape[-1]), dim=-1, sorted=False)  # (B, top_k), any order
         top = top.masked_fill(best == float("-inf"), -1)
         cur = layer.wslot[:, :1, 0]  # (B, 1) slot being written (all rows append in lockstep)
         ar = torch.arange(self.sinks, device=dev)
