@@ -161,15 +161,24 @@ class RecycledAttention(Method):
         if layer.checking:  # drift check: a drifted row takes the full step
             qmean = query[:, :, 0].float().mean(1)  # (B, D)
             full = F.cosine_similarity(qmean, layer.qbar, dim=-1) <= self.threshold  # (B,)
-            span = layer.span if layer.static else layer.n
-            out_full = kernels.decode_attention(query, layer.keys, layer.values, layer.pos, span, scaling)
-            scores = torch.matmul(query.reshape(b, -1, h // layer.keys.shape[1], d),
-                                  layer.keys[:, :, :span].transpose(-1, -2)).float() * scaling
-            scores = scores.masked_fill((layer.pos[:, :, :span] < 0).unsqueeze(2), NEG_INF).reshape(b, h, span)
-            rebuilt = layer.choose(torch.softmax(scores, dim=-1))
-            out = torch.where(full.view(b, 1, 1, 1), out_full, out)
-            rolled = torch.where(full.view(b, 1, 1), rebuilt, rolled)
-            layer.qbar.copy_(torch.where(full.view(b, 1), qmean, layer.qbar))
+            # The fixed-shape step always computes the full step (no host sync); the dynamic path skips it when
+            # no row drifted, and takes the full output from the same probabilities that rebuild the cache.
+            if layer.static or bool(full.any()):
+                span = layer.span if layer.static else layer.n
+                hkv = layer.keys.shape[1]
+                scores = torch.matmul(query.reshape(b, hkv, h // hkv, d),
+                                      layer.keys[:, :, :span].transpose(-1, -2)).float() * scaling
+                scores = scores.masked_fill((layer.pos[:, :, :span] < 0).unsqueeze(2), NEG_INF).reshape(b, h, span)
+                probs = torch.softmax(scores, dim=-1)  # (B, H, span)
+                if layer.static:
+                    out_full = kernels.decode_attention(query, layer.keys, layer.values, layer.pos, span, scaling)
+                else:
+                    out_full = torch.matmul(probs.view(b, hkv, h // hkv, span).to(layer.values.dtype),
+                                            layer.values[:, :, :span]).reshape(b, h, 1, d).to(query.dtype)
+                rebuilt = layer.choose(probs)
+                out = torch.where(full.view(b, 1, 1, 1), out_full, out)
+                rolled = torch.where(full.view(b, 1, 1), rebuilt, rolled)
+                layer.qbar.copy_(torch.where(full.view(b, 1), qmean, layer.qbar))
         if run.recorder is not None:
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value,
                               mask=read_mask(idx, full, layer), scaling=scaling, out=out))
