@@ -75,10 +75,9 @@ def _row_threshold_multi(x, valid, K, ROUNDS: tl.constexpr, WAYS: tl.constexpr):
         found = j >= 0  # false only without finite scores (NaN cuts): keep lo as the bisection would
         new_lo = tl.sum(tl.where(offs_w == j, cuts, 0.0), 0)
         new_hi = tl.where(j == WAYS - 1, hi, tl.sum(tl.where(offs_w == j + 1, cuts, 0.0), 0))
-        exact = found & (tl.sum(tl.where(offs_w == j, counts, 0), 0) == K)
+        exact = (found == 0) | (tl.sum(tl.where(offs_w == j, counts, 0), 0) == K)
         lo = tl.where(found, new_lo, lo)
         hi = tl.where(found, new_hi, hi)
-        exact = exact | (found == 0)
         it += 1
     return tl.where(n_valid > K, lo, float("-inf"))
 

@@ -30,13 +30,15 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     p = zsub.add_parser("mixers", parents=[common], help="list the registered mixers")
     p.set_defaults(func=cmd_mixers)
 
-    shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--task", default="mqar", choices=["mqar"])
-    shared.add_argument("--set", dest="settings", action="append", default=[], type=parse_method_setting,
+    stored = argparse.ArgumentParser(add_help=False)  # what every training command takes
+    stored.add_argument("--set", dest="settings", action="append", default=[], type=parse_method_setting,
                         metavar="MIXER.KEY=VALUE", help="mixer setting, repeatable (e.g. --set based.feature_dim=16)")
-    shared.add_argument("--db", default="results/zoo.db", help="results database (default: %(default)s)")
-    shared.add_argument("--checkpoints", default="results/zoo-checkpoints",
-                        help="epoch checkpoints of unfinished runs, for resuming (default: %(default)s)")
+    stored.add_argument("--db", default="results/zoo.db", help="results database (default: %(default)s)")
+    stored.add_argument("--checkpoints", default="results/zoo-checkpoints",
+                        help="checkpoints of unfinished runs, for resuming (default: %(default)s)")
+
+    shared = argparse.ArgumentParser(add_help=False, parents=[stored])
+    shared.add_argument("--task", default="mqar", choices=["mqar"])
     shared.add_argument("--device", default="cpu")
     shared.add_argument("--n-layers", type=int, default=2, help="layers when one mixer name is given")
     for name in TRAIN_FIELDS:
@@ -61,18 +63,13 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
-    p = zsub.add_parser("passkey", parents=[common], help="train one model on passkey at one length, test at multiples "
-                        "of it (length generalisation; CPU); result into --db")
+    p = zsub.add_parser("passkey", parents=[common, stored], help="train one model on passkey at one length, test "
+                        "at multiples of it (length generalisation; CPU); result into --db")
     p.add_argument("--mixer", required=True, help="one name for every layer, or NAME+NAME per layer")
-    p.add_argument("--set", dest="settings", action="append", default=[], type=parse_method_setting,
-                   metavar="MIXER.KEY=VALUE", help="mixer setting, repeatable (e.g. --set landmark.top_k=2)")
     p.add_argument("--haystack", choices=["noise", "essay"], default="essay")
     p.add_argument("--multiples", default="1,2,4", help="evaluation lengths as multiples of --seq-len")
     p.add_argument("--decode", action="store_true", help="also evaluate by greedy generation through the mixers' "
                    "decode paths (landmark's top-k block retrieval lives there)")
-    p.add_argument("--db", default="results/zoo.db", help="results database (default: %(default)s)")
-    p.add_argument("--checkpoints", default="results/zoo-checkpoints",
-                   help="training checkpoints, for resuming (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     for name, kind in PASSKEY_FIELDS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind)
@@ -128,8 +125,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_passkey(args: argparse.Namespace) -> int:
     from attnkit.eval.store import Store
     from attnkit.zoo.passkey import PasskeyConfig, run_passkey
+    from attnkit.zoo.sweep import parse_mixers
 
-    mixers = args.mixer.split("+") if "+" in args.mixer else args.mixer
+    mixers = parse_mixers(args.mixer)
     given = {name: getattr(args, name) for name in PASSKEY_FIELDS if getattr(args, name) is not None}
     try:
         multiples = tuple(int(m) for m in args.multiples.split(",") if m)

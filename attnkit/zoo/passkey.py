@@ -58,6 +58,7 @@ from attnkit.eval.tasks.haystack import NOISE
 from attnkit.eval.tasks.passkey import PASSKEY_INFO, PASSKEY_PREFIX, PASSKEY_QUESTION
 from attnkit.zoo.base import check_choice, check_float, check_int
 from attnkit.zoo.lm import LMConfig, TinyLM
+from attnkit.zoo.train import label, load_checkpoint, lr_at, save_checkpoint
 
 VOCAB = "\x00" + "".join(chr(c) for c in range(32, 127))  # id 0: any other character
 VOCAB_SIZE = len(VOCAB)
@@ -327,8 +328,6 @@ def train_passkey(
     stops after that many steps of this call (for splitting runs and testing resume). ``log_every`` > 0 records
     the mean training loss and the training-batch exact match every that many steps into ``row["log"]``.
     """
-    from attnkit.zoo.train import load_checkpoint, lr_at, save_checkpoint
-
     torch.manual_seed(cfg.seed)
     model = TinyLM(cfg.lm_config())
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -388,9 +387,6 @@ def train_passkey(
            "config": asdict(cfg)}
     return model, row
 
-
-def label(cfg: PasskeyConfig) -> str:
-    return cfg.mixers if isinstance(cfg.mixers, str) else "+".join(cfg.mixers)
 
 
 def run_passkey(

@@ -211,6 +211,6 @@ def train(
     return row
 
 
-def label(cfg: TrainConfig) -> str:
-    """The run's mixers as one string: ``based`` or ``base_conv+based``."""
+def label(cfg: TrainConfig | Any) -> str:
+    """The run's mixers as one string: ``based`` or ``base_conv+based`` (any config with ``mixers``)."""
     return cfg.mixers if isinstance(cfg.mixers, str) else "+".join(cfg.mixers)

@@ -161,9 +161,9 @@ class RecycledAttention(Method):
         if layer.checking:  # drift check: a drifted row takes the full step
             qmean = query[:, :, 0].float().mean(1)  # (B, D)
             full = F.cosine_similarity(qmean, layer.qbar, dim=-1) <= self.threshold  # (B,)
-            # The fixed-shape step always computes the full step (no host sync); the dynamic path skips it when
-            # no row drifted, and takes the full output from the same probabilities that rebuild the cache.
-            if layer.static or bool(full.any()):
+            # The full step runs for every row unless this is the CPU's dynamic path, where reading `full` on the
+            # host is free and the step is skipped when no row drifted (no host sync on CUDA, graphs or not).
+            if layer.static or query.is_cuda or bool(full.any()):
                 span = layer.span if layer.static else layer.n
                 hkv = layer.keys.shape[1]
                 scores = torch.matmul(query.reshape(b, hkv, h // hkv, d),
