@@ -29,6 +29,25 @@ class NoEos:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+def profile_decode(model, tok, ids, tokens: int, top: int = 12) -> list[dict]:
+    """Self CPU time per op over ``tokens`` forwards of one token each: the prompt is prefilled unprofiled, then
+    the generation continues from its cache state under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = attnkit.generate(model, NoEos(tok), ids, max_new_tokens=1, prefill_chunk=512, stop_at_eos=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        attnkit.generate(model, NoEos(tok), [g.tokens[-1]], cache=g.state, max_new_tokens=tokens,
+                         stop_at_eos=False, eos_check_every=1)
+    rows = [{"op": e.key, "ms_per_token": e.self_cpu_time_total / 1000 / tokens, "calls_per_token": e.count / tokens}
+            for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r["ms_per_token"])
+    total = sum(r["ms_per_token"] for r in rows)
+    print(f"  profiled decode: {total:.1f} ms/token of self CPU time (profiler overhead included); top ops:")
+    for r in rows[:top]:
+        print(f"    {r['op']:<48} {r['ms_per_token']:7.2f} ms  {r['calls_per_token']:6.1f} calls")
+    return rows[:40]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=8192)
@@ -39,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup-tokens", type=int, default=4, help="an untimed generate of this many tokens per method "
                     "first (0: none), so one-time costs (allocator growth, oneDNN primitives for new shapes) do not "
                     "land on whichever method runs first")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N decoded tokens per method "
+                    "(torch.profiler, CPU) and print the top self-time ops: where a method's extra time goes")
     ap.add_argument("--out", type=Path, default=Path("results/cpu_decode_overhead.json"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -54,8 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
                                  stop_at_eos=False)
             g = attnkit.generate(model, NoEos(tok), ids, max_new_tokens=args.new_tokens, prefill_chunk=512,
                                  stop_at_eos=False)
-        rows[name] = {"ms_per_token": 1000 * g.s_per_token, "prefill_s": g.prefill_s, "settings": method.settings()}
-        print(f"{name}: {rows[name]['ms_per_token']:.1f} ms/token", flush=True)
+            rows[name] = {"ms_per_token": 1000 * g.s_per_token, "prefill_s": g.prefill_s, "settings": method.settings()}
+            print(f"{name}: {rows[name]['ms_per_token']:.1f} ms/token", flush=True)
+            if args.profile:
+                rows[name]["profile"] = profile_decode(model, tok, ids, args.profile)
     base = rows["full"]["ms_per_token"] if "full" in rows else float("nan")
     print(f"\nSmolLM2-135M float32, CPU ({torch.get_num_threads()} threads), context {ids.shape[1]}, budget "
           f"{args.budget}, {args.new_tokens} new tokens")

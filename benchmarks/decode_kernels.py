@@ -11,9 +11,9 @@ context length it times:
 * ``attnkit_quest_p16`` / ``_p64``: what Quest's fixed-shape step runs, :func:`attnkit.kernels.quest_attention`:
   the fused scoring kernel, then one kernel whose split programs each find the top pages (bisection over the
   row's scores) and read their share of them in place, then the split merge: three launches.
-* ``attnkit_quest_p16_w4`` / ``_w16`` (and ``_p64_``): the same kernel with its threshold search taking 3 / 15
-  cut points per round instead of bisecting (``ways=4`` / ``16``: 2 / 4 bisection steps per sequential reduction;
-  the selection is the same): which one Quest should default to is this row's to decide.
+* ``attnkit_dense_pdl``, ``attnkit_quest_p16_pdl`` / ``_p64_pdl``: the same kernels launched with programmatic
+  dependent launch (``attnkit.kernels.triton_decode.PDL``): each may be scheduled while the one before drains;
+  whether attnkit turns it on by default is these rows' to decide.
 * ``gather_sdpa_p16``: the naive baseline, the same Quest selection, then a torch gather of the selected
   rows and SDPA flash over the copy.
 * ``flex_dense``: FlexAttention's decode kernel (``flex_attention`` under ``torch.compile(dynamic=False,
@@ -174,6 +174,20 @@ def make_sets(context: int, batch: int, sets: int) -> list[dict[str, torch.Tenso
     return out
 
 
+def with_pdl(fn: Callable[[int], torch.Tensor]) -> Callable[[int], torch.Tensor]:
+    """``fn`` with programmatic dependent launch on for attnkit's kernels (set while it runs and is captured)."""
+    from attnkit.kernels import triton_decode
+
+    def run(i: int) -> torch.Tensor:
+        triton_decode.PDL = True
+        try:
+            return fn(i)
+        finally:
+            triton_decode.PDL = None
+
+    return run
+
+
 def methods(context: int, sets: list[dict[str, torch.Tensor]]) -> dict[str, tuple[Callable[[int], torch.Tensor], int]]:
     """name -> (fn(set_index), extra bytes read besides K+V: the page summaries)."""
     found: dict[str, tuple[Callable[[int], torch.Tensor], int]] = {}
@@ -191,6 +205,7 @@ def methods(context: int, sets: list[dict[str, torch.Tensor]]) -> dict[str, tupl
 
     found["sdpa_flash"] = (sdpa, 0)
     found["attnkit_dense"] = (dense, 0)
+    found["attnkit_dense_pdl"] = (with_pdl(dense), 0)
     selects: dict[int, tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], int, int]] = {}
     for page in (16, 64):
         for s in sets:  # built once, as a decode loop would keep them up to date with update_page_summary
@@ -212,17 +227,9 @@ def methods(context: int, sets: list[dict[str, torch.Tensor]]) -> dict[str, tupl
             return kernels.quest_attention(s["q"], s["k"], s["v"], s["pos"], s[f"summary{page}"],
                                            SELECTED_TOKENS // page, s[f"pages{page}"], page, out=s["out"])
 
-        def quest_ways(i: int, page: int = page, ways: int = 16) -> torch.Tensor:
-            from attnkit.kernels.triton_quest import quest_attention
-
-            s = sets[i]
-            return quest_attention(s["q"], s["k"], s["v"], s["pos"], s[f"summary{page}"], SELECTED_TOKENS // page,
-                                   s[f"pages{page}"], page, out=s["out"], ways=ways)
-
         found[f"attnkit_sparse_p{page}"] = (sparse, summary_bytes)
         found[f"attnkit_quest_p{page}"] = (quest, summary_bytes)
-        found[f"attnkit_quest_p{page}_w4"] = (functools.partial(quest_ways, ways=4), summary_bytes)
-        found[f"attnkit_quest_p{page}_w16"] = (functools.partial(quest_ways, ways=16), summary_bytes)
+        found[f"attnkit_quest_p{page}_pdl"] = (with_pdl(quest), summary_bytes)
         selects[page] = (select, SELECTED_TOKENS // page, summary_bytes)
         if page == 16:
 
@@ -494,6 +501,18 @@ def breakdown(context: int, sets: list[dict[str, torch.Tensor]]) -> list[tuple[s
             (f"sparse_kernel_p{page}", sparse_kernel, kv_sparse),
             (f"sparse_fused_p{page}", sparse_fused, kv_sparse + summary_bytes),
         ]
+    # TokenSelect's scoring (every key of the context) and soft votes: the kernel's tile and pipeline depth
+    s0 = sets[0]
+    batch = s0["q"].shape[0]
+    hi = torch.full((batch, 1), context - 512, device="cuda")
+    ts_bytes = batch * KV_HEADS * context * HEAD_DIM * DTYPE.itemsize + 2 * batch * HEADS * context * 4
+    for block, stages in ((64, 2), (128, 2), (64, 3), (128, 3)):
+
+        def votes(i: int, block: int = block, stages: int = stages) -> torch.Tensor:
+            s = sets[i]
+            return triton_select.tokenselect_votes(s["q"], s["k"], s["pos"], 128, hi, context, block, stages)
+
+        rows.append((f"ts_votes_b{block}_s{stages}", votes, ts_bytes))
     return rows
 
 

@@ -13,6 +13,7 @@ the same run is printed next to it, so the table says how far each part is from 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         for compiled in [False, True] if args.compile else [False]:
             label = name + (" compiled" if compiled else "")
             rows[label] = profile_method(model, ids, name, args.budget, args.steps, args.prefill_chunk, compiled)
+            gc.collect()  # cache layers and the run reference each other: free them before the next method
             torch.cuda.empty_cache()
     cats = ["matmul", "attention", "selection", "other (norms, RoPE, copies, scatters)"]
     print(f"\nDevice time per decode step (eager fixed-shape step under the profiler), Llama-3.1-8B shape, "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -84,11 +84,17 @@ for s in $stages; do
         --shapes 256x16,256x64 --lrs 1e-3 --no-progress 2>&1 | tail -20 | tee "$OUT/zoo8192.log"
       python3 -m attnkit zoo report "$OUT/zoo_v8192.db" -o "$OUT/zoo8192-report" 2>&1 | tail -20 | tee -a "$OUT/zoo8192.log" ;;
     profile32b8c)  # batch 8 at 32K: quest/p64 compiled took 9.39 ms against a 5.29 ms weights floor (H100): where the rest goes
-      (cd benchmarks && timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 decode_profile.py --context 32768 --batch 8 --compile \
+      (cd benchmarks && PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout ${ATTNKIT_STAGE_SECONDS:-300} \
+        python3 decode_profile.py --context 32768 --batch 8 --prefill-chunk 2048 --compile \
         --methods full,quest/p64 --out "$OUT/profile_32k_b8_c.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_32k_b8_c.log" ;;
     profile32c)
       (cd benchmarks && timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 decode_profile.py --context 32768 --compile \
         --methods full,streaming_llm,quest/p64 --out "$OUT/profile_32k_c.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_32k_c.log" ;;
+    pdltests)  # programmatic dependent launch: the kernel chain in a CUDA graph, then graph == eager for every method with it on
+      ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout ${ATTNKIT_STAGE_SECONDS:-120} python3 -m pytest -q -p no:cacheprovider \
+        tests/test_kernels.py tests/test_sparse_prefill.py -k "pdl_chain or votes or mass_ratios" 2>&1 | tail -8 | tee "$OUT/pdltests.log"
+      ATTNKIT_PDL=1 ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout ${ATTNKIT_STAGE_SECONDS:-120} python3 -m pytest -q \
+        -p no:cacheprovider tests/test_static_decode.py -k graph 2>&1 | tail -8 | tee -a "$OUT/pdltests.log" ;;
     sparsetests)  # issue 10's kernels and methods on CUDA (flex compiled, bf16)
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 python3 -m pytest -q -p no:cacheprovider tests/test_sparse_prefill.py \
         tests/test_methods.py tests/test_padded_batch.py -k "token_sparse or dhsa or rectified or tca or sparse_prefill" 2>&1 | tail -30 | tee "$OUT/sparsetests.log" ;;

@@ -529,15 +529,18 @@ else:
 
 
 @needs_triton
-@pytest.mark.parametrize("ways", [2, 4, 16])
+@pytest.mark.parametrize("use_pdl", [False, True] if ON_GPU else [False])
 @pytest.mark.parametrize("cap,ratio,dim,dtype,batch,page,kk", QUEST_CASES)
 def test_triton_quest_attention_reads_the_bisection_top_k(
-    cap: int, ratio: int, dim: int, dtype: torch.dtype, batch: int, page: int, kk: int, ways: int
+    cap: int, ratio: int, dim: int, dtype: torch.dtype, batch: int, page: int, kk: int, use_pdl: bool, monkeypatch
 ) -> None:
     """Same pages as scoring + topk_bisect and the same output as the sparse kernel over them, for a full, a
-    half and a one-page valid range (forced last page), k above and below the valid pages, holes in pos."""
+    half and a one-page valid range (forced last page), k above and below the valid pages, holes in pos; with
+    and without programmatic dependent launch on a GPU."""
+    from attnkit.kernels import triton_decode
     from attnkit.kernels.triton_quest import quest_attention
 
+    monkeypatch.setattr(triton_decode, "PDL", use_pdl)
     kv_heads = 2
     q, k, v, pos = make_buffers(batch, kv_heads * ratio, kv_heads, dim, cap, dtype, TRITON_DEVICE, seed=cap + kk)
     summary = torch_ref.page_summaries(k, pos, page).contiguous()
@@ -545,7 +548,7 @@ def test_triton_quest_attention_reads_the_bisection_top_k(
     for n_valid in (pages, max(1, pages // 2), 1):
         idx = torch.full((batch, kv_heads, kk), -7, dtype=torch.long, device=TRITON_DEVICE)
         n_dev = torch.tensor([n_valid], device=TRITON_DEVICE)
-        out = quest_attention(q, k, v, pos, summary, kk, n_dev, page, out=_poison(q), idx_out=idx, ways=ways)
+        out = quest_attention(q, k, v, pos, summary, kk, n_dev, page, out=_poison(q), idx_out=idx)
         want = _select().topk_bisect(_select().quest_scores_masked(q, summary, n_valid, True), kk)
         assert torch.equal(idx.sort(-1).values.cpu(), want.sort(-1).values.cpu()), f"n_valid={n_valid}"
         ref = torch_ref.sparse_decode_attention(q.float(), k.float(), v.float(), pos, want, page)
@@ -562,3 +565,57 @@ def test_quest_attention_dispatch_equals_select_then_read() -> None:
     idx = kernels.select_pages(q, summary, 10, 50)
     ref = torch_ref.sparse_decode_attention(q.float(), k.float(), v.float(), pos, idx, 16)
     assert_close_rel(out, ref, TOL[dtype])
+
+
+@pytest.mark.skipif(not (ON_GPU and torch.cuda.get_device_capability()[0] >= 9),
+                    reason="programmatic dependent launch needs a Hopper (sm_90) or newer GPU")
+def test_pdl_chain_in_a_cuda_graph_equals_plain_launches(monkeypatch) -> None:
+    """A decode step's kernel chain (append with the page fold, Quest, dense, sparse, TokenSelect votes), each
+    reading what the one before wrote, captured in a CUDA graph with programmatic dependent launch: bit for bit
+    the plain launches' results, replay after replay (a missing wait would read stale buffers)."""
+    from attnkit.kernels import triton_cache, triton_decode
+    from attnkit.kernels.triton_quest import quest_attention
+    from attnkit.kernels.triton_select import tokenselect_votes
+
+    b, hq, hkv, d, cap, page = 2, 32, 8, 128, 70000, 64
+    q, k, v, pos = make_buffers(b, hq, hkv, d, cap, torch.bfloat16, "cuda", seed=3)
+    pos[..., -2000:] = -1  # free slots the appends fill
+    summary = torch_ref.page_summaries(k, pos, page).contiguous()
+    n_pages = torch.tensor([summary.shape[2]], device="cuda")
+    n_all = torch.tensor([cap], device="cuda")
+    hi = torch.full((b, 1), cap - 512, device="cuda")
+    qpos = torch.full((b, 1), cap - 2000, device="cuda")
+    wslot = torch.full((b, hkv, 1), cap - 2000, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(4)
+
+    def step(state, kn):
+        kk, vv, pp, ss = state
+        triton_cache.append(kk, vv, pp, kn, kn, wslot, qpos, summary=ss, page=page)
+        idx = torch.empty(b, hkv, 32, dtype=torch.int64, device="cuda")
+        a = quest_attention(q, kk, vv, pp, ss, 32, n_pages, page, idx_out=idx)
+        c = triton_decode.decode_attention(a, kk, vv, pp, n_all)
+        e = triton_decode.sparse_decode_attention(c, kk, vv, pp, idx, page)
+        votes = tokenselect_votes(e, kk, pp, 4, hi, cap)
+        return a, c, e, votes, idx
+
+    new_keys = [torch.randn(b, hkv, 1, d, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(3)]
+    monkeypatch.setattr(triton_decode, "PDL", False)
+    plain_state = [t.clone() for t in (k, v, pos, summary)]
+    want = [step(plain_state, kn) for kn in new_keys]
+    monkeypatch.setattr(triton_decode, "PDL", True)
+    state = [t.clone() for t in (k, v, pos, summary)]
+    kn_buf = new_keys[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile every kernel outside the capture, on a scratch copy
+        step([t.clone() for t in state], kn_buf)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(state, kn_buf)
+    for i, kn in enumerate(new_keys):
+        kn_buf.copy_(kn)
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, ref in zip(outs, want[i]):
+            assert torch.equal(got, ref), f"replay {i}"

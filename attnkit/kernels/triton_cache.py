@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnkit.kernels.triton_decode import _pdl_enter, pdl
+
 
 @triton.jit
 def _append_kernel(
@@ -19,11 +21,12 @@ def _append_kernel(
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_pb, stride_ph,
     stride_knb, stride_knh, stride_vnb, stride_vnh, stride_sb, stride_sh, stride_sn,
     Hkv, SINKS, PAGES, PAGE,
-    D: tl.constexpr, DV: tl.constexpr, STORE_SINKS: tl.constexpr, FOLD: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, STORE_SINKS: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b * Hkv + h): write the new key / value at slot wslot[b, h] with position qpos[b]; with
     STORE_SINKS, also its float32 original when qpos[b] < SINKS (StreamingLLM); with FOLD, fold the key into the
     channel-wise max / min of page qpos[b] // PAGE of the contiguous (B, Hkv, PAGES, 2, D) summary (Quest)."""
+    _pdl_enter(PDL)
     bh = tl.program_id(0)
     b = (bh // Hkv).to(tl.int64)
     h = (bh % Hkv).to(tl.int64)
@@ -71,7 +74,7 @@ def append(
         pos.stride(0), pos.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), sk.stride(0), sk.stride(1), sk.stride(2),
         h, sinks, summary.shape[2] if fold else 0, max(page, 1),
-        D=d, DV=values.shape[-1], STORE_SINKS=store, FOLD=fold, num_warps=1,
+        D=d, DV=values.shape[-1], STORE_SINKS=store, FOLD=fold, num_warps=1, PDL=pdl(keys), launch_pdl=pdl(keys),
     )
 
 
@@ -82,11 +85,13 @@ def _ring_after_kernel(
     stride_sb, stride_sh, stride_sn,
     Hkv, SINKS, WINDOW,
     D: tl.constexpr, DV: tl.constexpr, HALF: tl.constexpr, HAS_SINKS: tl.constexpr, TURN: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (b * Hkv + h): advance the ring of slots [SINKS, SINKS + WINDOW + 1); the slot written next
     leaves (a sink of a short row moves to its sink slot first); with TURN, sink j's key becomes its float32
     original turned by the row's eviction count (angles in float64, HF rotate-half layout, 2 * HALF rotary dims).
     """
+    _pdl_enter(PDL)
     bh = tl.program_id(0)
     b = (bh // Hkv).to(tl.int64)
     h = (bh % Hkv).to(tl.int64)
@@ -143,4 +148,5 @@ def ring_after(
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         pos.stride(0), pos.stride(1), sk.stride(0), sk.stride(1), sk.stride(2),
         h, sinks, window, D=d, DV=values.shape[-1], HALF=half, HAS_SINKS=sinks > 0, TURN=turn, num_warps=1,
+        PDL=pdl(keys), launch_pdl=pdl(keys),
     )

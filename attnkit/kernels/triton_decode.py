@@ -13,15 +13,45 @@ ptxas reports 80-128 registers for the dense kernel and 113-176 for the sparse o
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _SMS = 132  # H200; splits are sized to launch ~4 programs per SM.
 _MAX_SPLITS = 64  # the combine kernel holds (splits, D) fp32 in registers
 _LOG2E = 1.4426950408889634
+
+
+#: Programmatic dependent launch (Hopper and newer) for every attnkit decode kernel: a kernel may be scheduled
+#: while the one before it drains, and waits (``griddepcontrol.wait``) before its first read, so the launch gap
+#: between the small kernels of a CUDA-graph decode step overlaps work. None: the ``ATTNKIT_PDL`` environment
+#: variable decides ("1" on; off by default until a GPU run shows it helps).
+PDL: bool | None = None
+
+
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether kernels launched for ``t``'s device use programmatic dependent launch (see :data:`PDL`)."""
+    on = PDL if PDL is not None else os.environ.get("ATTNKIT_PDL", "0") == "1"
+    return bool(on) and t.is_cuda and _hopper(t.device.index or 0)
+
+
+@triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    """Under programmatic dependent launch: wait until the previous kernel's writes are visible, then let the
+    next kernel be scheduled (it waits the same way, so every kernel of a chain still sees all earlier writes)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def _block_n(head_dim: int) -> int:
@@ -81,8 +111,9 @@ def _dense_split_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_pb, stride_ph,
     Hkv, G, cap, split_len, n_splits, qk_scale,
-    N_FROM_PTR: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    N_FROM_PTR: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    _pdl_enter(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
@@ -129,8 +160,9 @@ def _sparse_split_kernel(
     stride_pb, stride_ph,
     stride_ib, stride_ih,
     Hkv, G, cap, n_entries, split_len, n_splits, qk_scale,
-    PAGE: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    _pdl_enter(PDL)
     # The selection is a virtual list of n_entries * PAGE slots: element t is slot idx[t // PAGE] * PAGE + t % PAGE.
     # Splits cover ranges of t, so any page size works with any BLOCK_N and K/V rows are read in place.
     bh = tl.program_id(0)
@@ -172,8 +204,9 @@ def _sparse_split_kernel(
 
 @triton.jit
 def _combine_kernel(op_ptr, lse_ptr, out_ptr, n_splits, stride_ob, stride_oh, H,
-                    D: tl.constexpr, S_PAD: tl.constexpr):
+                    D: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr):
     """out[row] = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s lse_s; rows with all -inf give 0."""
+    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
@@ -214,6 +247,7 @@ def _finish(
     _combine_kernel[(batch * heads,)](
         op, lse, out, splits, out.stride(0), out.stride(1), heads,
         D=dim, S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4 if dim <= 128 else 8,
+        PDL=pdl(op), launch_pdl=pdl(op),
     )
     return out
 
@@ -248,7 +282,7 @@ def decode_attention(
         pos.stride(0), pos.stride(1),
         kv_heads, group, cap, split_len, splits, scale * _LOG2E,
         N_FROM_PTR=from_ptr, D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, PDL=pdl(q), launch_pdl=pdl(q),
     )
     return _finish(op, lse, q, splits, out)
 
@@ -286,6 +320,6 @@ def sparse_decode_attention(
         idx.stride(0), idx.stride(1),
         kv_heads, group, cap, entries, split_len, splits, scale * _LOG2E,
         PAGE=page_size, D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, PDL=pdl(q), launch_pdl=pdl(q),
     )
     return _finish(op, lse, q, splits, out)

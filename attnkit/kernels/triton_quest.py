@@ -22,15 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from attnkit.kernels.triton_decode import _LOG2E, _SMS, _attend_block, _check, _finish, _store_partial
+from attnkit.kernels.triton_decode import _LOG2E, _SMS, _attend_block, _check, _finish, _pdl_enter, _store_partial, pdl
 from attnkit.kernels.triton_select import quest_scores_masked
 
 #: pages the fused kernel serves (a page is read as PAGE // TILE tiles of TILE tokens)
 PAGES = (16, 32, 64, 128)
 #: rows of up to this many pages keep their scores in registers
 MAX_PAGES = 16384
-#: cut points per threshold round (2 = bisection, the default until a GPU run says otherwise)
-WAYS = (2, 4, 8, 16)
 
 
 @triton.jit
@@ -55,34 +53,6 @@ def _row_threshold(x, valid, K, ITERS: tl.constexpr):
 
 
 @triton.jit
-def _row_threshold_multi(x, valid, K, ROUNDS: tl.constexpr, WAYS: tl.constexpr):
-    """``_row_threshold``'s threshold, found WAYS - 1 cut points at a time: each round counts the scores above
-    lo + (hi - lo) * j / WAYS for every j in one 2-D reduction and keeps the sub-range holding the K-th largest,
-    so log2(WAYS) bisection steps cost one round (fewer sequential reductions, more registers). Stops as soon as
-    a cut point has exactly K scores at or above it."""
-    n_valid = tl.sum(valid.to(tl.int32), 0)
-    finite = valid & (x < float("inf"))
-    lo = tl.min(tl.where(finite, x, float("inf")), 0)
-    hi = tl.max(tl.where(finite, x, float("-inf")), 0)
-    offs_w = tl.arange(0, WAYS)
-    frac = offs_w.to(tl.float32) / WAYS
-    it = 0
-    exact = n_valid <= K
-    while (it < ROUNDS) & (exact == 0):
-        cuts = lo + (hi - lo) * frac  # (WAYS,); cuts[0] = lo, which always has >= K at or above it
-        counts = tl.sum((x[:, None] >= cuts[None, :]).to(tl.int32), 0)  # (WAYS,), non-increasing
-        j = tl.sum((counts >= K).to(tl.int32), 0) - 1  # the last cut with enough
-        found = j >= 0  # false only without finite scores (NaN cuts): keep lo as the bisection would
-        new_lo = tl.sum(tl.where(offs_w == j, cuts, 0.0), 0)
-        new_hi = tl.where(j == WAYS - 1, hi, tl.sum(tl.where(offs_w == j + 1, cuts, 0.0), 0))
-        exact = (found == 0) | (tl.sum(tl.where(offs_w == j, counts, 0), 0) == K)
-        lo = tl.where(found, new_lo, lo)
-        hi = tl.where(found, new_hi, hi)
-        it += 1
-    return tl.where(n_valid > K, lo, float("-inf"))
-
-
-@triton.jit
 def _quest_attend_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, s_ptr, idx_ptr, op_ptr, lse_ptr,
     stride_qb, stride_qh,
@@ -91,8 +61,9 @@ def _quest_attend_kernel(
     stride_pb, stride_ph,
     Hkv, G, cap, P, K, n_splits, qk_scale,
     ITERS: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr, ENTRIES: tl.constexpr,
-    D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_P: tl.constexpr, WAYS: tl.constexpr,
+    D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr,
 ):
+    _pdl_enter(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
@@ -102,10 +73,7 @@ def _quest_attend_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     x = tl.load(s_ptr + bh.to(tl.int64) * P + offs_p, mask=offs_p < P, other=float("-inf"))
     valid = x > float("-inf")
-    if WAYS == 2:
-        t = _row_threshold(x, valid, K, ITERS)
-    else:
-        t = _row_threshold_multi(x, valid, K, ITERS, WAYS)  # ITERS counts rounds here
+    t = _row_threshold(x, valid, K, ITERS)
     sel = valid & (x >= t)
     rank = tl.cumsum(sel.to(tl.int32), 0) - 1
 
@@ -161,7 +129,6 @@ def quest_attention(
     out: torch.Tensor | None = None,
     idx_out: torch.Tensor | None = None,
     iters: int = 32,
-    ways: int = 2,
 ) -> torch.Tensor:
     """Quest decode attention: the top ``k_pages`` pages by bound, then attention over their valid slots.
 
@@ -175,8 +142,6 @@ def quest_attention(
     k_pages : pages read per KV head; n_valid_pages : int or device tensor (pages >= it are never read)
     page_size : one of :data:`PAGES`; force_last : always read page n_valid_pages - 1
     iters : bisection steps (resolution 2^-iters of the score range)
-    ways : cut points per threshold round, one of :data:`WAYS` (2: plain bisection; 16: four bisection steps per
-        round, iters / 4 rounds, at the cost of a (pages x 16) comparison tile in registers)
     out : optional (B, H, 1, D) output buffer; idx_out : optional (B, Hkv, k_pages) int64 buffer for the ids
 
     Returns
@@ -185,8 +150,6 @@ def quest_attention(
     """
     batch, heads, kv_heads, cap, dim = _check(q, k, v, pos)
     pages = summary.shape[2]
-    if ways not in WAYS:
-        raise ValueError(f"quest_attention: ways={ways} is invalid; accepted: one of {WAYS}")
     if page_size not in PAGES or pages > MAX_PAGES or k_pages < 1:
         raise ValueError(f"quest_attention serves pages {PAGES} up to {MAX_PAGES} per row and k_pages >= 1; got "
                          f"page_size={page_size}, {pages} pages, k_pages={k_pages}")
@@ -207,8 +170,8 @@ def quest_attention(
         v.stride(0), v.stride(1), v.stride(2),
         pos.stride(0), pos.stride(1),
         kv_heads, group, cap, pages, k_pages, splits, scale * _LOG2E,
-        ITERS=iters if ways == 2 else math.ceil(iters / math.log2(ways)), PAGE=page_size, TILE=tile,
-        ENTRIES=entries, D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p, WAYS=ways,
-        num_warps=8 if block_p >= 4096 else 4, num_stages=2,
+        ITERS=iters, PAGE=page_size, TILE=tile,
+        ENTRIES=entries, D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_P=block_p,
+        num_warps=8 if block_p >= 4096 else 4, num_stages=2, PDL=pdl(q), launch_pdl=pdl(q),
     )
     return _finish(op, lse, q, splits, out)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnkit.kernels.triton_decode import _block_n, _pdl_enter, num_splits, pdl
+
 
 def _block_p(head_dim: int) -> int:
     """Pages per program: a (BLOCK_P, 2, D) half-precision tile of 8 KiB."""
@@ -27,8 +29,9 @@ def _quest_masked_kernel(
     stride_qb, stride_qh,
     Hkv, G, P,
     N_FROM_PTR: tl.constexpr, FORCE_LAST: tl.constexpr,
-    D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr,
 ):
+    _pdl_enter(PDL)
     bh = tl.program_id(0)
     blk = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
@@ -112,13 +115,15 @@ def quest_scores_masked(
         kv_heads, group, pages,
         N_FROM_PTR=from_ptr, FORCE_LAST=bool(force_last),
         D=dim, G_PAD=max(2, triton.next_power_of_2(group)), BLOCK_P=block,
-        num_warps=4,
+        num_warps=4, PDL=pdl(q), launch_pdl=pdl(q),
     )
     return out
 
 
 @triton.jit
-def _topk_bisect_kernel(s_ptr, out_ptr, P, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, ITERS: tl.constexpr):
+def _topk_bisect_kernel(s_ptr, out_ptr, P, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, ITERS: tl.constexpr,
+                        PDL: tl.constexpr):
+    _pdl_enter(PDL)
     # One program per row: the row's scores stay in registers; bisect the value range for the largest t with
     # count(x >= t) >= K, then write the ids of x >= t in index order (ties past K dropped), -1 after them.
     r = tl.program_id(0).to(tl.int64)
@@ -161,7 +166,7 @@ def topk_bisect(scores: torch.Tensor, k: int, iters: int = 32) -> torch.Tensor:
     block = max(16, triton.next_power_of_2(pages))
     _topk_bisect_kernel[(rows.shape[0],)](
         rows, out, pages, k, BLOCK=block, BLOCK_K=max(16, triton.next_power_of_2(k)), ITERS=iters,
-        num_warps=8 if block >= 4096 else 4,
+        num_warps=8 if block >= 4096 else 4, PDL=pdl(out), launch_pdl=pdl(out),
     )
     return out.view(*scores.shape[:-1], k)
 
@@ -203,10 +208,11 @@ def _ts_scores_kernel(
     q_ptr, k_ptr, pos_ptr, hi_ptr, s_ptr, m_ptr, l_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_pb,
     Hkv, G, span, split_len, n_splits, lo,
-    D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (bh, split): raw scores q_g . k of KV head bh's group over its split of the span (-inf off the
-    candidates, whose keys are never loaded), and the split's running max / exp-sum per query head."""
+    candidates), and the split's running max / exp-sum per query head."""
+    _pdl_enter(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
@@ -229,7 +235,10 @@ def _ts_scores_kernel(
         in_range = slots < end
         p = tl.load(pos_ptr + b * stride_pb + slots, mask=in_range, other=-1)
         cand = in_range & (p >= lo) & (p < hi)
-        k = tl.load(k_base + slots.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=cand[:, None], other=0.0)
+        # masked by the range alone: the key load then does not wait for the position load (non-candidates, a
+        # few hundred sink / local slots, are read and dropped below)
+        k = tl.load(k_base + slots.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
         s = tl.dot(q, tl.trans(k))  # (G_PAD, BLOCK_N) fp32
         s = tl.where(cand[None, :], s, float("-inf"))
         tl.store(s_ptr + rows[:, None] * span + slots[None, :], s, mask=g_mask[:, None] & in_range[None, :])
@@ -246,10 +255,11 @@ def _ts_scores_kernel(
 def _ts_votes_kernel(
     s_ptr, m_ptr, l_ptr, pos_ptr, hi_ptr, v_ptr,
     stride_pb, ROWS, span, n_splits, lo,
-    ROWS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b, block): each query head's softmax weight exp(s - max) / sum from the split statistics, summed
     over the ROWS = Hkv * G query heads of batch row b, for BLOCK slots; -inf off the candidates."""
+    _pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     offs_r = tl.arange(0, ROWS_PAD)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -275,17 +285,18 @@ def _ts_votes_kernel(
 
 
 def tokenselect_votes(
-    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor, span: int
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor, span: int,
+    block: int | None = None, stages: int = 2,
 ) -> torch.Tensor:
     """Triton path of :func:`attnkit.kernels.torch_ref.tokenselect_votes` (same contract): one pass over the
     candidate keys writes fp32 scores and per-split softmax statistics, a second kernel turns them into the votes
-    (the per-head weights are never written: 2 launches and one read of the scores instead of ~6 torch kernels)."""
-    from attnkit.kernels.triton_decode import _block_n, num_splits
-
+    (the per-head weights are never written: 2 launches and one read of the scores instead of ~6 torch kernels).
+    ``block`` keys per loop step (default: the decode kernels' tile) and ``stages`` pipeline stages: tuning knobs
+    timed by ``benchmarks/decode_kernels.py``."""
     batch, heads, one, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    block = _block_n(dim)
+    block = block or _block_n(dim)
     splits, split_len = num_splits(span, batch * kv_heads, block)
     scores = torch.empty((batch, kv_heads, group, span), device=q.device, dtype=torch.float32)
     m = torch.empty((batch, kv_heads, group, splits), device=q.device, dtype=torch.float32)
@@ -295,7 +306,8 @@ def tokenselect_votes(
         q, k, pos, hi, scores, m, l,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), pos.stride(0),
         kv_heads, group, span, split_len, splits, int(lo),
-        D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block, num_warps=4, num_stages=2,
+        D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block, num_warps=4, num_stages=stages,
+        PDL=pdl(q), launch_pdl=pdl(q),
     )
     return votes_from_scores(scores, m, l, pos, lo, hi)
 
@@ -314,6 +326,6 @@ def votes_from_scores(
     _ts_votes_kernel[(batch, triton.cdiv(span, block))](
         scores, m, l, pos, hi, votes, pos.stride(0), rows, span, splits, int(lo),
         ROWS_PAD=max(16, triton.next_power_of_2(rows)), SPLITS_PAD=max(16, triton.next_power_of_2(splits)),
-        BLOCK=block, num_warps=4,
+        BLOCK=block, num_warps=4, PDL=pdl(votes), launch_pdl=pdl(votes),
     )
     return votes

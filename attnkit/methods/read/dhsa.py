@@ -42,12 +42,13 @@ def mass_ratios(query, key, value, qpos: torch.Tensor, kpos: torch.Tensor, scali
     kpos (B, n) positions (causal visibility)."""
     b, _, q, _ = query.shape
     n = key.shape[2]
-    col = torch.zeros((b, n), device=key.device)
-    band = torch.zeros((b, n, 2 * w), device=key.device)  # band[j, t] = M[slot j + t, j]
+    # float64 sums: ``after`` below subtracts a band from a column total (cancellation in float32 on the GPU)
+    col = torch.zeros((b, n), device=key.device, dtype=torch.float64)
+    band = torch.zeros((b, n, 2 * w), device=key.device, dtype=torch.float64)  # band[j, t] = M[slot j + t, j]
     for s in range(0, q, block):
         mask = causal_visibility(qpos[:, s : s + block], kpos)
         _, probs, _ = dense_attention(query[:, :, s : s + block], key, value, mask, scaling)
-        m = probs.mean(1)  # (B, rows, n)
+        m = probs.mean(1).double()  # (B, rows, n)
         rows = torch.arange(s, s + m.shape[1], device=key.device) + (n - q)  # their slots
         real = kpos.gather(1, rows.expand(b, -1)) >= 0
         m = m * real.unsqueeze(-1)
@@ -57,14 +58,14 @@ def mass_ratios(query, key, value, qpos: torch.Tensor, kpos: torch.Tensor, scali
             ok = j >= 0
             band[:, j[ok], t] += m[:, ok.nonzero()[:, 0], j[ok]]
     cum = band.cumsum(-1)  # cum[j, t] = sum of M[j .. j + t, j]
-    ratio = torch.zeros((b, n), device=key.device)
+    ratio = torch.zeros((b, n), device=key.device, dtype=torch.float64)
     c = torch.arange(w - 1, n - w, device=key.device)
     if len(c):
         cols = c.unsqueeze(1) + torch.arange(-w + 1, w + 1, device=key.device)  # (nc, 2w): past w, then future w
         after = col[:, cols] - cum[:, cols, (c.unsqueeze(1) + w - cols).clamp(0, 2 * w - 1)]  # rows > c + w
         past, fut = after[..., :w].sum(-1), after[..., w:].sum(-1)
         ratio[:, c] = (torch.maximum(past, fut) + eps) / (torch.minimum(past, fut) + eps)
-    return ratio.masked_fill(kpos < 0, 0.0)
+    return ratio.float().masked_fill(kpos < 0, 0.0)
 
 
 def mass_chunks(ratio: torch.Tensor, kpos: torch.Tensor, n_chunks: int, theta: float = 1.1, nms: int = 8,
