@@ -31,10 +31,13 @@ class NoEos:
 
 def profile_decode(model, tok, ids, tokens: int, top: int = 12) -> list[dict]:
     """Self CPU time per op over ``tokens`` forwards of one token each: the prompt is prefilled unprofiled, then
-    the generation continues from its cache state under the profiler."""
+    the generation continues from its cache state, the second continuation under the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     g = attnkit.generate(model, NoEos(tok), ids, max_new_tokens=1, prefill_chunk=512, stop_at_eos=False)
+    # the first continuation grows the cache (sized for one new token) once; the profiled one runs inside it
+    g = attnkit.generate(model, NoEos(tok), [g.tokens[-1]], cache=g.state, max_new_tokens=tokens,
+                         stop_at_eos=False, eos_check_every=1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         attnkit.generate(model, NoEos(tok), [g.tokens[-1]], cache=g.state, max_new_tokens=tokens,
                          stop_at_eos=False, eos_check_every=1)

@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 
 from attnkit.kernels import torch_ref
-from attnkit.kernels.torch_ref import page_summaries, quest_scores, topk_pages, update_page_summary
+from attnkit.kernels.torch_ref import page_summaries, quest_scores, take_rows, topk_pages, update_page_summary
 
 __all__ = [
     "backend",
@@ -26,6 +26,7 @@ __all__ = [
     "quest_scores",
     "select_pages",
     "sparse_decode_attention",
+    "take_rows",
     "tokenselect_votes",
     "topk_pages",
     "update_page_summary",

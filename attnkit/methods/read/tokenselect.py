@@ -126,8 +126,7 @@ class TokenSelect(Method):
         idx, ok = self.select(query, key, layer, past)
         chunk = torch.arange(past, n, device=key.device).expand(b, q)
         idx = torch.cat([idx, chunk], dim=-1)  # + the chunk itself
-        gather = idx.view(b, 1, -1, 1).expand(b, hkv, -1, key.shape[-1])
-        k_sel, v_sel = torch.gather(key, 2, gather), torch.gather(value, 2, gather)
+        k_sel, v_sel = kernels.take_rows(key, idx), kernels.take_rows(value, idx)
         kpos = torch.gather(layer.stored_pos()[:, 0], 1, idx)  # (B, m)
         mask = None
         if q > 1 or layer.padded:
