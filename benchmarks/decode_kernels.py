@@ -510,7 +510,7 @@ def breakdown(context: int, sets: list[dict[str, torch.Tensor]]) -> list[tuple[s
 
         def votes(i: int, block: int = block, stages: int = stages) -> torch.Tensor:
             s = sets[i]
-            return triton_select.tokenselect_votes(s["q"], s["k"], s["pos"], 128, hi, context, block, stages)
+            return triton_select.tokenselect_votes(s["q"], s["k"], s["pos"], 128, hi, context, block=block, stages=stages)
 
         rows.append((f"ts_votes_b{block}_s{stages}", votes, ts_bytes))
     return rows

@@ -371,7 +371,7 @@ TS_CASES = (
     [(cap, ratio, dim, dtype, batch) for cap, ratio, dim, dtype, batch in
      [(77, 4, 64, torch.bfloat16, 1), (1000, 1, 128, torch.float16, 3), (4099, 8, 128, torch.bfloat16, 1),
       (4099, 4, 256, torch.bfloat16, 2), (300, 8, 64, torch.float16, 1)]]
-    if ON_GPU else [(77, 4, 64, torch.float16, 1)]
+    if ON_GPU else [(77, 4, 64, torch.float16, 1), (90, 2, 64, torch.float16, 2)]
 )
 
 
@@ -390,6 +390,11 @@ def test_triton_tokenselect_votes_match_torch(cap: int, ratio: int, dim: int, dt
     assert torch.equal(torch.isneginf(got), torch.isneginf(want))
     fin = torch.isfinite(want)
     assert torch.allclose(got[fin], want[fin], rtol=1e-3, atol=1e-5), (got[fin] - want[fin]).abs().max()
+    if batch > 1:  # skipped rows are left alone, the others are unchanged
+        skip = torch.zeros(batch, dtype=torch.bool, device=TRITON_DEVICE)
+        skip[0] = True
+        again = triton_select.tokenselect_votes(q, k, pos, 4, hi, span, skip=skip)
+        assert torch.equal(again[1:], got[1:])
 
 
 @needs_triton

@@ -71,13 +71,14 @@ def kept_set(layer) -> list[list[list[int]]]:
 CASES = {"single": [0], "ragged": [0, 1, 2]}
 
 
-def both_ways(model, method: str, rows: str, seed: int, first: dict, second: dict) -> tuple:
-    """run_stream on the same prompts and token streams (tight settings), once with each set of options."""
+def both_ways(model, method: str, rows: str, seed: int, first: dict, second: dict, settings: dict | None = None) -> tuple:
+    """run_stream on the same prompts and token streams (tight settings, or ``settings``), once with each set of
+    options."""
     chosen = [prompts()[i] for i in CASES[rows]]
     g = torch.Generator().manual_seed(seed)
     decode_ids = torch.randint(3, 256, (len(chosen), DECODE), generator=g).to(DEVICE)
     more_ids = torch.randint(3, 256, (len(chosen), 5), generator=g).to(DEVICE)
-    with torch.no_grad(), attnkit.apply(model, method, **TINY[method][1]):
+    with torch.no_grad(), attnkit.apply(model, method, **(TINY[method][1] if settings is None else settings)):
         return tuple(run_stream(model, chosen, decode_ids, more_ids, **opts) for opts in (first, second))
 
 

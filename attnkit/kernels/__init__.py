@@ -207,9 +207,13 @@ def quest_attention(
 
 
 def tokenselect_votes(
-    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor, span: int
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor, span: int,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TokenSelect soft votes (B, span) float32 over the candidate slots (``lo <= pos < hi[b]``), -inf elsewhere.
+
+    ``skip`` (B,) bool marks rows whose votes the caller will not use: the Triton path reads no key for them
+    (their votes are unspecified); the torch path computes every row.
 
     On CUDA with bf16/fp16 keys and D in (64, 128, 256): one Triton pass over the candidate keys
     (:func:`attnkit.kernels.triton_select.tokenselect_votes`, fp32 scores) and one votes kernel; elsewhere the
@@ -223,7 +227,7 @@ def tokenselect_votes(
         and backend(k.device) == "triton"
         and _select_module() is not None
     ):
-        return _select_module().tokenselect_votes(q, k, pos, lo, hi, span)
+        return _select_module().tokenselect_votes(q, k, pos, lo, hi, span, skip)
     return torch_ref.tokenselect_votes(q, k, pos, lo, hi, span)
 
 

@@ -205,17 +205,21 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit(do_not_specialize=["lo"])
 def _ts_scores_kernel(
-    q_ptr, k_ptr, pos_ptr, hi_ptr, s_ptr, m_ptr, l_ptr,
+    q_ptr, k_ptr, pos_ptr, hi_ptr, skip_ptr, s_ptr, m_ptr, l_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_pb,
     Hkv, G, span, split_len, n_splits, lo,
-    D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SKIP: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (bh, split): raw scores q_g . k of KV head bh's group over its split of the span (-inf off the
-    candidates), and the split's running max / exp-sum per query head."""
+    candidates), and the split's running max / exp-sum per query head. With HAS_SKIP, rows b with skip[b] != 0
+    return at once (their outputs are left as they were)."""
     _pdl_enter(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
+    if HAS_SKIP:
+        if tl.load(skip_ptr + b) != 0:
+            return
     h = (bh % Hkv).to(tl.int64)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
@@ -253,14 +257,19 @@ def _ts_scores_kernel(
 
 @triton.jit(do_not_specialize=["lo"])
 def _ts_votes_kernel(
-    s_ptr, m_ptr, l_ptr, pos_ptr, hi_ptr, v_ptr,
+    s_ptr, m_ptr, l_ptr, pos_ptr, hi_ptr, skip_ptr, v_ptr,
     stride_pb, ROWS, span, n_splits, lo,
-    ROWS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    ROWS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_SKIP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (b, block): each query head's softmax weight exp(s - max) / sum from the split statistics, summed
-    over the ROWS = Hkv * G query heads of batch row b, for BLOCK slots; -inf off the candidates."""
+    over the ROWS = Hkv * G query heads of batch row b, for BLOCK slots; -inf off the candidates. Skipped rows
+    (HAS_SKIP) write nothing."""
     _pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
+    if HAS_SKIP:
+        if tl.load(skip_ptr + b) != 0:
+            return
     offs_r = tl.arange(0, ROWS_PAD)
     offs_s = tl.arange(0, SPLITS_PAD)
     stat = (b * ROWS + offs_r[:, None]) * n_splits + offs_s[None, :]
@@ -286,12 +295,13 @@ def _ts_votes_kernel(
 
 def tokenselect_votes(
     q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor, span: int,
-    block: int | None = None, stages: int = 2,
+    skip: torch.Tensor | None = None, block: int | None = None, stages: int = 2,
 ) -> torch.Tensor:
     """Triton path of :func:`attnkit.kernels.torch_ref.tokenselect_votes` (same contract): one pass over the
     candidate keys writes fp32 scores and per-split softmax statistics, a second kernel turns them into the votes
     (the per-head weights are never written: 2 launches and one read of the scores instead of ~6 torch kernels).
-    ``block`` keys per loop step (default: the decode kernels' tile) and ``stages`` pipeline stages: tuning knobs
+    ``skip`` (B,) bool: rows whose votes are not needed (TokenSelect's Selection Cache reuses their picks) read
+    no key and get unspecified votes. ``block`` keys per loop step (default: the decode kernels' tile) and ``stages`` pipeline stages: tuning knobs
     timed by ``benchmarks/decode_kernels.py``."""
     batch, heads, one, dim = q.shape
     kv_heads = k.shape[1]
@@ -302,30 +312,32 @@ def tokenselect_votes(
     m = torch.empty((batch, kv_heads, group, splits), device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     hi = hi.reshape(batch).to(torch.int64).contiguous()
+    skip_arg = skip.reshape(batch).to(torch.int8) if skip is not None else hi
     _ts_scores_kernel[(batch * kv_heads, splits)](
-        q, k, pos, hi, scores, m, l,
+        q, k, pos, hi, skip_arg, scores, m, l,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), pos.stride(0),
         kv_heads, group, span, split_len, splits, int(lo),
         D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block, num_warps=4, num_stages=stages,
-        PDL=pdl(q), launch_pdl=pdl(q),
+        HAS_SKIP=skip is not None, PDL=pdl(q), launch_pdl=pdl(q),
     )
-    return votes_from_scores(scores, m, l, pos, lo, hi)
+    return votes_from_scores(scores, m, l, pos, lo, hi, skip_arg if skip is not None else None)
 
 
 def votes_from_scores(
-    scores: torch.Tensor, m: torch.Tensor, l: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor
+    scores: torch.Tensor, m: torch.Tensor, l: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The votes kernel alone: scores (B, Hkv, G, span) fp32 (-inf off the candidates); m, l (B, Hkv, G, splits)
     each split's max and sum of exp(s - max) (m -inf, l 0 for a split without candidates); pos (B, Hkv, cap);
-    hi (B,) int64 -> votes (B, span) fp32, -inf off the candidates."""
+    hi (B,) int64; skip (B,) int8, rows left unwritten -> votes (B, span) fp32, -inf off the candidates."""
     batch, kv_heads, group, span = scores.shape
     splits = m.shape[-1]
     votes = torch.empty((batch, span), device=scores.device, dtype=torch.float32)
     rows = kv_heads * group
     block = 128 if rows <= 32 else 32  # (rows x block) fp32 weights in registers
     _ts_votes_kernel[(batch, triton.cdiv(span, block))](
-        scores, m, l, pos, hi, votes, pos.stride(0), rows, span, splits, int(lo),
+        scores, m, l, pos, hi, skip if skip is not None else hi, votes, pos.stride(0), rows, span, splits, int(lo),
         ROWS_PAD=max(16, triton.next_power_of_2(rows)), SPLITS_PAD=max(16, triton.next_power_of_2(splits)),
-        BLOCK=block, num_warps=4, PDL=pdl(votes), launch_pdl=pdl(votes),
+        BLOCK=block, HAS_SKIP=skip is not None, num_warps=4, PDL=pdl(votes), launch_pdl=pdl(votes),
     )
     return votes

@@ -9,7 +9,55 @@ import torch
 from attnkit import kernels
 from attnkit.hf.attention import attend_layer, sdpa
 from attnkit.hf.cache import KVLayer
-from attnkit.methods.base import Method, check_int
+from attnkit.methods.base import LayerContext, Method, check_float, check_int
+
+
+class TokenSelectLayer(KVLayer):
+    """The full cache plus the Selection Cache's state: per batch row, the query fingerprint that made the cached
+    picks, the picks themselves and hit counters (all device tensors, updated in place by fixed-shape steps).
+
+    qfp (B, H * D) float32; picks (B, k) slot ids (-1: no pick); has (B,) bool; hits / checks (B,) int64.
+    """
+
+    def __init__(self, layer_idx: int, run) -> None:
+        super().__init__(layer_idx, run)
+        self.clear_selection()
+
+    def clear_selection(self) -> None:
+        self.qfp: torch.Tensor | None = None
+        self.picks: torch.Tensor | None = None
+        self.has: torch.Tensor | None = None
+        self.hits: torch.Tensor | None = None
+        self.checks: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.clear_selection()
+
+    def reuse(self, fingerprint: torch.Tensor, k: int, theta: float) -> torch.Tensor:
+        """(B,) bool: rows whose cached picks this forward reuses, cos(fingerprint, cached) >= theta.
+        fingerprint (B, H * D) float32; state of another shape (a new batch or top-k) is dropped first."""
+        b = fingerprint.shape[0]
+        if self.picks is None or tuple(self.picks.shape) != (b, k) or self.qfp.shape != fingerprint.shape:
+            dev = fingerprint.device
+            self.qfp = torch.zeros_like(fingerprint)
+            self.picks = torch.full((b, k), -1, dtype=torch.long, device=dev)
+            self.has = torch.zeros(b, dtype=torch.bool, device=dev)
+            self.hits = torch.zeros(b, dtype=torch.long, device=dev)
+            self.checks = torch.zeros(b, dtype=torch.long, device=dev)
+        similar = torch.nn.functional.cosine_similarity(fingerprint, self.qfp, dim=-1) >= theta
+        return self.has & similar
+
+    def remember(self, reuse: torch.Tensor, fingerprint: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """Picks (B, k) for this forward: the cached ones where ``reuse``, else ``top``, which is cached with its
+        fingerprint. In place, so a captured step keeps updating the same buffers."""
+        picks = torch.where(reuse.view(-1, 1), self.picks, top)
+        self.picks.copy_(picks)
+        self.qfp.copy_(torch.where(reuse.view(-1, 1), self.qfp, fingerprint))
+        self.has.fill_(True)
+        self.hits.add_(reuse.long())
+        self.checks.add_(1)
+        return picks
 
 
 @dataclass
@@ -29,8 +77,16 @@ class TokenSelect(Method):
 
     Positions: keys keep the absolute positions HF cached them at. Deviation: the paper re-numbers the selected
     tokens contiguously (its source of length extrapolation); we do not, so the model sees true distances and
-    behaves as the dense model does within its trained context. The Selection Cache (re-using a selection when
-    consecutive queries are similar) is disabled in the official release and is not implemented.
+    behaves as the dense model does within its trained context.
+
+    Selection Cache (``selection_cache=True``; off by default, as in the official release, where it is switched
+    off and its path does not run): per layer and batch row, a forward whose fingerprint (flattened over heads)
+    has cosine >= ``theta`` with the fingerprint that made the cached top-k reuses that top-k; otherwise it
+    selects anew and caches the picks with its fingerprint (the release's rule, every forward, prefill chunks
+    included; the paper's theta 0.9). The sinks and the local window are recomputed every time. On CUDA a
+    reused row's scoring kernels exit at once (the top-k still runs on the fixed-shape step); on the CPU's
+    dynamic path the scoring is skipped when every row reuses. ``run.stats()["tokenselect"]`` reports the hit
+    rate.
     Shapes: selected keys/values (B, Hkv, sinks + top_k + local + q, D), shared by all heads.
     """
 
@@ -42,11 +98,27 @@ class TokenSelect(Method):
     top_k: int = 2048
     sinks: int = 128
     local: int = 512
+    selection_cache: bool = False
+    theta: float = 0.9
 
     def __post_init__(self) -> None:
         check_int(self.name, "top_k", self.top_k, 1)
         check_int(self.name, "sinks", self.sinks, 0)
         check_int(self.name, "local", self.local, 0)
+        if not isinstance(self.selection_cache, bool):
+            raise ValueError(f"{self.name}: selection_cache={self.selection_cache!r} is invalid; accepted: True or False")
+        check_float(self.name, "theta", self.theta, -1.0, 1.0)
+
+    def make_layer(self, ctx: LayerContext) -> KVLayer:
+        return TokenSelectLayer(ctx.layer_idx, ctx.run)
+
+    def extra_stats(self, run) -> dict:
+        layers = [l for l in (run.cache.layers if run.cache is not None else []) if isinstance(l, TokenSelectLayer)]
+        checks = sum(int(l.checks.sum()) for l in layers if l.checks is not None)
+        if not self.selection_cache or not checks:
+            return {}
+        hits = sum(int(l.hits.sum()) for l in layers if l.hits is not None)
+        return {"tokenselect": {"selection_cache_hit_rate": hits / checks, "selections": checks}}
 
     @classmethod
     def for_budget(cls, tokens: int) -> "TokenSelect":
@@ -69,16 +141,28 @@ class TokenSelect(Method):
         lo, hi = self.sinks, before - self.local
         candidate = (kpos >= lo) & (kpos < hi)  # (B, past)
         fingerprint = query.mean(2).view(b, hkv, h // hkv, d).float()  # (B, Hkv, G, D)
-        scores = torch.einsum("bkgd,bknd->bkgn", fingerprint, key[:, :, :past].float())  # (B, Hkv, G, past)
-        if layer.padded:
-            scores = scores.masked_fill(~candidate.view(b, 1, 1, past), float("-inf"))
-            votes = torch.nan_to_num(scores.softmax(-1), nan=0.0).sum((1, 2))  # (B, past)
-            votes = votes.masked_fill(~candidate, float("-inf"))
-        else:  # every row holds the same candidate range [sinks, past - local): vote over it alone
-            votes = torch.full((b, past), float("-inf"), device=dev)
-            votes[:, self.sinks : past - self.local] = scores[..., self.sinks : past - self.local].softmax(-1).sum((1, 2))
-        top = votes.topk(self.top_k, dim=-1).indices.sort(dim=-1).values  # (B, top_k)
-        top_ok = candidate.gather(1, top)
+        cached = self.selection_cache and isinstance(layer, TokenSelectLayer)
+        if cached:
+            flat = fingerprint.reshape(b, -1)
+            reuse = layer.reuse(flat, self.top_k, self.theta)  # (B,)
+        if cached and not key.is_cuda and bool(reuse.all()):  # a free host read on the CPU: skip the scoring
+            top = layer.remember(reuse, flat, layer.picks)
+        else:
+            scores = torch.einsum("bkgd,bknd->bkgn", fingerprint, key[:, :, :past].float())  # (B, Hkv, G, past)
+            if layer.padded:
+                scores = scores.masked_fill(~candidate.view(b, 1, 1, past), float("-inf"))
+                votes = torch.nan_to_num(scores.softmax(-1), nan=0.0).sum((1, 2))  # (B, past)
+                votes = votes.masked_fill(~candidate, float("-inf"))
+            else:  # every row holds the same candidate range [sinks, past - local): vote over it alone
+                votes = torch.full((b, past), float("-inf"), device=dev)
+                votes[:, self.sinks : past - self.local] = (
+                    scores[..., self.sinks : past - self.local].softmax(-1).sum((1, 2)))
+            top = votes.topk(self.top_k, dim=-1).indices.sort(dim=-1).values  # (B, top_k)
+            if cached:  # cache with -1 for non-candidates (a short row's padding picks)
+                top = layer.remember(reuse, flat, top.masked_fill(~candidate.gather(1, top), -1))
+        picked = top >= 0  # -1: a cached "no pick"; a reused pick is still a candidate (the window only moves on)
+        top = top.clamp_min(0)
+        top_ok = candidate.gather(1, top) & picked
         pad = layer.seen - layer.count  # (B, 1) pad slots before each row's first real token
         head = pad + torch.arange(self.sinks, device=dev)  # (B, sinks)
         head_ok = (torch.arange(self.sinks, device=dev) < hi) & (head < past)
@@ -99,9 +183,17 @@ class TokenSelect(Method):
         dev = layer.keys.device
         kpos = layer.pos[:, 0, : layer.span]  # (B, span)
         hi = layer.count_before - self.local  # (B, 1): candidates lie in [sinks, hi)
-        votes = kernels.tokenselect_votes(query, layer.keys, layer.pos, self.sinks, hi, layer.span)  # (B, span)
-        best, top = votes.topk(min(self.top_k, votes.shape[-1]), dim=-1, sorted=False)  # (B, top_k), any order
+        take = min(self.top_k, layer.span)
+        cached = self.selection_cache and isinstance(layer, TokenSelectLayer)
+        if cached:
+            flat = query[:, :, 0].reshape(b, -1).float()  # (B, H * D): a decode step's fingerprint
+            reuse = layer.reuse(flat, take, self.theta)  # (B,): their scoring kernels exit at once
+        votes = kernels.tokenselect_votes(query, layer.keys, layer.pos, self.sinks, hi, layer.span,
+                                          reuse if cached else None)  # (B, span)
+        best, top = votes.topk(take, dim=-1, sorted=False)  # (B, top_k), any order
         top = top.masked_fill(best == float("-inf"), -1)
+        if cached:
+            top = layer.remember(reuse, flat, top)
         cur = layer.wslot[:, :1, 0]  # (B, 1) slot being written (all rows append in lockstep)
         ar = torch.arange(self.sinks, device=dev)
         head = layer.row_pad() + ar
