@@ -11,6 +11,7 @@ same process (target: every method <= 1.1x full at 8K). Each method first runs a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 import attnkit
 from attnkit.data import essays_text
+from attnkit.cli import parse_setting
 from attnkit.registry import method_class
 
 
@@ -51,6 +53,14 @@ def profile_decode(model, tok, ids, tokens: int, top: int = 12) -> list[dict]:
     return rows[:40]
 
 
+def build(spec: str, budget: int):
+    """``NAME`` or ``NAME:KEY=VALUE:...`` -> the method at ``budget`` with those settings changed
+    (e.g. ``tokenselect:selection_cache=true``)."""
+    name, *items = spec.split(":")
+    method = method_class(name).for_budget(budget)
+    return dataclasses.replace(method, **dict(parse_setting(item) for item in items)) if items else method
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=8192)
@@ -71,15 +81,18 @@ def main(argv: list[str] | None = None) -> dict:
     ids = tok(essays_text(), return_tensors="pt").input_ids[:, : args.context - 1]
     rows = {}
     for name in args.methods.split(","):
-        method = method_class(name).for_budget(args.budget)
-        with attnkit.apply(model, method):
+        method = build(name, args.budget)
+        with attnkit.apply(model, method) as run:
             if args.warmup_tokens:
                 attnkit.generate(model, NoEos(tok), ids, max_new_tokens=args.warmup_tokens, prefill_chunk=512,
                                  stop_at_eos=False)
             g = attnkit.generate(model, NoEos(tok), ids, max_new_tokens=args.new_tokens, prefill_chunk=512,
                                  stop_at_eos=False)
             rows[name] = {"ms_per_token": 1000 * g.s_per_token, "prefill_s": g.prefill_s, "settings": method.settings()}
-            print(f"{name}: {rows[name]['ms_per_token']:.1f} ms/token", flush=True)
+            extra = method.extra_stats(run)
+            if extra:
+                rows[name]["stats"] = extra
+            print(f"{name}: {rows[name]['ms_per_token']:.1f} ms/token" + (f" {extra}" if extra else ""), flush=True)
             if args.profile:
                 rows[name]["profile"] = profile_decode(model, tok, ids, args.profile)
     base = rows["full"]["ms_per_token"] if "full" in rows else float("nan")

@@ -49,6 +49,10 @@ timing; "bytes" is what each piece must read):
   ``topk_bisect_pP``: attnkit's one-program-per-row bisection top-k on the same scores.
 * ``sparse_kernel_pP``: :func:`attnkit.kernels.sparse_decode_attention` alone on a precomputed selection.
 * ``sparse_fused_pP``: the whole step with :func:`attnkit.kernels.select_pages` + the sparse kernel.
+* ``ts_votes_bN_sS``: TokenSelect's scoring of every key and its soft votes
+  (:func:`attnkit.kernels.triton_select.tokenselect_votes`) with N keys per loop step and S pipeline stages (the
+  bytes are the keys plus the fp32 scores written and read back); ``ts_votes_all_rows_reused``: the same call
+  when the Selection Cache reuses every row's picks (the kernels exit at once: what a cache hit costs).
 
 Each method is captured in a CUDA graph that calls it 24 times, cycling over 2-8 input sets so that the bytes
 read by consecutive calls exceed L2 (60 MB on H200) 4x, even for the sparse methods at 32K (16 MB per call);
@@ -513,6 +517,13 @@ def breakdown(context: int, sets: list[dict[str, torch.Tensor]]) -> list[tuple[s
             return triton_select.tokenselect_votes(s["q"], s["k"], s["pos"], 128, hi, context, block=block, stages=stages)
 
         rows.append((f"ts_votes_b{block}_s{stages}", votes, ts_bytes))
+    every = torch.ones(batch, dtype=torch.bool, device="cuda")
+
+    def reused(i: int) -> torch.Tensor:  # a Selection Cache hit on every row: the scoring kernels exit at once
+        s = sets[i]
+        return triton_select.tokenselect_votes(s["q"], s["k"], s["pos"], 128, hi, context, skip=every)
+
+    rows.append(("ts_votes_all_rows_reused", reused, 0))
     return rows
 
 

@@ -91,9 +91,10 @@ for s in $stages; do
       (cd benchmarks && timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 decode_profile.py --context 32768 --compile \
         --methods full,streaming_llm,quest/p64 --out "$OUT/profile_32k_c.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_32k_c.log" ;;
     pdltests)  # programmatic dependent launch: the kernel chain in a CUDA graph, then graph == eager for every method with it on
-      ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout ${ATTNKIT_STAGE_SECONDS:-120} python3 -m pytest -q -p no:cacheprovider \
-        tests/test_kernels.py tests/test_sparse_prefill.py -k "pdl_chain or votes or mass_ratios" 2>&1 | tail -8 | tee "$OUT/pdltests.log"
-      ATTNKIT_PDL=1 ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout ${ATTNKIT_STAGE_SECONDS:-120} python3 -m pytest -q \
+      ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout 70 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_kernels.py tests/test_sparse_prefill.py tests/test_tokenselect_cache.py \
+        -k "pdl_chain or votes or mass_ratios or cached_static" 2>&1 | tail -8 | tee "$OUT/pdltests.log"
+      ATTNKIT_PDL=1 ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout 80 python3 -m pytest -q \
         -p no:cacheprovider tests/test_static_decode.py -k graph 2>&1 | tail -8 | tee -a "$OUT/pdltests.log" ;;
     sparsetests)  # issue 10's kernels and methods on CUDA (flex compiled, bf16)
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 python3 -m pytest -q -p no:cacheprovider tests/test_sparse_prefill.py \

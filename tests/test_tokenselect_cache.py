@@ -8,7 +8,7 @@ import torch
 import attnkit
 from cases import TINY
 from conftest import DEVICE, DTYPE
-from test_methods import assert_close
+from test_methods import LOGITS_TOL, assert_close
 from test_padded_batch import IdTok, prompts
 from test_static_decode import both_ways, model  # noqa: F401  (the fixture)
 
@@ -62,10 +62,16 @@ def test_cached_static_steps_equal_the_dynamic_path(model, rows):
     settings = dict(TIGHT, selection_cache=True, theta=0.3)
     (want, want_more, _), (got, got_more, _) = both_ways(
         model, "tokenselect", rows, 5, dict(static=False), dict(static=True), settings)
-    if DTYPE != torch.float32:
-        pytest.skip("exact equality of selections is a float32 property")
-    assert_close(got, want, f"tokenselect + selection cache ({rows}) static vs dynamic")
-    assert_close(got_more, want_more, "chunk after the decode")
+    what = f"tokenselect + selection cache ({rows}) static vs dynamic"
+    if DTYPE == torch.float32:
+        assert_close(got, want, what)
+        assert_close(got_more, want_more, "chunk after the decode")
+        return
+    # Half precision (the GPU's Triton path, reused rows skipped in-kernel): a near-tie may flip a selection or a
+    # cosine against theta; most steps must still agree, as in the generic static test.
+    atol, rtol = LOGITS_TOL[DTYPE]
+    ok = ((got.float() - want.float()).abs() <= atol + rtol * want.float().abs()).all(-1)
+    assert ok.float().mean() >= 0.75, f"{what}: {int((~ok).sum())} of {ok.numel()} steps differ"
 
 
 def test_a_padded_row_reuses_as_it_would_alone(model):
