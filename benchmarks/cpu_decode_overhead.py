@@ -1,9 +1,9 @@
 """CPU decode cost per method on SmolLM2-135M (float32): a method's bookkeeping must stay small where attention is.
 
-Prefills an ``--context``-token prompt (Paul Graham essays) through each method at one KV budget, decodes
-``--new-tokens`` greedily with EOS off, and prints ms per decoded token and the ratio to ``full`` measured in the
-same process (target: every method <= 1.1x full at 8K). Each method first runs an untimed short generate
-(``--warmup-tokens``). A busy machine makes these figures meaningless: run it alone.
+Prefills an ``--context``-token prompt (Paul Graham essays) once through each method at one KV budget, then
+times ``--repeats`` continuations of ``--new-tokens`` greedy tokens each from that cache (EOS off) and prints the
+median ms per decoded token and the ratio to ``full`` measured in the same process (target: every method <= 1.1x
+full at 8K). A busy machine makes these figures meaningless: run it alone.
 
     python benchmarks/cpu_decode_overhead.py --context 8192 --budget 1024 --new-tokens 32
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import json
 from pathlib import Path
 
@@ -68,9 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--methods", default="full,window,streaming_llm,h2o,snapkv,tokenselect,quest")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--warmup-tokens", type=int, default=4, help="an untimed generate of this many tokens per method "
-                    "first (0: none), so one-time costs (allocator growth, oneDNN primitives for new shapes) do not "
-                    "land on whichever method runs first")
+    ap.add_argument("--warmup-tokens", type=int, default=4, help="untimed decode steps after each method's prefill, "
+                    "then one untimed continuation, so one-time costs (allocator growth, oneDNN primitives for new "
+                    "shapes, the cache growing once) do not land on the timed steps")
+    ap.add_argument("--repeats", type=int, default=3, help="timed continuations of --new-tokens each from the same "
+                    "cache; the median is reported")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N decoded tokens per method "
                     "(torch.profiler, CPU) and print the top self-time ops: where a method's extra time goes")
     ap.add_argument("--out", type=Path, default=Path("results/cpu_decode_overhead.json"))
@@ -83,12 +86,19 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.methods.split(","):
         method = build(name, args.budget)
         with attnkit.apply(model, method) as run:
-            if args.warmup_tokens:
-                attnkit.generate(model, NoEos(tok), ids, max_new_tokens=args.warmup_tokens, prefill_chunk=512,
+            # one prefill; its decode steps and a first continuation (which grows the cache once) are untimed
+            g = attnkit.generate(model, NoEos(tok), ids, max_new_tokens=1 + args.warmup_tokens, prefill_chunk=512,
                                  stop_at_eos=False)
-            g = attnkit.generate(model, NoEos(tok), ids, max_new_tokens=args.new_tokens, prefill_chunk=512,
-                                 stop_at_eos=False)
-            rows[name] = {"ms_per_token": 1000 * g.s_per_token, "prefill_s": g.prefill_s, "settings": method.settings()}
+            prefill_s = g.prefill_s
+            g = attnkit.generate(model, NoEos(tok), [g.tokens[-1]], cache=g.state, max_new_tokens=args.new_tokens,
+                                 stop_at_eos=False, eos_check_every=1)
+            samples = []
+            for _ in range(args.repeats):
+                g = attnkit.generate(model, NoEos(tok), [g.tokens[-1]], cache=g.state,
+                                     max_new_tokens=args.new_tokens, stop_at_eos=False, eos_check_every=1)
+                samples.append(1000 * g.s_per_token)
+            rows[name] = {"ms_per_token": statistics.median(samples), "samples_ms": samples, "prefill_s": prefill_s,
+                          "settings": method.settings()}
             extra = method.extra_stats(run)
             if extra:
                 rows[name]["stats"] = extra
