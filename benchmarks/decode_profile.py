@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--compile", action="store_true", help="profile the torch.compile'd step (attnkit.generate's "
                     "compile=True) after the uncompiled one, as rows NAME compiled")
+    ap.add_argument("--compiled-only", action="store_true", help="with --compile, profile only the compiled step")
     ap.add_argument("--out", type=Path, default=Path("results/decode_profile.json"))
     args = ap.parse_args(argv)
     model = build_model(args.layers, "cuda")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = {}
     for name in [m for m in args.methods.split(",") if m]:
-        for compiled in [False, True] if args.compile else [False]:
+        for compiled in ([True] if args.compiled_only else [False, True]) if args.compile else [False]:
             label = name + (" compiled" if compiled else "")
             rows[label] = profile_method(model, ids, name, args.budget, args.steps, args.prefill_chunk, compiled)
             gc.collect()  # cache layers and the run reference each other: free them before the next method

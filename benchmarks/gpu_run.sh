@@ -85,8 +85,8 @@ for s in $stages; do
       python3 -m attnkit zoo report "$OUT/zoo_v8192.db" -o "$OUT/zoo8192-report" 2>&1 | tail -20 | tee -a "$OUT/zoo8192.log" ;;
     profile32b8c)  # batch 8 at 32K: quest/p64 compiled took 9.39 ms against a 5.29 ms weights floor (H100): where the rest goes
       (cd benchmarks && PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout ${ATTNKIT_STAGE_SECONDS:-300} \
-        python3 decode_profile.py --context 32768 --batch 8 --prefill-chunk 2048 --compile \
-        --methods full,quest/p64 --out "$OUT/profile_32k_b8_c.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_32k_b8_c.log" ;;
+        python3 decode_profile.py --context 32768 --batch 8 --prefill-chunk 2048 --compile --compiled-only \
+        --methods quest/p64,full --out "$OUT/profile_32k_b8_c.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_32k_b8_c.log" ;;
     profile32c)
       (cd benchmarks && timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 decode_profile.py --context 32768 --compile \
         --methods full,streaming_llm,quest/p64 --out "$OUT/profile_32k_c.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_32k_c.log" ;;
