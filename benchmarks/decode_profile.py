@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
         for compiled in ([True] if args.compiled_only else [False, True]) if args.compile else [False]:
             label = name + (" compiled" if compiled else "")
             rows[label] = profile_method(model, ids, name, args.budget, args.steps, args.prefill_chunk, compiled)
+            cats = rows[label]["categories"]  # printed now: a bounded run keeps the rows it finished
+            print(f"{label}: " + ", ".join(f"{k} {v['us']:.0f} us ({v['kernels']})" for k, v in cats.items())
+                  + f"; top: {', '.join(f'{k[:40]} {v:.0f}' for k, v in list(rows[label]['top_kernels'].items())[:6])}",
+                  flush=True)
             gc.collect()  # cache layers and the run reference each other: free them before the next method
             torch.cuda.empty_cache()
     cats = ["matmul", "attention", "selection", "other (norms, RoPE, copies, scatters)"]
