@@ -629,13 +629,13 @@ def test_pdl_chain_in_a_cuda_graph_equals_plain_launches(monkeypatch) -> None:
 def test_take_rows_equals_gather() -> None:
     """Per-head slots and shared slots (batch 1 takes index_select, larger batches advanced indexing)."""
     gen = torch.Generator().manual_seed(5)
-    for b in (1, 3):
-        x = torch.randn(b, 2, 40, 8, generator=gen)[:, :, :33]  # a prefix view of a capacity buffer
-        per_head = torch.randint(0, 33, (b, 2, 7), generator=gen)
-        want = x.gather(2, per_head.unsqueeze(-1).expand(b, 2, 7, 8))
+    for b, h in ((1, 2), (3, 2), (9, 8)):  # the last: more (row, head) pairs than the CPU's per-pair loop takes
+        x = torch.randn(b, h, 40, 8, generator=gen)[:, :, :33]  # a prefix view of a capacity buffer
+        per_head = torch.randint(0, 33, (b, h, 7), generator=gen)
+        want = x.gather(2, per_head.unsqueeze(-1).expand(b, h, 7, 8))
         assert torch.equal(kernels.take_rows(x, per_head), want)
         shared = torch.randint(0, 33, (b, 5), generator=gen)
-        want = x.gather(2, shared.view(b, 1, 5, 1).expand(b, 2, 5, 8))
+        want = x.gather(2, shared.view(b, 1, 5, 1).expand(b, h, 5, 8))
         assert torch.equal(kernels.take_rows(x, shared), want)
-        pos = torch.randint(-1, 9, (b, 2, 33), generator=gen)
+        pos = torch.randint(-1, 9, (b, h, 33), generator=gen)
         assert torch.equal(kernels.take_rows(pos, per_head), pos.gather(2, per_head))
