@@ -30,7 +30,8 @@ _LOG2E = 1.4426950408889634
 #: Programmatic dependent launch (Hopper and newer) for every attnkit decode kernel: a kernel may be scheduled
 #: while the one before it drains, and waits (``griddepcontrol.wait``) before its first read, so the launch gap
 #: between the small kernels of a CUDA-graph decode step overlaps work. None: the ``ATTNKIT_PDL`` environment
-#: variable decides ("1" on; off by default until a GPU run shows it helps).
+#: variable decides ("1" on). Off by default: on an H100 it changed no per-layer time measurably
+#: (benchmarks/decode_kernels.py's ``_pdl`` rows, notes/gpu.md 2026-12-06).
 PDL: bool | None = None
 
 
