@@ -9,7 +9,7 @@ import torch
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
 from attnkit.methods.base import Method, check_int
-from attnkit.reference import dense_attention
+from attnkit.kernels import take_rows
 
 NEG_INF = float("-inf")
 STATE = "tidaldecode"  # key of the per-forward selection in run.shared
@@ -41,16 +41,13 @@ def attend_slots(query: torch.Tensor, layer: KVLayer, idx: torch.Tensor, scaling
     safe = idx.clamp_min(0).view(b, hkv, g, k)  # query head h = hkv * G + g reads KV head h // G
 
     def per_head(buf: torch.Tensor) -> torch.Tensor:  # (B, Hkv, cap, ...) -> (B, H, k, ...), no per-head copy
-        rest = buf.shape[3:]
-        src = buf.unsqueeze(2).expand(b, hkv, g, cap, *rest)
-        at = safe.view(b, hkv, g, k, *([1] * len(rest))).expand(b, hkv, g, k, *rest)
-        return src.gather(3, at).reshape(b, h, k, *rest)
+        return take_rows(buf, safe.reshape(b, hkv, g * k)).view(b, h, k, *buf.shape[3:])
 
     valid = (idx >= 0) & (per_head(layer.pos) >= 0)
     span = layer.span if layer.static else layer.n
-    if not query.is_cuda or k * g >= span:
-        # Gathering k rows per query head moves G * k rows; when that is no less than the span (or on CPU, where
-        # gathers are slow), score the span once per KV head and mask: the same softmax over the same set.
+    if k * g >= span:
+        # Gathering k rows per query head moves G * k rows; when that is no less than the span, score the span
+        # once per KV head and mask: the same softmax over the same set.
         chosen = torch.zeros((b, h, span + 1), dtype=torch.bool, device=idx.device)
         chosen.scatter_(2, idx.masked_fill(~valid, span), True)
         mask = chosen[..., :span].view(b, hkv, g, span)
@@ -61,8 +58,9 @@ def attend_slots(query: torch.Tensor, layer: KVLayer, idx: torch.Tensor, scaling
         out = torch.matmul(probs.to(layer.values.dtype), layer.values[:, :, :span])  # (B, Hkv, G, D)
         return out.reshape(b, h, 1, -1).to(query.dtype), valid
     k_sel, v_sel = per_head(layer.keys), per_head(layer.values)  # (B, H, k, D)
-    out, _, _ = dense_attention(query, k_sel, v_sel, valid.unsqueeze(2), scaling)
-    return out.to(query.dtype), valid
+    scores = torch.matmul(query.float(), k_sel.float().transpose(-1, -2)) * scaling  # (B, H, 1, k) in fp32
+    probs = scores.masked_fill(~valid.unsqueeze(2), float("-inf")).softmax(-1).nan_to_num(0.0)
+    return torch.matmul(probs, v_sel.float()).to(query.dtype), valid  # (B, H, 1, D)
 
 
 def head_read_mask(idx: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
