@@ -120,7 +120,11 @@ def take_rows(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
             return x.index_select(2, slots[0])
         slots = slots.unsqueeze(1).expand(b, h, slots.shape[1])
     if not x.is_cuda and b * h <= 64:
-        return torch.stack([torch.stack([x[i, j].index_select(0, slots[i, j]) for j in range(h)]) for i in range(b)])
+        out = x.new_empty((b, h, slots.shape[2], *x.shape[3:]))
+        for i in range(b):
+            for j in range(h):  # written in place: stacking the pieces would copy them again
+                torch.index_select(x[i, j], 0, slots[i, j], out=out[i, j])
+        return out
     rows = torch.arange(b, device=x.device).view(b, 1, 1)
     heads = torch.arange(h, device=x.device).view(1, h, 1)
     return x[rows, heads, slots]
