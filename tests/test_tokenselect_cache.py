@@ -34,7 +34,7 @@ def test_theta_one_selects_every_forward_like_no_cache(model):
 
 def test_always_reusing_keeps_the_first_picks(model):
     """theta -1: after a layer's first selection every forward reuses it (the hit rate says so) and the picks
-    never change, while the local window still moves."""
+    never change."""
     settings = dict(TIGHT, selection_cache=True, theta=-1.0)
     seen: dict[int, list[torch.Tensor]] = {}
     ids = torch.tensor([prompts()[2]], device=DEVICE)

@@ -26,7 +26,7 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.float().reshape(batch, kv_heads, heads // kv_heads, dim)
 
 
-def _masked_decode(
+def masked_decode(
     qg: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -90,7 +90,7 @@ def decode_attention(
     cap = k.shape[2]
     slots = torch.arange(cap, device=k.device)
     valid = (pos >= 0) & (slots < _as_count(n, k.device))
-    return _masked_decode(_grouped(q, k.shape[1]), k, v, valid, scale, q.dtype, out)
+    return masked_decode(_grouped(q, k.shape[1]), k, v, valid, scale, q.dtype, out)
 
 
 def selected_slots(idx: torch.Tensor, page_size: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +164,7 @@ def sparse_decode_attention(
     # The CPU path gathers a (B, Hkv, K * page_size, D) copy; the Triton kernel reads the rows in place.
     k_sel, v_sel = take_rows(k, slots), take_rows(v, slots)
     valid = in_range & (pos.gather(2, slots) >= 0)
-    return _masked_decode(_grouped(q, k.shape[1]), k_sel, v_sel, valid, scale, q.dtype, out)
+    return masked_decode(_grouped(q, k.shape[1]), k_sel, v_sel, valid, scale, q.dtype, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

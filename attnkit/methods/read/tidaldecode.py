@@ -10,6 +10,7 @@ from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
 from attnkit.methods.base import Method, check_int
 from attnkit.kernels import take_rows
+from attnkit.kernels.torch_ref import masked_decode
 
 NEG_INF = float("-inf")
 STATE = "tidaldecode"  # key of the per-forward selection in run.shared
@@ -36,11 +37,11 @@ def attend_slots(query: torch.Tensor, layer: KVLayer, idx: torch.Tensor, scaling
     """Exact attention of each query head (B, H, 1, D) over its slots idx (B, H, k) (-1: none), reading keys of
     its KV head -> ((B, H, 1, D) in the query's dtype, (B, H, k) bool: which entries were valid)."""
     b, h, k = idx.shape
-    hkv, cap = layer.keys.shape[1], layer.keys.shape[2]
+    hkv = layer.keys.shape[1]
     g = h // hkv
     safe = idx.clamp_min(0).view(b, hkv, g, k)  # query head h = hkv * G + g reads KV head h // G
 
-    def per_head(buf: torch.Tensor) -> torch.Tensor:  # (B, Hkv, cap, ...) -> (B, H, k, ...), no per-head copy
+    def per_head(buf: torch.Tensor) -> torch.Tensor:  # (B, Hkv, cap, ...) -> (B, H, k, ...): the picked rows only
         return take_rows(buf, safe.reshape(b, hkv, g * k)).view(b, h, k, *buf.shape[3:])
 
     valid = (idx >= 0) & (per_head(layer.pos) >= 0)
@@ -58,9 +59,8 @@ def attend_slots(query: torch.Tensor, layer: KVLayer, idx: torch.Tensor, scaling
         out = torch.matmul(probs.to(layer.values.dtype), layer.values[:, :, :span])  # (B, Hkv, G, D)
         return out.reshape(b, h, 1, -1).to(query.dtype), valid
     k_sel, v_sel = per_head(layer.keys), per_head(layer.values)  # (B, H, k, D)
-    scores = torch.matmul(query.float(), k_sel.float().transpose(-1, -2)) * scaling  # (B, H, 1, k) in fp32
-    probs = scores.masked_fill(~valid.unsqueeze(2), float("-inf")).softmax(-1).nan_to_num(0.0)
-    return torch.matmul(probs, v_sel.float()).to(query.dtype), valid  # (B, H, 1, D)
+    # each query head is its own group of one over its own rows
+    return masked_decode(query.float(), k_sel, v_sel, valid, scaling, query.dtype), valid
 
 
 def head_read_mask(idx: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
