@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests familytests familyc32 familyc128 pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -36,6 +36,15 @@ for s in $stages; do
       python3 benchmarks/decode_latency.py --context $ctx --new-tokens 32 --skip-hf --skip-compile \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,streaming_llm \
         --out "$OUT/family_$ctx.json" 2>&1 | tail -16 | tee "$OUT/family_$ctx.log" ;;
+    familytests)  # issue 8: the per-query-head sparse kernel (TidalDecode, FASA), their methods and graph == eager in bf16
+      ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout ${ATTNKIT_STAGE_SECONDS:-150} python3 -m pytest -q -p no:cacheprovider \
+        tests/test_kernels.py tests/test_methods.py tests/test_static_decode.py tests/test_compiled_decode.py \
+        -k "sparse or tidal or fasa" 2>&1 | tail -12 | tee "$OUT/familytests.log" ;;
+    familyc32|familyc128)  # issue 8 item 3: every method compiled (the fast path) against attnkit full, one run per context
+      ctx=$([ "$s" = familyc32 ] && echo 32768 || echo 131072)
+      timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 benchmarks/decode_latency.py --context $ctx --new-tokens 32 --skip-hf --skip-compile \
+        --methods ${ATTNKIT_FAMILY:-full,full+c,quest+c,quest/p64+c,tokenselect+c,tidaldecode+c,fasa+c,recycled_attention+c,spatten+c,pyramidkv+c,snapkv+c,h2o+c,streaming_llm+c,window+c} \
+        --out "$OUT/familyc_$ctx.json" 2>&1 | grep -v Warn | tail -24 | tee "$OUT/familyc_$ctx.log" ;;
     prefill32|prefill128)  # issue 10: sparse prefill methods, one prefill chunk (time to first token, prefill s)
       ctx=$([ "$s" = prefill32 ] && echo 32768 || echo 131072)
       python3 benchmarks/decode_latency.py --context $ctx --new-tokens 2 --prefill-chunk $ctx --skip-hf --skip-compile \

@@ -90,6 +90,31 @@ def test_torch_sparse_matches_reference(page_size: int) -> None:
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def per_head_pages(idx: torch.Tensor, heads: int, seed: int) -> torch.Tensor:
+    """(B, H, K) from (B, Hkv, K) page ids: each query head its own shuffle of its KV head's row, one more
+    entry unused per head, so the heads of a group read different sets."""
+    gen = torch.Generator().manual_seed(seed)
+    b, hkv, k = idx.shape
+    rows = idx.repeat_interleave(heads // hkv, dim=1).clone()
+    for i, j in itertools.product(range(b), range(heads)):
+        rows[i, j] = rows[i, j, torch.randperm(k, generator=gen)]
+        rows[i, j, j % k] = -1
+    return rows
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_torch_sparse_per_query_head_matches_reference(page_size: int) -> None:
+    cap = 150
+    q, k, v, pos = make_buffers(2, 8, 2, 32, cap, torch.float32)
+    pages = -(-cap // page_size)
+    idx = per_head_pages(random_pages(2, 2, pages, min(6, pages), unused=1), 8, seed=1)
+    out = torch_ref.sparse_decode_attention(q, k, v, pos, idx, page_size)
+    ref = dense_attention(q, k, v, sparse_mask(pos.repeat_interleave(4, dim=1), idx, page_size))[0]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"idx \(2, 3, 6\)"):
+        torch_ref.sparse_decode_attention(q, k, v, pos, idx[:, :3], page_size)
+
+
 def test_torch_out_buffer_is_written() -> None:
     q, k, v, pos = make_buffers(1, 4, 1, 16, 30, torch.float32)
     out = torch.full_like(q, float("nan"))
@@ -241,6 +266,22 @@ def test_triton_sparse(length: int, ratio: int, dim: int, dtype: torch.dtype, ba
     for ids in (idx, idx.int()):
         out = _triton().sparse_decode_attention(q, k, v, pos, ids, page, out=_poison(q))
         assert_close_rel(out, ref, TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("length,ratio,dim,dtype,batch,page", SPARSE_CASES)
+def test_triton_sparse_per_query_head(length: int, ratio: int, dim: int, dtype: torch.dtype, batch: int,
+                                      page: int) -> None:
+    kv_heads = 2
+    heads = kv_heads * ratio
+    q, k, v, pos = make_buffers(batch, heads, kv_heads, dim, length, dtype, TRITON_DEVICE, seed=length)
+    pages = -(-length // page)
+    select = min(pages, 40 if page == 1 else 9)
+    idx = per_head_pages(random_pages(batch, kv_heads, pages, select, unused=0, seed=length), heads, seed=length)
+    idx = idx.to(TRITON_DEVICE)
+    ref = dense_attention(q, k, v, sparse_mask(pos.repeat_interleave(ratio, dim=1), idx, page))[0]
+    out = _triton().sparse_decode_attention(q, k, v, pos, idx, page, out=_poison(q))
+    assert_close_rel(out, ref, TOL[dtype])
 
 
 @needs_triton

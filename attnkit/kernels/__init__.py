@@ -29,6 +29,7 @@ __all__ = [
     "take_rows",
     "tokenselect_votes",
     "topk_pages",
+    "uses_triton",
     "update_page_summary",
 ]
 
@@ -68,6 +69,12 @@ def _impl(q: torch.Tensor) -> ModuleType:
     if q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128, 256) and backend(q.device) == "triton":
         return _triton_module()
     return torch_ref
+
+
+def uses_triton(q: torch.Tensor) -> bool:
+    """Whether :func:`decode_attention` and :func:`sparse_decode_attention` run the Triton kernels for ``q``
+    (CUDA, bf16/fp16, D in 64 / 128 / 256), rather than the torch path."""
+    return _impl(q) is not torch_ref
 
 
 def decode_attention(
@@ -114,7 +121,8 @@ def sparse_decode_attention(
     q : (B, H, 1, D)
     k, v : (B, Hkv, cap, D)
     pos : (B, Hkv, cap) int; slot valid iff pos >= 0
-    idx : (B, Hkv, K) unique page ids per row (-1 = unused); page p is slots [p * page_size, (p+1) * page_size)
+    idx : (B, Hkv, K) unique page ids per row (-1 = unused), read by every query head of the KV head's group; or
+        (B, H, K), each query head its own pages of its KV head; page p is slots [p * page_size, (p+1) * page_size)
     page_size : slots per page (1: idx are slot indices)
     scale : multiplier of q.k (default D ** -0.5)
     out : optional (B, H, 1, D) buffer in q's dtype, written in place (static output for CUDA graphs)

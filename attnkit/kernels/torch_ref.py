@@ -147,9 +147,11 @@ def sparse_decode_attention(
     q : (B, H, 1, D)
     k, v : (B, Hkv, cap, D)
     pos : (B, Hkv, cap) int; slot valid iff ``pos >= 0``
-    idx : (B, Hkv, K) int32/int64 page ids per KV head; page ``p`` covers slots ``[p * page_size, (p+1) * page_size)``
-        (``page_size == 1``: idx are slot indices). -1 marks an unused entry. Ids must be unique per row: a
-        duplicated page is counted twice (neither path de-duplicates; :func:`topk_pages` output is unique).
+    idx : (B, Hkv, K) int32/int64 page ids per KV head, read by every query head of its group, or (B, H, K) per
+        query head (each head its own selection of its KV head's pages: TidalDecode, FASA); page ``p`` covers
+        slots ``[p * page_size, (p+1) * page_size)`` (``page_size == 1``: idx are slot indices). -1 marks an
+        unused entry. Ids must be unique per row: a duplicated page is counted twice (neither path de-duplicates;
+        :func:`topk_pages` output is unique).
     page_size : slots per page
     scale : multiplier of q.k (default D ** -0.5)
     out : optional (B, H, 1, D) buffer in q's dtype, written in place
@@ -159,12 +161,21 @@ def sparse_decode_attention(
     out : (B, H, 1, D) in q's dtype; rows with no valid selected slot are zero
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cap = k.shape[2]
-    slots, in_range = selected_slots(idx, page_size, cap)
-    # The CPU path gathers a (B, Hkv, K * page_size, D) copy; the Triton kernel reads the rows in place.
+    batch, kv_heads, cap = k.shape[:3]
+    heads = q.shape[1]
+    per_head = idx.shape[1] != kv_heads  # (B, H, K): query head h reads KV head h // G at its own pages
+    if per_head and idx.shape[1] != heads:
+        raise ValueError(f"idx {tuple(idx.shape)} must be (B, Hkv={kv_heads}, K) or (B, H={heads}, K)")
+    sel = idx.reshape(batch, kv_heads, -1) if per_head else idx  # a group's selections side by side
+    slots, in_range = selected_slots(sel, page_size, cap)
+    # The CPU path gathers a (B, Hkv, G * K * page_size, D) copy; the Triton kernel reads the rows in place.
     k_sel, v_sel = take_rows(k, slots), take_rows(v, slots)
     valid = in_range & (pos.gather(2, slots) >= 0)
-    return masked_decode(_grouped(q, k.shape[1]), k_sel, v_sel, valid, scale, q.dtype, out)
+    if per_head:  # each query head is a group of one over its own rows
+        rows = (batch, heads, -1)
+        return masked_decode(_grouped(q, heads), k_sel.reshape(*rows, k.shape[-1]),
+                             v_sel.reshape(*rows, v.shape[-1]), valid.reshape(rows), scale, q.dtype, out)
+    return masked_decode(_grouped(q, kv_heads), k_sel, v_sel, valid, scale, q.dtype, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -160,25 +160,28 @@ def _sparse_split_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_pb, stride_ph,
     stride_ib, stride_ih,
-    Hkv, G, cap, n_entries, split_len, n_splits, qk_scale,
+    Hsel, kv_div, G, cap, n_entries, split_len, n_splits, qk_scale,
     PAGE: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     _pdl_enter(PDL)
     # The selection is a virtual list of n_entries * PAGE slots: element t is slot idx[t // PAGE] * PAGE + t % PAGE.
     # Splits cover ranges of t, so any page size works with any BLOCK_N and K/V rows are read in place.
+    # Program bh takes selection row h of Hsel: its G query heads h * G + g read KV head h // kv_div (a KV head's
+    # selection: Hsel = Hkv, kv_div = 1, G = H / Hkv; a query head's own: Hsel = H, kv_div = H / Hkv, G = 1).
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = (bh // Hkv).to(tl.int64)
-    h = (bh % Hkv).to(tl.int64)
+    b = (bh // Hsel).to(tl.int64)
+    h = (bh % Hsel).to(tl.int64)
+    hk = h // kv_div
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
 
     q_ptrs = q_ptr + b * stride_qb + (h * G + offs_g[:, None]) * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=offs_g[:, None] < G, other=0.0)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    p_base = pos_ptr + b * stride_pb + h * stride_ph
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    p_base = pos_ptr + b * stride_pb + hk * stride_ph
     i_base = idx_ptr + b * stride_ib + h * stride_ih
 
     total = n_entries * PAGE
@@ -301,25 +304,27 @@ def sparse_decode_attention(
     """Split decode attention over selected pages; see :func:`attnkit.kernels.torch_ref.sparse_decode_attention`.
 
     K/V rows are read in place at the selected slots (no gathered copy); ``out`` as in :func:`decode_attention`.
+    ``idx`` (B, H, K) gives each query head its own selection (one program per query head, reading its KV head).
     """
     batch, heads, kv_heads, cap, dim = _check(q, k, v, pos)
-    if tuple(idx.shape[:2]) != (batch, kv_heads) or idx.stride(-1) != 1:
-        raise ValueError(f"idx {tuple(idx.shape)} must be (B, Hkv, K), contiguous in its last dimension")
-    group = heads // kv_heads
+    if idx.shape[0] != batch or idx.shape[1] not in (kv_heads, heads) or idx.stride(-1) != 1:
+        raise ValueError(f"idx {tuple(idx.shape)} must be (B, Hkv, K) or (B, H, K), contiguous in its last dimension")
+    rows = idx.shape[1]  # selection rows: one program row each
+    group = heads // rows
     scale = dim**-0.5 if scale is None else scale
     block = _block_n(dim)
     entries = idx.shape[2]
-    splits, split_len = num_splits(max(1, entries * page_size), batch * kv_heads, block)
+    splits, split_len = num_splits(max(1, entries * page_size), batch * rows, block)
     op = torch.empty(batch, heads, splits, dim, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, heads, splits, device=q.device, dtype=torch.float32)
-    _sparse_split_kernel[(batch * kv_heads, splits)](
+    _sparse_split_kernel[(batch * rows, splits)](
         q, k, v, pos, idx, op, lse,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         pos.stride(0), pos.stride(1),
         idx.stride(0), idx.stride(1),
-        kv_heads, group, cap, entries, split_len, splits, scale * _LOG2E,
+        rows, rows // kv_heads, group, cap, entries, split_len, splits, scale * _LOG2E,
         PAGE=page_size, D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block,
         num_warps=4, num_stages=2, PDL=pdl(q), launch_pdl=pdl(q),
     )

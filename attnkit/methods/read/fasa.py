@@ -155,13 +155,13 @@ class FASA(Method):
         if layer.chunks is None:  # a one-token prompt: choose from this query
             layer.chunks = self.fallback_chunks(query[:, :, -1], layer)
         idx = self.select(query, layer)
-        out, valid = attend_slots(query, layer, idx, scaling)
+        out = attend_slots(query, layer, idx, scaling)
         if layer.static:
             layer.static_after()
             return out
         if run.recorder is not None:
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value,
-                              mask=head_read_mask(idx, valid, layer.n), scaling=scaling, out=out))
+                              mask=head_read_mask(idx, layer, layer.n), scaling=scaling, out=out))
         layer.compact()
         return out
 

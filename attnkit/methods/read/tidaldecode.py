@@ -9,8 +9,8 @@ import torch
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
 from attnkit.methods.base import Method, check_int
+from attnkit import kernels
 from attnkit.kernels import take_rows
-from attnkit.kernels.torch_ref import masked_decode
 
 NEG_INF = float("-inf")
 STATE = "tidaldecode"  # key of the per-forward selection in run.shared
@@ -33,40 +33,33 @@ def head_slots(query: torch.Tensor, layer: KVLayer, k: int, scaling: float) -> t
     return torch.cat([top, cur.expand(b, h, 1)], dim=-1)
 
 
-def attend_slots(query: torch.Tensor, layer: KVLayer, idx: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_slots(query: torch.Tensor, layer: KVLayer, idx: torch.Tensor, scaling: float) -> torch.Tensor:
     """Exact attention of each query head (B, H, 1, D) over its slots idx (B, H, k) (-1: none), reading keys of
-    its KV head -> ((B, H, 1, D) in the query's dtype, (B, H, k) bool: which entries were valid)."""
+    its KV head -> (B, H, 1, D) in the query's dtype. On the Triton path the rows are read in place (one program
+    per query head); the torch path gathers them, or scores the whole span once per KV head under a mask when the
+    group's G * k picks are no fewer than the span (the same softmax over the same set)."""
     b, h, k = idx.shape
     hkv = layer.keys.shape[1]
     g = h // hkv
-    safe = idx.clamp_min(0).view(b, hkv, g, k)  # query head h = hkv * G + g reads KV head h // G
-
-    def per_head(buf: torch.Tensor) -> torch.Tensor:  # (B, Hkv, cap, ...) -> (B, H, k, ...): the picked rows only
-        return take_rows(buf, safe.reshape(b, hkv, g * k)).view(b, h, k, *buf.shape[3:])
-
-    valid = (idx >= 0) & (per_head(layer.pos) >= 0)
     span = layer.span if layer.static else layer.n
-    if k * g >= span:
-        # Gathering k rows per query head moves G * k rows; when that is no less than the span, score the span
-        # once per KV head and mask: the same softmax over the same set.
-        chosen = torch.zeros((b, h, span + 1), dtype=torch.bool, device=idx.device)
-        chosen.scatter_(2, idx.masked_fill(~valid, span), True)
-        mask = chosen[..., :span].view(b, hkv, g, span)
-        # Matmuls in the cache's dtype (fp32 accumulation), softmax in fp32: no fp32 copy of the whole span.
-        qg = query.reshape(b, hkv, g, -1).to(layer.keys.dtype)
-        scores = torch.matmul(qg, layer.keys[:, :, :span].transpose(-1, -2)).float() * scaling
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
-        out = torch.matmul(probs.to(layer.values.dtype), layer.values[:, :, :span])  # (B, Hkv, G, D)
-        return out.reshape(b, h, 1, -1).to(query.dtype), valid
-    k_sel, v_sel = per_head(layer.keys), per_head(layer.values)  # (B, H, k, D)
-    # each query head is its own group of one over its own rows
-    return masked_decode(query.float(), k_sel, v_sel, valid, scaling, query.dtype), valid
+    if kernels.uses_triton(query) or k * g < span:
+        return kernels.sparse_decode_attention(query, layer.keys, layer.values, layer.pos, idx, 1, scaling)
+    mask = head_read_mask(idx, layer, span).view(b, hkv, g, span)
+    # Matmuls in the cache's dtype (fp32 accumulation), softmax in fp32: no fp32 copy of the whole span.
+    qg = query.reshape(b, hkv, g, -1).to(layer.keys.dtype)
+    scores = torch.matmul(qg, layer.keys[:, :, :span].transpose(-1, -2)).float() * scaling
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+    out = torch.matmul(probs.to(layer.values.dtype), layer.values[:, :, :span])  # (B, Hkv, G, D)
+    return out.reshape(b, h, 1, -1).to(query.dtype)
 
 
-def head_read_mask(idx: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, H, 1, n) bool: the slots each query head read, from idx (B, H, k) and which entries were valid."""
-    read = idx.masked_fill(~valid, n)
-    mask = torch.zeros((*read.shape[:2], n + 1), dtype=torch.bool, device=read.device).scatter_(2, read, True)
+def head_read_mask(idx: torch.Tensor, layer: KVLayer, n: int) -> torch.Tensor:
+    """(B, H, 1, n) bool: the valid slots among each query head's picks idx (B, H, k) (-1: none)."""
+    b, h, k = idx.shape
+    hkv = layer.pos.shape[1]
+    slot_pos = take_rows(layer.pos, idx.clamp_min(0).reshape(b, hkv, -1)).view(b, h, k)
+    read = idx.masked_fill((idx < 0) | (slot_pos < 0) | (idx >= n), n)
+    mask = torch.zeros((b, h, n + 1), dtype=torch.bool, device=idx.device).scatter_(2, read, True)
     return mask[..., :n].unsqueeze(2)
 
 
@@ -149,12 +142,12 @@ class TidalDecode(Method):
             idx = head_slots(query, layer, self.top_k, scaling)  # before attend_layer: it may compact
             run.shared[STATE] = idx
             return attend_layer(run, layer, query, key, value, scaling, softcap)
-        out, valid = attend_slots(query, layer, run.shared[STATE], scaling)
+        out = attend_slots(query, layer, run.shared[STATE], scaling)
         if layer.static:
             layer.static_after()
             return out
         if run.recorder is not None:
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value,
-                              mask=head_read_mask(run.shared[STATE], valid, layer.n), scaling=scaling, out=out))
+                              mask=head_read_mask(run.shared[STATE], layer, layer.n), scaling=scaling, out=out))
         layer.compact()
         return out
