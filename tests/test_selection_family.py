@@ -9,7 +9,7 @@ import torch
 import attnkit
 from attnkit.methods.stored.pyramidkv import pyramid_older
 from conftest import DEVICE, DTYPE
-from test_methods import global_layers, ids_for, stream
+from test_methods import assert_close, global_layers, ids_for, step, stream
 from tiny import tiny_llama
 
 
@@ -34,6 +34,48 @@ def test_pyramidkv_keeps_per_layer_budgets_after_the_prompt():
         kept = [int(run.kept_tokens()[i].max()) for i in layers]
     want = [pyramid_older(40, 8, 4, 200, d, len(layers)) + 8 + 1 for d in range(len(layers))]  # + window + 1 decoded
     assert kept == want, (kept, want)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv"])
+def test_snapkv_prefill_without_a_mask_equals_the_masked_path(method):
+    """Without a recorder the prompt's chunks take the plain causal kernel and the observation window's
+    probabilities a small (w, n) pass; with one, the (q, n) mask path: same logits, same kept positions."""
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    ids = ids_for(200, seed=5)
+    settings = dict(budget=40, window=8, kernel=3, **({"beta": 4} if method == "pyramidkv" else {}))
+    got = {}
+    for masked in (False, True):
+        with torch.no_grad(), attnkit.apply(model, method, **settings) as run:
+            if masked:
+                run.recorder = lambda call: None
+            stream(model, ids[:, :-3], chunk=50, decode=0)
+            scores = [run.cache.layers[i].scores.clone() for i in global_layers(run)]  # the window's, per slot
+            logits = [step(model, ids[:, t : t + 1], run.cache).logits for t in range(197, 200)]
+            got[masked] = scores, torch.cat(logits, 1), [run.kept_positions(i).tolist() for i in global_layers(run)]
+    for plain, masked in zip(got[False][0], got[True][0]):
+        assert_close(plain, masked, "observation window scores")
+    assert_close(got[False][1], got[True][1], "decode logits")
+    assert got[False][2] == got[True][2]
+
+
+def test_snapkv_frees_the_prompt_buffers_after_compressing():
+    class Ids:
+        eos_token_id = None
+        pad_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    prompt = ids_for(300, seed=6)
+    with torch.no_grad(), attnkit.apply(model, "snapkv", budget=40, window=8) as run:
+        attnkit.generate(model, Ids(), prompt, max_new_tokens=6, prefill_chunk=64, stop_at_eos=False)
+        layer = run.cache.layers[0]
+        # 40 kept + the 5 decode steps still to come, rounded up to the 64-slot growth unit (not the 306 slots
+        # allocated for the prompt)
+        assert layer.capacity == 64, layer.capacity
+        per_slot = 2 * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
+        assert run.kv_bytes() == len(run.cache.layers) * 64 * per_slot
 
 
 def test_tidaldecode_later_layers_reuse_each_heads_selection():

@@ -90,11 +90,18 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
     wants = layer.wants_probs
     q, n = query.shape[2], key.shape[2]
     # A prefill chunk over a cache that holds every earlier token in order is plain bottom-right causal: give SDPA
-    # that bias instead of a (q, n) bool mask, which would push it to a slower masked kernel.
-    plain_causal = q > 1 and wants is None and softcap is None and run.recorder is None and layer.holds_prefix()
+    # that bias instead of a (q, n) bool mask, which would push it to a slower masked kernel (and, at 128K, build
+    # a mask of gigabytes). The last few queries' probabilities ("last:<w>", SnapKV) come from a small (w, n) pass.
+    plain_causal = (q > 1 and wants != "all" and softcap is None and run.recorder is None and layer.holds_prefix())
     mask = None if plain_causal else layer.mask()
     if plain_causal:
         out = causal_prefill(query, key, value, scaling)
+        if wants:
+            w = min(int(wants.split(":")[1]), q)
+            rows = torch.arange(n - w, n, device=key.device).view(w, 1)
+            sub_mask = (torch.arange(n, device=key.device) <= rows).view(1, 1, w, n)
+            _, probs, _ = dense_attention(query[:, :, -w:], key, value, sub_mask, scaling)
+            layer.observe(probs)  # holds_prefix: no padding, so every query is real
     elif wants == "all" or softcap is not None:
         out, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)
         out = out.to(query.dtype)

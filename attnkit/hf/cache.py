@@ -160,6 +160,22 @@ class KVLayer(CacheLayerMixin):
             new[:, :, : self.n] = old[:, :, : self.n]
             setattr(self, name, new)
 
+    def shrink(self) -> None:
+        """Reallocate the slot buffers to what the generation can still need (the valid slots plus the tokens
+        ``capacity_hint`` leaves to come, or one growth step without a hint), freeing the rest: after a one-time
+        compression (SnapKV at the prompt's end) the prompt-sized buffers would otherwise stay held."""
+        left = max(self.capacity_hint - self.seen, 0) if self.capacity_hint else GROWTH_ALIGN
+        cap = _round_up(self.n + left)
+        if cap >= self.capacity:
+            return
+        for name in self.slot_buffers:
+            old = getattr(self, name, None)
+            if old is None:
+                continue
+            new = old.new_full((*old.shape[:2], cap, *old.shape[3:]), -1 if name == "pos" else 0)
+            new[:, :, : self.n] = old[:, :, : self.n]
+            setattr(self, name, new)
+
     def held_bytes(self) -> int:
         """Bytes of key/value storage this layer actually holds (allocated capacity, not just valid slots)."""
         if self.keys is None:

@@ -48,6 +48,11 @@ class SnapKVLayer(KVLayer):
         if self.cfg.every_chunk and self.scores is not None:
             self.compress()
 
+    def holds_prefix(self) -> bool:
+        # Per-head layouts only begin with a compression, which leaves fewer slots than tokens seen: until then the
+        # prompt's chunks are plain causal (the flash kernel, no (q, n) mask).
+        return self.n == self.seen and not self.padded
+
     def keep_older(self, n_obs: int, w: int) -> int:
         """Slots kept among the ``n_obs - w`` prompt tokens older than the observation window."""
         return self.cfg.budget - w
@@ -75,6 +80,8 @@ class SnapKVLayer(KVLayer):
         tail = torch.arange(n_obs - w, self.n, device=top.device).expand(*top.shape[:2], -1)
         self.keep_slots(torch.cat([top, tail], dim=-1))
         self.scores = None
+        if not self.cfg.every_chunk:  # the prompt-sized buffers are not needed again: free them
+            self.shrink()
 
 
 @dataclass
