@@ -408,6 +408,33 @@ def test_torch_tokenselect_votes_are_summed_head_softmaxes() -> None:
         assert torch.isneginf(votes[b][~cand]).all()
 
 
+def test_torch_head_scores_are_each_heads_raw_scores() -> None:
+    q, k, _, pos = make_buffers(2, 8, 2, 16, 60, torch.float32)
+    pos = pos[:, :1].expand(-1, 2, -1).contiguous()
+    hi = torch.tensor([[40], [25]])
+    scores = torch_ref.head_scores(q, k, pos, 3, hi, 50)
+    assert scores.shape == (2, 8, 50)
+    for b, h in itertools.product(range(2), range(8)):
+        cand = (pos[b, 0, :50] >= 3) & (pos[b, 0, :50] < hi[b, 0])
+        want = (q[b, h, 0] @ k[b, h // 4, :50].T).masked_fill(~cand, float("-inf"))
+        torch.testing.assert_close(scores[b, h], want, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("ratio,dim,batch", [(4, 64, 1), (1, 128, 2)] if not ON_GPU else [(4, 64, 1), (1, 128, 2), (4, 128, 1), (8, 256, 2)])
+def test_triton_head_scores_match_torch(ratio: int, dim: int, batch: int) -> None:
+    from attnkit.kernels import triton_select
+
+    q, k, _, pos = make_buffers(batch, 2 * ratio, 2, dim, 300, torch.float16, TRITON_DEVICE, seed=dim)
+    pos = pos[:, :1].expand(-1, 2, -1).contiguous()
+    hi = torch.tensor([[250], [90]][:batch], device=TRITON_DEVICE)
+    got = triton_select.head_scores(q, k, pos, 2, hi, 280)
+    want = torch_ref.head_scores(q, k, pos, 2, hi, 280)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got[fin], want[fin], atol=2e-2, rtol=2e-3)
+
+
 TS_CASES = (
     [(cap, ratio, dim, dtype, batch) for cap, ratio, dim, dtype, batch in
      [(77, 4, 64, torch.bfloat16, 1), (1000, 1, 128, torch.float16, 3), (4099, 8, 128, torch.bfloat16, 1),

@@ -21,6 +21,7 @@ from attnkit.kernels.torch_ref import page_summaries, quest_scores, take_rows, t
 __all__ = [
     "backend",
     "decode_attention",
+    "head_scores",
     "page_summaries",
     "quest_attention",
     "quest_scores",
@@ -227,16 +228,34 @@ def tokenselect_votes(
     (:func:`attnkit.kernels.triton_select.tokenselect_votes`, fp32 scores) and one votes kernel; elsewhere the
     torch reference (:func:`attnkit.kernels.torch_ref.tokenselect_votes`). See the latter for the shapes.
     """
-    if (
+    if _votes_ok(q, k):
+        return _select_module().tokenselect_votes(q, k, pos, lo, hi, span, skip)
+    return torch_ref.tokenselect_votes(q, k, pos, lo, hi, span)
+
+
+def head_scores(
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor, span: int
+) -> torch.Tensor:
+    """Per-query-head scores q_h . k_j (unscaled, fp32) over the first ``span`` slots, -inf off the candidates
+    (``lo <= pos < hi[b]``, KV head 0's positions): the selection pass of TidalDecode and FASA.
+
+    On CUDA with bf16/fp16 keys and D in (64, 128, 256): one Triton pass over the keys (TokenSelect's scoring
+    kernel); elsewhere :func:`attnkit.kernels.torch_ref.head_scores`, which gives the shapes.
+    """
+    if _votes_ok(q, k):
+        return _select_module().head_scores(q, k, pos, lo, hi, span)
+    return torch_ref.head_scores(q, k, pos, lo, hi, span)
+
+
+def _votes_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return (
         k.dtype in (torch.bfloat16, torch.float16)
         and q.dtype == k.dtype
         and q.shape[-1] in (64, 128, 256)
         and k.stride(-1) == 1
         and backend(k.device) == "triton"
         and _select_module() is not None
-    ):
-        return _select_module().tokenselect_votes(q, k, pos, lo, hi, span, skip)
-    return torch_ref.tokenselect_votes(q, k, pos, lo, hi, span)
+    )
 
 
 @functools.cache

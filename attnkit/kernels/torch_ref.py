@@ -314,11 +314,23 @@ def tokenselect_votes(
     votes : (B, span) float32, sum over heads of softmax_j(q_h . k_j) over the candidates (unscaled q.k, as the
         official code); -inf off the candidates (so a row without candidates is all -inf).
     """
+    scores = head_scores(q, k, pos, lo, hi, span)
+    votes = torch.nan_to_num(scores.softmax(-1), nan=0.0).sum(1)
+    kpos = pos[:, 0, :span]
+    return votes.masked_fill((kpos < lo) | (kpos >= hi.view(-1, 1)), NEG_INF)
+
+
+def head_scores(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor,
+                span: int) -> torch.Tensor:
+    """Raw per-query-head scores q_h . k_j (unscaled, fp32) over the first ``span`` slots.
+
+    q (B, H, 1, D); k (B, Hkv, cap, D), query head h reading KV head h // (H // Hkv); pos (B, Hkv, cap), of which
+    KV head 0's positions decide (layers whose heads hold the same slots); candidates of row b have
+    ``lo <= pos < hi[b]``, hi (B, 1) int -> (B, H, span) float32, -inf off the candidates.
+    """
     b, h, _, d = q.shape
     keys = k[:, :, :span]
     kpos = pos[:, 0, :span]
     candidate = (kpos >= lo) & (kpos < hi.view(-1, 1))
     scores = torch.matmul(q.reshape(b, keys.shape[1], h // keys.shape[1], d).float(), keys.float().transpose(-1, -2))
-    scores = scores.masked_fill(~candidate.view(b, 1, 1, -1), NEG_INF)
-    votes = torch.nan_to_num(scores.softmax(-1), nan=0.0).sum((1, 2))
-    return votes.masked_fill(~candidate, NEG_INF)
+    return scores.reshape(b, h, -1).masked_fill(~candidate.view(b, 1, -1), NEG_INF)

@@ -323,6 +323,28 @@ def tokenselect_votes(
     return votes_from_scores(scores, m, l, pos, lo, hi, skip_arg if skip is not None else None)
 
 
+def head_scores(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor,
+                span: int) -> torch.Tensor:
+    """Triton path of :func:`attnkit.kernels.torch_ref.head_scores` (same contract): the scoring pass of
+    :func:`tokenselect_votes` alone, (B, H, span) fp32."""
+    batch, heads, one, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    block = _block_n(dim)
+    splits, split_len = num_splits(span, batch * kv_heads, block)
+    scores = torch.empty((batch, heads, span), device=q.device, dtype=torch.float32)
+    m = torch.empty((batch, heads, splits), device=q.device, dtype=torch.float32)  # the votes' statistics: unused
+    hi = hi.reshape(batch).to(torch.int64).contiguous()
+    _ts_scores_kernel[(batch * kv_heads, splits)](
+        q, k, pos, hi, hi, scores, m, torch.empty_like(m),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), pos.stride(0),
+        kv_heads, group, span, split_len, splits, int(lo),
+        D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block, num_warps=4, num_stages=2,
+        HAS_SKIP=False, PDL=pdl(q), launch_pdl=pdl(q),
+    )
+    return scores
+
+
 def votes_from_scores(
     scores: torch.Tensor, m: torch.Tensor, l: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor,
     skip: torch.Tensor | None = None,

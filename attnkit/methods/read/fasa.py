@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from attnkit import kernels
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
 from attnkit.methods.base import LayerContext, Method, check_choice, check_int
@@ -77,9 +78,9 @@ class FASA(Method):
     HF's rotate-half layout (the paper's math); "code" pairs (2i, 2i + 1) as the official code does (it
     reproduces the reported numbers on its models, but on HF-layout models those are not frequency pairs).
     How we differ: without a profile, each head takes the chunks with the largest |q_f| * mean |k_f| at the
-    prompt's last query (an uncalibrated fallback, not the paper's method); the scoring matmul reads the whole
-    key rows with the other dims zeroed (same selection, no bandwidth saving yet: a dims-gathering kernel is
-    the fast path's next step). Shapes: chunks (H, F); selection (B, H, budget) slot ids.
+    prompt's last query (an uncalibrated fallback, not the paper's method); the scoring pass reads the whole
+    key rows with the other dims of q zeroed (same selection, no bandwidth saving: on CUDA it is TokenSelect's
+    scoring kernel, one read of every key per layer and step; a dims-gathering layout is not built). Shapes: chunks (H, F); selection (B, H, budget) slot ids.
     """
 
     name = "fasa"
@@ -184,16 +185,13 @@ class FASA(Method):
 
     def select(self, query: torch.Tensor, layer: FASALayer) -> torch.Tensor:
         """(B, H, budget) slots per query head by q.k over its chunks' dims (-1 past a short row's tokens)."""
-        b, h, _, d = query.shape
+        d = query.shape[-1]
         span = layer.span if layer.static else layer.n
-        keys, pos = layer.keys[:, :, :span], layer.pos[:, :, :span]
-        hkv = keys.shape[1]
         chunks = layer.chunks.to(query.device)
         chunks = chunks if chunks.ndim == 3 else chunks.unsqueeze(0)  # (B or 1, H, F)
         dims = chunk_dims(chunks, d, self.pairing)  # (B or 1, H, 2F)
         keep = torch.zeros((*dims.shape[:2], d), dtype=query.dtype, device=query.device).scatter_(2, dims, 1)
-        q_sel = (query[:, :, 0] * keep).reshape(b, hkv, h // hkv, d)  # other dims zeroed
-        scores = torch.matmul(q_sel, keys.transpose(-1, -2)).float()  # (B, Hkv, G, span)
-        scores = scores.masked_fill((pos < 0).unsqueeze(2), NEG_INF).reshape(b, h, span)
+        q_sel = query * keep.unsqueeze(2)  # (B, H, 1, D), other dims zeroed
+        scores = kernels.head_scores(q_sel, layer.keys, layer.pos, 0, layer.count, span)  # (B, H, span) fp32
         best, top = scores.topk(min(self.budget, span), dim=-1, sorted=False)  # the read needs no order
         return top.masked_fill(best == NEG_INF, -1)

@@ -18,16 +18,13 @@ STATE = "tidaldecode"  # key of the per-forward selection in run.shared
 
 def head_slots(query: torch.Tensor, layer: KVLayer, k: int, scaling: float) -> torch.Tensor:
     """(B, H, k) slots each query head reads: its top k - 1 past slots by q.k (the current token excluded), then
-    the current token's slot; -1 where a row has fewer valid past slots. query (B, H, 1, D)."""
+    the current token's slot; -1 where a row has fewer valid past slots. query (B, H, 1, D). ``scaling`` does not
+    change the order (q.k is ranked unscaled)."""
     span = layer.span if layer.static else layer.n
-    keys, pos = layer.keys[:, :, :span], layer.pos[:, :, :span]
-    b, h, _, d = query.shape
-    hkv = keys.shape[1]
-    cur = layer.wslot[:, :1, :] if layer.static else torch.full((b, 1, 1), layer.n - 1, device=keys.device)
-    scores = torch.matmul(query.reshape(b, hkv, h // hkv, d), keys.transpose(-1, -2)).float() * scaling  # (B, Hkv, G, span)
-    slots = torch.arange(span, device=keys.device)
-    skip = (pos < 0) | (slots == cur)  # (B, Hkv, span)
-    scores = scores.masked_fill(skip.unsqueeze(2), NEG_INF).reshape(b, h, span)
+    b, h = query.shape[:2]
+    cur = layer.wslot[:, :1, :] if layer.static else torch.full((b, 1, 1), layer.n - 1, device=query.device)
+    # past tokens: positions below the current token's (qpos, (B, 1), on the device in either mode)
+    scores = kernels.head_scores(query, layer.keys, layer.pos, 0, layer.qpos, span)  # (B, H, span) fp32
     best, top = scores.topk(min(k - 1, span), dim=-1, sorted=False)  # the read needs no order
     top = top.masked_fill(best == NEG_INF, -1)
     return torch.cat([top, cur.expand(b, h, 1)], dim=-1)
