@@ -129,6 +129,34 @@ def test_recycled_attention_partial_steps_and_drift_checks(threshold, full_on_ch
             assert (read == 6 + 1).all(), f"step {t}: recycled slots + the current token"
 
 
+def test_recycled_choice_ranks_as_a_stable_sort():
+    """The top-k over (value bits, reversed slot) keys picks and orders exactly as the stable descending sort of
+    the pooled scores it replaced: ties (max-pooling makes runs of them) to the lower slot, holes never."""
+    import torch.nn.functional as F
+
+    from attnkit.methods.read.recycled_attention import RecycledAttention, RecycledLayer
+
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, n = 2, 4, 2, 300
+    for recycled in (16, 64, 400):
+        cfg = RecycledAttention(recycled=recycled, pool=7)
+        layer = RecycledLayer(cfg, 0, None)
+        layer.keys = torch.zeros(b, hkv, n, 8)
+        layer.pos = torch.arange(n).expand(b, hkv, n).clone()
+        layer.pos[1, :, :40] = -1  # a padded row
+        probs = (torch.rand(b, h, n, generator=g) * 4).floor() / 4  # many exact ties
+        probs[0, :, 100] = 0.0
+        got = layer.choose(probs)
+        grouped = probs.view(b, hkv, h // hkv, n).amax(2)
+        pooled = F.max_pool1d(grouped.flatten(0, 1).unsqueeze(1), 7, stride=1, padding=3).view(b, hkv, n)
+        pooled = pooled.masked_fill(layer.pos < 0, float("-inf"))
+        take = min(recycled, n)
+        best, top = pooled.sort(dim=-1, descending=True, stable=True)
+        want = top[..., :take].masked_fill(best[..., :take] == float("-inf"), -1).flip(-1)
+        want = F.pad(want, (recycled - take, 0), value=-1)
+        assert torch.equal(got, want), recycled
+
+
 def test_fasa_calibration_profile_drives_the_chunks(tmp_path):
     from attnkit.calibrate import calibrate_fasa, write_profile
     from attnkit.methods.read.fasa import FASA

@@ -54,11 +54,14 @@ class RecycledLayer(KVLayer):
         pooled = F.max_pool1d(grouped.flatten(0, 1).unsqueeze(1), k, stride=1, padding=k // 2).view(b, hkv, n)
         pooled = pooled.masked_fill(self.pos[:, :, :n] < 0, NEG_INF)
         take = min(self.cfg.recycled, n)
-        # A stable sort breaks the ties max-pooling makes by position (slots of a row are in position order), so
-        # a padded row picks and orders exactly as that prompt alone.
-        best, top = pooled.sort(dim=-1, descending=True, stable=True)
-        best, top = best[..., :take], top[..., :take]
-        top = top.masked_fill(best == NEG_INF, -1).flip(-1)  # ascending score, empty entries first
+        # Ties (max-pooling makes runs of equal values) go to the lower slot, as a stable sort would (slots of a
+        # row are in position order, so a padded row picks and orders exactly as that prompt alone): one int64
+        # key, the value's bits (order-preserving for probabilities >= 0 and for -inf, which is negative) then
+        # the slot reversed, ranked by a top-k instead of a sort of the whole span.
+        tiebreak = n - 1 - torch.arange(n, device=pooled.device)
+        key = (pooled.contiguous().view(torch.int32).to(torch.int64) << 32) | tiebreak
+        best, top = key.topk(take, dim=-1)  # descending
+        top = top.masked_fill(best < 0, -1).flip(-1)  # ascending score, empty (-inf) entries first
         if take < self.cfg.recycled:
             top = F.pad(top, (self.cfg.recycled - take, 0), value=-1)
         return top
@@ -166,10 +169,8 @@ class RecycledAttention(Method):
             if layer.static or query.is_cuda or bool(full.any()):
                 span = layer.span if layer.static else layer.n
                 hkv = layer.keys.shape[1]
-                scores = torch.matmul(query.reshape(b, hkv, h // hkv, d),
-                                      layer.keys[:, :, :span].transpose(-1, -2)).float() * scaling
-                scores = scores.masked_fill((layer.pos[:, :, :span] < 0).unsqueeze(2), NEG_INF).reshape(b, h, span)
-                probs = torch.softmax(scores, dim=-1)  # (B, H, span)
+                scores = kernels.head_scores(query, layer.keys, layer.pos, 0, layer.count, span)  # (B, H, span)
+                probs = torch.softmax(scores * scaling, dim=-1)
                 if layer.static:
                     out_full = kernels.decode_attention(query, layer.keys, layer.values, layer.pos, span, scaling)
                 else:
