@@ -85,12 +85,18 @@ for s in $stages; do
     profile128ts)  # TokenSelect at 128K (0.77x full on the H100): kernel classes of its compiled step, Quest beside it
       (cd benchmarks && timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 decode_profile.py --context 131072 --compile \
         --methods tokenselect,quest/p64 --out "$OUT/profile_128k_ts.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_128k_ts.log" ;;
-    zoo8192)  # issue 11: the MQAR frontier at Zoology's vocabulary (V 8192), resumable across calls through the tracked db
+    zoo8192)  # issue 11: the MQAR frontier at Zoology's vocabulary (V 8192), resumable across calls through the tracked db;
+              # ATTNKIT_ZOO_SHARDS processes (default 6) share the GPU: one tiny model is launch-bound (~4 min a run alone)
       [ -f docs/results/zoo_v8192.db ] && cp docs/results/zoo_v8192.db "$OUT/zoo_v8192.db"
-      timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
-        --checkpoints "$OUT/zoo-checkpoints" --vocab-size 8192 --train-examples 100000 --test-examples 3000 \
-        --epochs 32 --batch-size 256 --mixers softmax,base_conv+based,base_conv+sliding_window --d-models 64,128,256 \
-        --shapes 256x16,256x64 --lrs 1e-3 --no-progress 2>&1 | tail -20 | tee "$OUT/zoo8192.log"
+      ZP=${ATTNKIT_ZOO_SHARDS:-6}
+      for i in $(seq 0 $((ZP - 1))); do
+        timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
+          --checkpoints /root/zoo-checkpoints --vocab-size 8192 --train-examples 100000 --test-examples 3000 \
+          --epochs 32 --batch-size 256 --mixers softmax,base_conv+based,base_conv+sliding_window --d-models 64,128,256 \
+          --shapes 256x16,256x64 --lrs 1e-3 --shard $i/$ZP --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
+      done
+      wait
+      tail -n 4 "$OUT"/zoo8192.shard*.log | tee "$OUT/zoo8192.log"; rm -f "$OUT"/zoo8192.shard*.log
       python3 -m attnkit zoo report "$OUT/zoo_v8192.db" -o "$OUT/zoo8192-report" 2>&1 | tail -20 | tee -a "$OUT/zoo8192.log" ;;
     profile32b8c)  # batch 8 at 32K: quest/p64 compiled took 9.39 ms against a 5.29 ms weights floor (H100): where the rest goes
       (cd benchmarks && PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout ${ATTNKIT_STAGE_SECONDS:-300} \
