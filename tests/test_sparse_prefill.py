@@ -268,6 +268,26 @@ def test_tca_block_choice_matches_a_direct_loop():
         e = sorted((t for t in range(j * 8, j * 8 + 8) if t < 33), key=lambda t: -s[0, t].item())
         want |= set(e[:k])
     assert set(chosen[0].nonzero()[:, 0].tolist()) == want
+    per_block = select_tokens(s, kb, old, p, torch.tensor(block_counts(8)), 0.5, 5, block=8)
+    assert set(per_block[0].nonzero()[:, 0].tolist()) == want
+
+
+def test_tca_per_block_ranks_equal_the_one_sort_path():
+    """With slot = position (a partial last block, exact ties from quantised scores, heads and query blocks as
+    leading dims) the per-block sorts choose exactly what the one sort over (block, -s) chooses."""
+    from attnkit.methods.stored.tca import block_counts, config_table, select_tokens
+
+    g = torch.Generator().manual_seed(4)
+    lead, n, block = (2, 3, 5), 301, 16
+    s = (torch.rand(*lead, n, generator=g) * 8).floor() / 64  # many exact ties
+    kb = (torch.arange(n) // block).expand(*lead, n)
+    old = torch.arange(n).expand(*lead, n) < torch.randint(100, 290, (*lead, 1), generator=g)
+    p = config_table(block, 6)[torch.randint(0, 6, lead, generator=g)]
+    ks = torch.tensor(block_counts(block))
+    n_kb = -(-n // block)
+    a = select_tokens(s, kb, old, p, ks, 0.5, n_kb)
+    b = select_tokens(s, kb, old, p, ks, 0.5, n_kb, block=block)
+    assert torch.equal(a, b)
 
 
 def test_tca_calibration_and_shrunk_cache(tmp_path):

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer, _round_up
@@ -51,14 +52,27 @@ def counts_by_rank(p: torch.Tensor, ks: torch.Tensor, n_blocks: torch.Tensor, ra
     return ks.flip(0)[which]
 
 
+def rank_in_blocks(key: torch.Tensor, block: int) -> torch.Tensor:
+    """(..., n) rank of every slot inside its run of ``block`` consecutive slots by ascending ``key``, ties to the
+    lower slot: small sorts of ``block`` entries instead of one sort of the whole span."""
+    n = key.shape[-1]
+    nb = -(-n // block)
+    k = F.pad(key, (0, nb * block - n), value=float("inf")).view(*key.shape[:-1], nb, block)
+    order = k.argsort(dim=-1, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(block, device=key.device).expand_as(order))
+    return rank.view(*key.shape[:-1], nb * block)[..., :n]
+
+
 def select_tokens(s: torch.Tensor, kb: torch.Tensor, old: torch.Tensor, p: torch.Tensor, ks: torch.Tensor,
-                  alpha: float, n_kb: int) -> torch.Tensor:
+                  alpha: float, n_kb: int, block: int = 0) -> torch.Tensor:
     """TCA's online choice. s (..., n) attention of the selecting query per slot; kb (..., n) key block of every
     slot; old (..., n) bool: slots eligible (older than the local window, visible); p (..., K) the head's
-    configuration -> (..., n) bool chosen slots.
+    configuration -> (..., n) bool chosen slots. ``block`` > 0 says that kb is slot // block (a layer holding
+    every token in order, unpadded): the ranks inside blocks then come from small per-block sorts.
 
     Block redundancy h_j = (1 - alpha) sum s + alpha (1 - sum s^2 / (sum s)^2) over the block's eligible slots;
-    blocks sorted by h get token counts from the configuration; each keeps its top-k slots by s."""
+    blocks sorted by h get token counts from the configuration; each keeps its top-k slots by s (ties to the
+    lower slot)."""
     lead = s.shape[:-1]
     s = s.float() * old
     at = kb.clamp(0, n_kb - 1)
@@ -69,11 +83,15 @@ def select_tokens(s: torch.Tensor, kb: torch.Tensor, old: torch.Tensor, p: torch
     h = h.masked_fill(size == 0, NEG_INF)
     rank = h.argsort(-1, descending=True).argsort(-1)  # (..., n_kb)
     k_block = counts_by_rank(p, ks, (size > 0).sum(-1), rank)  # (..., n_kb)
-    # each slot's rank inside its block by s (descending): sort by (block, -s)
-    order = (at.double() * 4 - s.double() - old.double()).argsort(-1)  # eligible first within a block, by s
-    sorted_block = at.gather(-1, order)
-    first = torch.searchsorted(sorted_block.contiguous(), sorted_block.contiguous(), right=False)
-    rank_in = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=s.device).expand_as(order) - first)
+    # each eligible slot's rank inside its block by s (descending); only eligible ranks matter
+    if block:
+        rank_in = rank_in_blocks(torch.where(old, -s, float("inf")), block)
+    else:  # any layout: one sort by (block, -s), eligible first within a block
+        order = (at.double() * 4 - s.double() - old.double()).argsort(dim=-1, stable=True)
+        sorted_block = at.gather(-1, order)
+        first = torch.searchsorted(sorted_block.contiguous(), sorted_block.contiguous(), right=False)
+        rank_in = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(order.shape[-1], device=s.device).expand_as(order) - first)
     return old & (rank_in < k_block.gather(-1, at))
 
 
@@ -212,6 +230,8 @@ class TCA(Method):
         p_all = self.head_configs(layer.layer_idx, hkv, query.device)
         ks = torch.tensor(block_counts(self.block), device=query.device)
         kb_all = torch.where(kpos >= 0, kpos // self.block, 0)
+        # nothing evicted yet and no padding: slot = position, so key block = slot // block
+        contiguous = self.block if layer.n == layer.seen and not layer.padded else 0
         chosen = torch.zeros((b, hkv, nqb, kpos.shape[-1]), dtype=torch.bool, device=query.device)
         for s in range(0, nqb, group):
             li, lp = last_i[:, s : s + group], last_pos[:, s : s + group]
@@ -224,7 +244,7 @@ class TCA(Method):
             old = vis & (kp <= lp.view(b, 1, g, 1) - self.window)
             kb = kb_all.unsqueeze(2).expand_as(sc)
             p = p_all.view(1, hkv, 1, -1).expand(b, hkv, g, -1)
-            chosen[:, :, s : s + g] = select_tokens(sc, kb, old, p, ks, self.alpha, n_kb) | (vis & ~old)
+            chosen[:, :, s : s + g] = select_tokens(sc, kb, old, p, ks, self.alpha, n_kb, contiguous) | (vis & ~old)
             self._read += read_pairs(chosen[:, :, s : s + g], local, s) * (h // hkv)
         return chosen, local, qidx
 
