@@ -47,8 +47,8 @@ for s in $stages; do
         --out "$OUT/familyc_$ctx.json" 2>&1 | grep -v Warn | tail -24 | tee "$OUT/familyc_$ctx.log" ;;
     prefill32|prefill128)  # issue 10: sparse prefill methods, one prefill chunk (time to first token, prefill s)
       ctx=$([ "$s" = prefill32 ] && echo 32768 || echo 131072)
-      python3 benchmarks/decode_latency.py --context $ctx --new-tokens 2 --prefill-chunk $ctx --skip-hf --skip-compile \
-        --methods full,token_sparse,dhsa,rectified,tca --out "$OUT/prefill_$ctx.json" 2>&1 | tail -12 | tee "$OUT/prefill_$ctx.log" ;;
+      python3 benchmarks/decode_latency.py --context $ctx --new-tokens 2 --prefill-chunk $ctx --skip-hf --skip-compile --warm \
+        --methods full,token_sparse,dhsa,rectified,tca --out "$OUT/prefill_$ctx.json" 2>&1 | grep -v Warn | tail -16 | tee "$OUT/prefill_$ctx.log" ;;
     attnkernels)  # issue 10: masks x kernels, 8K-128K (resumable CSV, bounded)
       [ -f /root/attention_kernels.csv ] || cp -p docs/results/attention_kernels.csv /root/ 2>/dev/null
       python3 benchmarks/attention_kernels.py --seconds ${ATTNKIT_KERNEL_SECONDS:-480} --out /root/attention_kernels.csv \
