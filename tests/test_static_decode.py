@@ -101,6 +101,23 @@ def test_static_steps_equal_the_dynamic_path(model, method, rows):
     assert ok.float().mean() >= 0.75, f"{what}: {int((~ok).sum())} of {ok.numel()} steps differ"
 
 
+@pytest.mark.parametrize("rows", list(CASES))
+def test_spatten_value_pruning_static_equals_dynamic(model, rows):
+    """SpAtten's default value pruning (probabilities zeroed without renormalising) in the fixed-shape steps, with
+    sinks and a recent window protected, against the dynamic path; head pruning keeps the dynamic path."""
+    settings = dict(budget=16, value_threshold=0.05, sinks=2, recent=3)
+    (want, want_more, want_kept), (got, got_more, got_kept) = both_ways(
+        model, "spatten", rows, 7, dict(static=False), dict(static=True), settings)
+    assert_close(got, want, "spatten value pruning: static vs dynamic decode")
+    assert_close(got_more, want_more, "spatten value pruning: chunk after the decode")
+    assert got_kept == want_kept
+    with torch.no_grad(), attnkit.apply(model, "spatten", budget=16, head_keep=0.5) as run:
+        ids, mask = left_pad([prompts()[0]])
+        cache = attnkit.inference.new_cache(model)
+        model(input_ids=ids, attention_mask=mask, **{cache_argument(model): cache})
+        assert "head pruning" in static_unavailable(run, cache)
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA device (CI has none; run on the H200)")
 @pytest.mark.parametrize("rows", list(CASES))
 @pytest.mark.parametrize("method", METHODS)

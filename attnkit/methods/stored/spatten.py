@@ -26,6 +26,9 @@ class CascadeScores:
         self.head_alive: torch.Tensor | None = None  # (B, H) bool: heads not pruned yet (cascade: only shrinks)
         self.rows = 0  # (query, head) rows attended under the quantization simulation
         self.refetched = 0  # of them, rows whose max probability fell below the threshold (LSBs fetched)
+        # fixed-shape steps: the last layer's decision, applied by every layer (same slot: same layouts)
+        self.evict_slot: torch.Tensor | None = None  # (B, 1) slot the next token is written to
+        self.evict_drop: torch.Tensor | None = None  # (B, 1) bool: that slot held a token pruned for good
 
     def ensure(self, batch: int, positions: int, device) -> None:
         have = 0 if self.score is None else self.score.shape[1]
@@ -56,7 +59,77 @@ class SpAttenLayer(KVLayer):
         return min(tokens, self.cfg.budget + max(self.chunk_hint, 1) + 1)
 
     def static_unsupported(self) -> str | None:
-        return "cascade pruning changes the slots of every layer at a data-dependent step (decodes dynamically)"
+        if self.cfg.head_keep < 1.0 or self.cfg.msb_bits:
+            return "head pruning and the quantization simulation run on the dynamic path only"
+        return super().static_unsupported()
+
+    # -- fixed-shape steps: one token in, at most one pruned, every layer at the same slot ------------------------
+    # After the prompt every layer holds the same live positions in the same slots (a pending decision is applied
+    # first). A step attends over the span (budget + 1 slots at most) and adds its probabilities to the shared
+    # scores; the last layer then picks the lowest-scored unprotected slot when more than ``budget`` are live: its
+    # position is pruned for good and the next token of every layer goes there (the dynamic path drops it from
+    # every layer and appends at the end: the same live set, slots in another order).
+    def static_span(self, steps: int) -> int:
+        return min(self.n + steps, self.cfg.budget + 1)
+
+    def begin_static(self, steps: int) -> None:
+        if self.applied != self.shared.version:
+            self.drop_dead()
+        super().begin_static(steps)
+        b = self.keys.shape[0]
+        self.shared.ensure(b, self.seen + steps + 1, self.device)
+        self.shared.evict_slot = torch.full((b, 1), self.n, dtype=torch.long, device=self.device)
+        self.shared.evict_drop = torch.zeros((b, 1), dtype=torch.bool, device=self.device)
+
+    def apply_decision(self) -> None:
+        """Free the slot the last layer chose (if it pruned a token there) and write the next token into it."""
+        sh = self.shared
+        b, h = self.pos.shape[:2]
+        slot = sh.evict_slot.view(b, 1, 1).expand(b, h, 1)
+        self.pos.scatter_(2, slot, torch.where(sh.evict_drop.view(b, 1, 1), -1, self.pos.gather(2, slot)))
+        self.wslot.copy_(slot)
+
+    def static_write(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        self.apply_decision()  # the previous step's decision (layers before the last have not applied it yet)
+        return super().static_write(key_states, value_states)
+
+    def static_attend(self, query: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+        span, cfg, sh = self.span, self.cfg, self.shared
+        pos = self.pos[:, :, :span]
+        keys, values = self.keys[:, :, :span], self.values[:, :, :span]
+        out, probs, _ = dense_attention(query, keys, values, (pos >= 0).unsqueeze(2), scaling, softcap)
+        if cfg.value_threshold > 0.0:
+            kept = probs.masked_fill(probs.mean(1, keepdim=True) <= cfg.value_threshold, 0.0)
+            out = torch.matmul(kept, expand_kv(values, query.shape[1]).float())
+        b, h = probs.shape[:2]
+        kpos = pos[:, 0]  # (B, span)
+        at = kpos.clamp_min(0)
+        valid = (kpos >= 0).float()
+        qpos = self.qpos.view(b, 1)
+        seen_by = ((qpos >= kpos) & (qpos >= 0)).float() * h
+        sh.score.scatter_add_(1, at, probs.sum((1, 2)) * valid)
+        sh.count.scatter_add_(1, at, seen_by * valid)
+        if self.last:
+            avg = sh.score.gather(1, at) / sh.count.gather(1, at).clamp_min(1e-9)
+            protect = (kpos < cfg.sinks) | (kpos >= self.count - cfg.recent)
+            priority = avg.masked_fill(protect, float("inf")).masked_fill(kpos < 0, float("-inf"))
+            slot = priority.argmin(-1, keepdim=True)  # an empty slot while there is one
+            there = kpos.gather(1, slot)
+            drop = ((kpos >= 0).sum(-1, keepdim=True) > cfg.budget) & (there >= 0)
+            sh.alive.scatter_(1, there.clamp_min(0), sh.alive.gather(1, there.clamp_min(0)) & ~drop)
+            sh.evict_slot.copy_(slot)
+            sh.evict_drop.copy_(drop)
+        return out.to(query.dtype)
+
+    def static_after(self) -> None:
+        if self.last:  # the dynamic path drops the pruned token from the last layer at once
+            self.apply_decision()
+
+    def end_static(self) -> None:
+        """Held slots to the front in slot order (the dynamic layout). As on the dynamic path, a layer before the
+        last still holds the token the last step pruned, until its next forward drops it."""
+        super().end_static()
+        self.drop_dead(dead=self.last)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.applied != self.shared.version:  # a decision made after this layer's last forward
@@ -115,16 +188,19 @@ class SpAttenLayer(KVLayer):
         sh.version += 1
         self.drop_dead()
 
-    def drop_dead(self) -> None:
-        """Compact to the slots whose positions are alive (a row short of slots keeps holes at pos -1)."""
+    def drop_dead(self, dead: bool = True) -> None:
+        """Compact to the slots whose positions are alive (a row short of slots keeps holes at pos -1); with
+        ``dead`` False, to the held slots only (pruned tokens are then dropped by the next forward)."""
         pos = self.stored_pos()
-        live = (pos >= 0) & self.shared.alive.gather(1, pos[:, 0].clamp_min(0)).unsqueeze(1)
+        live = pos >= 0
+        if dead:
+            live = live & self.shared.alive.gather(1, pos[:, 0].clamp_min(0)).unsqueeze(1)
         keep = int(live.sum(-1).max())
         order = (~live).to(torch.int8).argsort(dim=-1, stable=True)[..., :keep].sort(dim=-1).values
         self.pos[:, :, : self.n].masked_fill_(~live, -1)
         self.keep_slots(order)
         self.padded = self.padded or bool((self.pos[:, :, :keep] < 0).any())
-        self.applied = self.shared.version
+        self.applied = self.shared.version if dead else -1
 
 
 @dataclass
@@ -151,8 +227,9 @@ class SpAtten(Method):
     that needed the LSBs; nothing is stored in fewer bits, so no memory or time is saved here.
     How we differ: the paper's head pruning targets BERT-style summarisation and prunes from a start layer on,
     with fine-tuning; here it runs on any layer after the first global one, without fine-tuning, and is off by
-    default. Pruning decisions apply to the layers before the last one from the next forward on; decoding runs
-    eagerly (the cascade changes every layer's slots at data-dependent steps).
+    default. Pruning decisions apply to the layers before the last one from the next forward on. Decode steps
+    take fixed shapes (CUDA graphs) unless head pruning or the quantization simulation is on: every layer writes
+    the new token into the slot of the token the last layer pruned (eager float32 attention over budget + 1 slots).
     Shapes: shared score / count (B, positions) float32; keys/values (B, Hkv, <= budget + q, D).
     """
 
@@ -215,7 +292,7 @@ class SpAtten(Method):
         from attnkit.hf.attention import attend_layer, only_real_queries
 
         plain = self.value_threshold == 0.0 and self.head_keep == 1.0 and not self.msb_bits
-        if not isinstance(layer, SpAttenLayer) or plain:
+        if not isinstance(layer, SpAttenLayer) or plain or layer.static:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
         mask = layer.mask()
         if self.msb_bits:
