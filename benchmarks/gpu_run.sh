@@ -39,7 +39,7 @@ for s in $stages; do
     familytests)  # issue 8: the per-query-head sparse kernel (TidalDecode, FASA), their methods and graph == eager in bf16
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout ${ATTNKIT_STAGE_SECONDS:-150} python3 -m pytest -q -p no:cacheprovider \
         tests/test_kernels.py tests/test_methods.py tests/test_static_decode.py tests/test_compiled_decode.py tests/test_selection_family.py \
-        -k "sparse or tidal or fasa or head_scores or recycled or snapkv or pyramid" 2>&1 | tail -12 | tee "$OUT/familytests.log" ;;
+        -k "sparse or tidal or fasa or head_scores or recycled or snapkv or pyramid or h2o or spatten or mass" 2>&1 | tail -12 | tee "$OUT/familytests.log" ;;
     familyc32|familyc128)  # issue 8 item 3: every method compiled (the fast path) against attnkit full, one run per context
       ctx=$([ "$s" = familyc32 ] && echo 32768 || echo 131072)
       timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 benchmarks/decode_latency.py --context $ctx --new-tokens 32 --skip-hf --skip-compile \

@@ -115,6 +115,18 @@ def test_torch_sparse_per_query_head_matches_reference(page_size: int) -> None:
         torch_ref.sparse_decode_attention(q, k, v, pos, idx[:, :3], page_size)
 
 
+def test_torch_decode_attention_mass_is_the_groups_probabilities() -> None:
+    q, k, v, pos = make_buffers(2, 8, 2, 16, 50, torch.float32)
+    pos[1, :, :45] = -1
+    pos[1, 1] = -1  # a KV head with nothing to attend to
+    out, mass = torch_ref.decode_attention_mass(q, k, v, pos, 40, scale=0.3)
+    ref, probs, _ = dense_attention(q, k[:, :, :40], v[:, :, :40], dense_mask(pos[:, :, :40], 40), scaling=0.3)
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
+    want = probs.nan_to_num(0.0).sum(2).view(2, 2, 4, 40).sum(2)
+    torch.testing.assert_close(mass, want, atol=1e-5, rtol=1e-5)
+    assert (mass[1, 1] == 0).all() and torch.allclose(mass[0].sum(-1), torch.full((2,), 4.0))
+
+
 def test_torch_out_buffer_is_written() -> None:
     q, k, v, pos = make_buffers(1, 4, 1, 16, 30, torch.float32)
     out = torch.full_like(q, float("nan"))
@@ -282,6 +294,20 @@ def test_triton_sparse_per_query_head(length: int, ratio: int, dim: int, dtype: 
     ref = dense_attention(q, k, v, sparse_mask(pos.repeat_interleave(ratio, dim=1), idx, page))[0]
     out = _triton().sparse_decode_attention(q, k, v, pos, idx, page, out=_poison(q))
     assert_close_rel(out, ref, TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("n,ratio,dim,batch", [(77, 4, 64, 1), (300, 1, 128, 2)] if not ON_GPU else
+                         [(77, 4, 64, 1), (300, 1, 128, 2), (2049, 4, 128, 1), (1000, 8, 256, 2), (513, 8, 64, 3)])
+def test_triton_decode_attention_mass(n: int, ratio: int, dim: int, batch: int) -> None:
+    dtype = torch.float16
+    q, k, v, pos = make_buffers(batch, 2 * ratio, 2, dim, n + 9, dtype, TRITON_DEVICE, seed=n)
+    if batch > 1:
+        pos[1, 0] = -1  # a KV head with nothing to attend to
+    out, mass = _triton().decode_attention_mass(q, k, v, pos, n, scale=0.2)
+    ref_out, ref_mass = torch_ref.decode_attention_mass(q.float(), k.float(), v.float(), pos, n, scale=0.2)
+    assert_close_rel(out, ref_out, TOL[dtype])
+    torch.testing.assert_close(mass, ref_mass, atol=2e-3, rtol=2e-2)
 
 
 @needs_triton

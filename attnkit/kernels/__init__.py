@@ -21,6 +21,7 @@ from attnkit.kernels.torch_ref import page_summaries, quest_scores, take_rows, t
 __all__ = [
     "backend",
     "decode_attention",
+    "decode_attention_mass",
     "head_scores",
     "page_summaries",
     "quest_attention",
@@ -103,6 +104,16 @@ def decode_attention(
     out : (B, H, 1, D) in q's dtype, zero for rows with no valid slot
     """
     return _impl(q).decode_attention(q, k, v, pos, n, scale, out)
+
+
+def decode_attention_mass(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, n: int, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense decode attention over the first ``n`` slots and the attention each slot received, summed over the
+    query heads of its KV head: (out (B, H, 1, D), mass (B, Hkv, n) float32). H2O's fixed-shape step. Shapes as
+    in :func:`attnkit.kernels.torch_ref.decode_attention_mass`; on CUDA three Triton launches, no probabilities
+    written."""
+    return _impl(q).decode_attention_mass(q, k, v, pos, n, scale)
 
 
 def sparse_decode_attention(

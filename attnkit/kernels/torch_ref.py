@@ -93,6 +93,26 @@ def decode_attention(
     return masked_decode(_grouped(q, k.shape[1]), k, v, valid, scale, q.dtype, out)
 
 
+def decode_attention_mass(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, n: int, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense decode attention over the first ``n`` slots and the probability each slot received, summed over the
+    query heads of its KV head (H2O's accumulated attention).
+
+    q (B, H, 1, D); k, v (B, Hkv, cap, D); pos (B, Hkv, cap) (slot valid iff pos >= 0); n: int ->
+    (out (B, H, 1, D) in q's dtype, zero for rows with no valid slot; mass (B, Hkv, n) float32).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b, h = q.shape[:2]
+    hkv = k.shape[1]
+    qg = _grouped(q, hkv)  # (B, Hkv, G, D) float32
+    valid = pos[:, :, :n] >= 0
+    scores = torch.einsum("bhgd,bhnd->bhgn", qg, k[:, :, :n].float()) * scale
+    probs = torch.softmax(scores.masked_fill(~valid.unsqueeze(2), NEG_INF), dim=-1).nan_to_num(nan=0.0)
+    out = torch.einsum("bhgn,bhnd->bhgd", probs, v[:, :, :n].float()).reshape(b, h, 1, -1).to(q.dtype)
+    return out, probs.sum(2)
+
+
 def selected_slots(idx: torch.Tensor, page_size: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot indices covered by selected pages.
 

@@ -208,8 +208,10 @@ def _sparse_split_kernel(
 
 @triton.jit
 def _combine_kernel(op_ptr, lse_ptr, out_ptr, n_splits, stride_ob, stride_oh, H,
-                    D: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr):
-    """out[row] = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s lse_s; rows with all -inf give 0."""
+                    D: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr, LSE_OUT: tl.constexpr = False,
+                    row_lse_ptr=None):
+    """out[row] = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s lse_s; rows with all -inf give 0. With
+    LSE_OUT, the row's lse (natural log, -inf for an empty row) goes to ``row_lse_ptr``."""
     _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, S_PAD)
@@ -225,6 +227,38 @@ def _combine_kernel(op_ptr, lse_ptr, out_ptr, n_splits, stride_ob, stride_oh, H,
     b = row // H
     h = row % H
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    if LSE_OUT:
+        tl.store(row_lse_ptr + row, tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)),
+                                             float("-inf")))
+
+
+@triton.jit
+def _mass_kernel(q_ptr, k_ptr, pos_ptr, lse_ptr, mass_ptr,
+                 stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_pb, stride_ph,
+                 Hkv, G, n, qk_scale,
+                 D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (bh, block): mass[bh, j] = sum over the group's heads g of exp(q_g . k_j * scale - lse_g) over a
+    block of slots (0 for invalid slots), from the rows' final lse: the probabilities, never written."""
+    bh = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    slots = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    g_mask = offs_g < G
+    q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g[:, None]) * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    lse2 = tl.load(lse_ptr + bh * G + offs_g, mask=g_mask, other=float("-inf")) * 1.4426950408889634
+    in_range = slots < n
+    p = tl.load(pos_ptr + b * stride_pb + h * stride_ph + slots, mask=in_range, other=-1)
+    valid = in_range & (p >= 0)
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + slots.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                mask=valid[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # (G_PAD, BLOCK_N), log2 domain
+    keep = g_mask[:, None] & valid[None, :] & (lse2[:, None] > float("-inf"))
+    prob = tl.where(keep, tl.exp2(s - tl.where(keep, lse2[:, None], 0.0)), 0.0)
+    tl.store(mass_ptr + bh.to(tl.int64) * n + slots, tl.sum(prob, axis=0), mask=in_range)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -241,7 +275,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor)
 
 
 def _finish(
-    op: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, splits: int, out: torch.Tensor | None
+    op: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, splits: int, out: torch.Tensor | None,
+    row_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, heads, _, dim = q.shape
     if out is None:
@@ -251,9 +286,43 @@ def _finish(
     _combine_kernel[(batch * heads,)](
         op, lse, out, splits, out.stride(0), out.stride(1), heads,
         D=dim, S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4 if dim <= 128 else 8,
-        PDL=pdl(op), launch_pdl=pdl(op),
+        PDL=pdl(op), launch_pdl=pdl(op), LSE_OUT=row_lse is not None, row_lse_ptr=row_lse,
     )
     return out
+
+
+def decode_attention_mass(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, n: int, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attnkit.kernels.torch_ref.decode_attention_mass` in three launches: the split decode kernel, the
+    merge (also writing each row's lse) and one pass over the keys for the probability mass per slot."""
+    batch, heads, kv_heads, cap, dim = _check(q, k, v, pos)
+    group = heads // kv_heads
+    scale = dim**-0.5 if scale is None else scale
+    block = _block_n(dim)
+    splits, split_len = num_splits(cap, batch * kv_heads, block)
+    op = torch.empty(batch, heads, splits, dim, device=q.device, dtype=torch.float32)
+    lse = torch.empty(batch, heads, splits, device=q.device, dtype=torch.float32)
+    _dense_split_kernel[(batch * kv_heads, splits)](
+        q, k, v, pos, pos, int(n), op, lse,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        pos.stride(0), pos.stride(1),
+        kv_heads, group, cap, split_len, splits, scale * _LOG2E,
+        N_FROM_PTR=False, D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block,
+        num_warps=4, num_stages=2, PDL=pdl(q), launch_pdl=pdl(q),
+    )
+    row_lse = torch.empty(batch, heads, device=q.device, dtype=torch.float32)
+    out = _finish(op, lse, q, splits, None, row_lse)
+    mass = torch.empty(batch, kv_heads, n, device=q.device, dtype=torch.float32)
+    _mass_kernel[(batch * kv_heads, triton.cdiv(n, block))](
+        q, k, pos, row_lse, mass,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), pos.stride(0), pos.stride(1),
+        kv_heads, group, n, scale * _LOG2E,
+        D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block, num_warps=4,
+    )
+    return out, mass
 
 
 def decode_attention(

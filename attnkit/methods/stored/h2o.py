@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnkit import kernels
 from attnkit.hf.cache import KVLayer
 from attnkit.reference import dense_attention
 from attnkit.methods.base import LayerContext, Method, check_int
@@ -46,8 +47,12 @@ class H2OLayer(KVLayer):
         span = self.span
         pos = self.pos[:, :, :span]
         keys, values = self.keys[:, :, :span], self.values[:, :, :span]
-        out, probs, _ = dense_attention(query, keys, values, (pos >= 0).unsqueeze(2), scaling, softcap)
-        self.observe(probs)
+        if softcap is None:  # the attention and each slot's received probability, no probabilities written
+            out, mass = kernels.decode_attention_mass(query, keys, values, pos, span, scaling)
+            self.acc[:, :, :span] += mass
+        else:
+            out, probs, _ = dense_attention(query, keys, values, (pos >= 0).unsqueeze(2), scaling, softcap)
+            self.observe(probs)
         newest = self.count.view(-1, 1, 1) - self.recent
         priority = self.acc[:, :, :span].masked_fill(pos >= newest, float("inf")).masked_fill(pos < 0, float("-inf"))
         # Before the budget is reached the lowest priority is an empty slot (-inf), and "evicting" it is a no-op.
