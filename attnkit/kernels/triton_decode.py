@@ -73,6 +73,15 @@ def num_splits(length: int, rows: int, block: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _load_group(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD: tl.constexpr, D: tl.constexpr):
+    """The G query heads h * G + g of batch row b as one (G_PAD, D) tile (padding rows 0): a KV head's group."""
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    return tl.load(q_ptr + b * stride_qb + (h * G + offs_g[:, None]) * stride_qh + offs_d[None, :],
+                   mask=offs_g[:, None] < G, other=0.0)
+
+
+@triton.jit
 def _attend_block(
     q, k_ptrs, v_ptrs, valid, m_i, l_i, acc, qk_scale,
 ):
@@ -123,8 +132,7 @@ def _dense_split_kernel(
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
 
-    q_ptrs = q_ptr + b * stride_qb + (h * G + offs_g[:, None]) * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=offs_g[:, None] < G, other=0.0)
+    q = _load_group(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     p_base = pos_ptr + b * stride_pb + h * stride_ph
@@ -177,8 +185,7 @@ def _sparse_split_kernel(
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
 
-    q_ptrs = q_ptr + b * stride_qb + (h * G + offs_g[:, None]) * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=offs_g[:, None] < G, other=0.0)
+    q = _load_group(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     p_base = pos_ptr + b * stride_pb + hk * stride_ph
@@ -240,16 +247,12 @@ def _mass_kernel(q_ptr, k_ptr, pos_ptr, lse_ptr, mass_ptr,
     """Program (bh, block): mass[bh, j] = sum over the group's heads g of exp(q_g . k_j * scale - lse_g) over a
     block of slots (0 for invalid slots), from the rows' final lse: the probabilities, never written."""
     bh = tl.program_id(0)
-    blk = tl.program_id(1)
-    b = (bh // Hkv).to(tl.int64)
-    h = (bh % Hkv).to(tl.int64)
-    offs_g = tl.arange(0, G_PAD)
+    b, h = (bh // Hkv).to(tl.int64), (bh % Hkv).to(tl.int64)
+    q = _load_group(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, D)
+    g_mask = tl.arange(0, G_PAD) < G
+    lse2 = tl.load(lse_ptr + bh * G + tl.arange(0, G_PAD), mask=g_mask, other=float("-inf")) * 1.4426950408889634
+    slots = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    slots = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    g_mask = offs_g < G
-    q = tl.load(q_ptr + b * stride_qb + (h * G + offs_g[:, None]) * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)
-    lse2 = tl.load(lse_ptr + bh * G + offs_g, mask=g_mask, other=float("-inf")) * 1.4426950408889634
     in_range = slots < n
     p = tl.load(pos_ptr + b * stride_pb + h * stride_ph + slots, mask=in_range, other=-1)
     valid = in_range & (p >= 0)
@@ -296,26 +299,13 @@ def decode_attention_mass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attnkit.kernels.torch_ref.decode_attention_mass` in three launches: the split decode kernel, the
     merge (also writing each row's lse) and one pass over the keys for the probability mass per slot."""
-    batch, heads, kv_heads, cap, dim = _check(q, k, v, pos)
+    batch, heads, kv_heads, _, dim = _check(q, k, v, pos)
     group = heads // kv_heads
     scale = dim**-0.5 if scale is None else scale
-    block = _block_n(dim)
-    splits, split_len = num_splits(cap, batch * kv_heads, block)
-    op = torch.empty(batch, heads, splits, dim, device=q.device, dtype=torch.float32)
-    lse = torch.empty(batch, heads, splits, device=q.device, dtype=torch.float32)
-    _dense_split_kernel[(batch * kv_heads, splits)](
-        q, k, v, pos, pos, int(n), op, lse,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        pos.stride(0), pos.stride(1),
-        kv_heads, group, cap, split_len, splits, scale * _LOG2E,
-        N_FROM_PTR=False, D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block,
-        num_warps=4, num_stages=2, PDL=pdl(q), launch_pdl=pdl(q),
-    )
     row_lse = torch.empty(batch, heads, device=q.device, dtype=torch.float32)
-    out = _finish(op, lse, q, splits, None, row_lse)
+    out = _dense(q, k, v, pos, int(n), scale, None, row_lse)
     mass = torch.empty(batch, kv_heads, n, device=q.device, dtype=torch.float32)
+    block = _block_n(dim)
     _mass_kernel[(batch * kv_heads, triton.cdiv(n, block))](
         q, k, pos, row_lse, mass,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), pos.stride(0), pos.stride(1),
@@ -339,9 +329,13 @@ def decode_attention(
     ``n`` as a device tensor is read by the kernel (no sync); as an int it is a kernel argument. ``out``, if
     given, is written in place (a static output buffer for CUDA graphs).
     """
+    return _dense(q, k, v, pos, n, q.shape[-1] ** -0.5 if scale is None else scale, out)
+
+
+def _dense(q, k, v, pos, n, scale: float, out, row_lse=None) -> torch.Tensor:
+    """The split decode kernel and the merge (``row_lse`` (B, H) fp32, if given, gets each row's lse)."""
     batch, heads, kv_heads, cap, dim = _check(q, k, v, pos)
     group = heads // kv_heads
-    scale = dim**-0.5 if scale is None else scale
     block = _block_n(dim)
     splits, split_len = num_splits(cap, batch * kv_heads, block)
     op = torch.empty(batch, heads, splits, dim, device=q.device, dtype=torch.float32)
@@ -357,7 +351,7 @@ def decode_attention(
         N_FROM_PTR=from_ptr, D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block,
         num_warps=4, num_stages=2, PDL=pdl(q), launch_pdl=pdl(q),
     )
-    return _finish(op, lse, q, splits, out)
+    return _finish(op, lse, q, splits, out, row_lse)
 
 
 def sparse_decode_attention(
