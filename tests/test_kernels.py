@@ -447,7 +447,8 @@ def test_torch_head_scores_are_each_heads_raw_scores() -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("ratio,dim,batch", [(4, 64, 1), (1, 128, 2)] if not ON_GPU else [(4, 64, 1), (1, 128, 2), (4, 128, 1), (8, 256, 2)])
+@pytest.mark.parametrize("ratio,dim,batch", [(4, 64, 1), (1, 128, 2)] if not ON_GPU else
+                         [(4, 64, 1), (1, 128, 2), (4, 128, 1), (8, 256, 2)])
 def test_triton_head_scores_match_torch(ratio: int, dim: int, batch: int) -> None:
     from attnkit.kernels import triton_select
 

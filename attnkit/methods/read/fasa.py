@@ -80,7 +80,8 @@ class FASA(Method):
     How we differ: without a profile, each head takes the chunks with the largest |q_f| * mean |k_f| at the
     prompt's last query (an uncalibrated fallback, not the paper's method); the scoring pass reads the whole
     key rows with the other dims of q zeroed (same selection, no bandwidth saving: on CUDA it is TokenSelect's
-    scoring kernel, one read of every key per layer and step; a dims-gathering layout is not built). Shapes: chunks (H, F); selection (B, H, budget) slot ids.
+    scoring kernel, one read of every key per layer and step; a dims-gathering layout is not built).
+    Shapes: chunks (H, F); selection (B, H, budget) slot ids.
     """
 
     name = "fasa"

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from attnkit import kernels
 from attnkit.hf.attention import attend_layer
 from attnkit.hf.cache import KVLayer
-from attnkit.methods.base import Method, check_int
-from attnkit import kernels
 from attnkit.kernels import take_rows
+from attnkit.methods.base import Method, check_int
 
 NEG_INF = float("-inf")
 STATE = "tidaldecode"  # key of the per-forward selection in run.shared
