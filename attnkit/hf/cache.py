@@ -150,27 +150,22 @@ class KVLayer(CacheLayerMixin):
         """Grow the slot buffers to hold ``need`` tokens (rare, host-side; amortised by 1.5x growth)."""
         if need <= self.capacity:
             return
-        cap = _round_up(max(need, int(self.capacity * 1.5)))
-        for name in self.slot_buffers:
-            old = getattr(self, name, None)
-            if old is None:  # a subclass buffer not created yet (it is sized from ``pos`` when it is)
-                continue
-            fill = -1 if name == "pos" else 0
-            new = old.new_full((*old.shape[:2], cap, *old.shape[3:]), fill)
-            new[:, :, : self.n] = old[:, :, : self.n]
-            setattr(self, name, new)
+        self.resize(_round_up(max(need, int(self.capacity * 1.5))))
 
     def shrink(self) -> None:
         """Reallocate the slot buffers to what the generation can still need (the valid slots plus the tokens
-        ``capacity_hint`` leaves to come, or one growth step without a hint), freeing the rest: after a one-time
-        compression (SnapKV at the prompt's end) the prompt-sized buffers would otherwise stay held."""
-        left = max(self.capacity_hint - self.seen, 0) if self.capacity_hint else GROWTH_ALIGN
-        cap = _round_up(self.n + left)
-        if cap >= self.capacity:
-            return
+        ``capacity_hint`` leaves to come, at least one; a later append grows them as usual), freeing the rest:
+        after a one-time compression (SnapKV at the prompt's end, TCA's) the prompt-sized buffers would otherwise
+        stay held."""
+        cap = _round_up(self.n + max(1, self.capacity_hint - self.seen))
+        if cap < self.capacity:
+            self.resize(cap)
+
+    def resize(self, cap: int) -> None:
+        """New slot buffers of ``cap`` slots holding the first ``n`` (empty slots: pos -1, other buffers 0)."""
         for name in self.slot_buffers:
             old = getattr(self, name, None)
-            if old is None:
+            if old is None:  # a subclass buffer not created yet (it is sized from ``pos`` when it is)
                 continue
             new = old.new_full((*old.shape[:2], cap, *old.shape[3:]), -1 if name == "pos" else 0)
             new[:, :, : self.n] = old[:, :, : self.n]

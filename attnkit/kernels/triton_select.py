@@ -303,6 +303,24 @@ def tokenselect_votes(
     ``skip`` (B,) bool: rows whose votes are not needed (TokenSelect's Selection Cache reuses their picks) read
     no key and get unspecified votes. ``block`` keys per loop step (default: the decode kernels' tile) and ``stages`` pipeline stages: tuning knobs
     timed by ``benchmarks/decode_kernels.py``."""
+    hi = hi.reshape(q.shape[0]).to(torch.int64).contiguous()
+    skip_arg = skip.reshape(q.shape[0]).to(torch.int8) if skip is not None else None
+    scores, m, l = _scores(q, k, pos, lo, hi, span, skip_arg, block, stages)
+    return votes_from_scores(scores, m, l, pos, lo, hi, skip_arg)
+
+
+def head_scores(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor,
+                span: int) -> torch.Tensor:
+    """Triton path of :func:`attnkit.kernels.torch_ref.head_scores` (same contract): the scoring pass of
+    :func:`tokenselect_votes` alone, (B, H, span) fp32 (the per-split statistics are left unused)."""
+    hi = hi.reshape(q.shape[0]).to(torch.int64).contiguous()
+    return _scores(q, k, pos, lo, hi, span)[0].view(q.shape[0], q.shape[1], span)
+
+
+def _scores(q, k, pos, lo: int, hi: torch.Tensor, span: int, skip: torch.Tensor | None = None,
+            block: int | None = None, stages: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scoring kernel: (scores (B, Hkv, G, span) fp32, each split's max m and exp-sum l (B, Hkv, G, splits));
+    hi (B,) int64, skip (B,) int8 or None."""
     batch, heads, one, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
@@ -311,38 +329,14 @@ def tokenselect_votes(
     scores = torch.empty((batch, kv_heads, group, span), device=q.device, dtype=torch.float32)
     m = torch.empty((batch, kv_heads, group, splits), device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    hi = hi.reshape(batch).to(torch.int64).contiguous()
-    skip_arg = skip.reshape(batch).to(torch.int8) if skip is not None else hi
     _ts_scores_kernel[(batch * kv_heads, splits)](
-        q, k, pos, hi, skip_arg, scores, m, l,
+        q, k, pos, hi, skip if skip is not None else hi, scores, m, l,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), pos.stride(0),
         kv_heads, group, span, split_len, splits, int(lo),
         D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block, num_warps=4, num_stages=stages,
         HAS_SKIP=skip is not None, PDL=pdl(q), launch_pdl=pdl(q),
     )
-    return votes_from_scores(scores, m, l, pos, lo, hi, skip_arg if skip is not None else None)
-
-
-def head_scores(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lo: int, hi: torch.Tensor,
-                span: int) -> torch.Tensor:
-    """Triton path of :func:`attnkit.kernels.torch_ref.head_scores` (same contract): the scoring pass of
-    :func:`tokenselect_votes` alone, (B, H, span) fp32."""
-    batch, heads, one, dim = q.shape
-    kv_heads = k.shape[1]
-    group = heads // kv_heads
-    block = _block_n(dim)
-    splits, split_len = num_splits(span, batch * kv_heads, block)
-    scores = torch.empty((batch, heads, span), device=q.device, dtype=torch.float32)
-    m = torch.empty((batch, heads, splits), device=q.device, dtype=torch.float32)  # the votes' statistics: unused
-    hi = hi.reshape(batch).to(torch.int64).contiguous()
-    _ts_scores_kernel[(batch * kv_heads, splits)](
-        q, k, pos, hi, hi, scores, m, torch.empty_like(m),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), pos.stride(0),
-        kv_heads, group, span, split_len, splits, int(lo),
-        D=dim, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block, num_warps=4, num_stages=2,
-        HAS_SKIP=False, PDL=pdl(q), launch_pdl=pdl(q),
-    )
-    return scores
+    return scores, m, l
 
 
 def votes_from_scores(

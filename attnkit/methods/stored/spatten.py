@@ -99,21 +99,11 @@ class SpAttenLayer(KVLayer):
         keys, values = self.keys[:, :, :span], self.values[:, :, :span]
         out, probs, _ = dense_attention(query, keys, values, (pos >= 0).unsqueeze(2), scaling, softcap)
         if cfg.value_threshold > 0.0:
-            kept = probs.masked_fill(probs.mean(1, keepdim=True) <= cfg.value_threshold, 0.0)
-            out = torch.matmul(kept, expand_kv(values, query.shape[1]).float())
-        b, h = probs.shape[:2]
+            out = torch.matmul(value_pruned(probs, cfg.value_threshold)[0], expand_kv(values, query.shape[1]).float())
         kpos = pos[:, 0]  # (B, span)
-        at = kpos.clamp_min(0)
-        valid = (kpos >= 0).float()
-        qpos = self.qpos.view(b, 1)
-        seen_by = ((qpos >= kpos) & (qpos >= 0)).float() * h
-        sh.score.scatter_add_(1, at, probs.sum((1, 2)) * valid)
-        sh.count.scatter_add_(1, at, seen_by * valid)
+        self.add_scores(probs, kpos)
         if self.last:
-            avg = sh.score.gather(1, at) / sh.count.gather(1, at).clamp_min(1e-9)
-            protect = (kpos < cfg.sinks) | (kpos >= self.count - cfg.recent)
-            priority = avg.masked_fill(protect, float("inf")).masked_fill(kpos < 0, float("-inf"))
-            slot = priority.argmin(-1, keepdim=True)  # an empty slot while there is one
+            slot = self.priority(kpos).argmin(-1, keepdim=True)  # an empty slot while there is one
             there = kpos.gather(1, slot)
             drop = ((kpos >= 0).sum(-1, keepdim=True) > cfg.budget) & (there >= 0)
             sh.alive.scatter_(1, there.clamp_min(0), sh.alive.gather(1, there.clamp_min(0)) & ~drop)
@@ -137,9 +127,13 @@ class SpAttenLayer(KVLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
     def observe(self, probs: torch.Tensor) -> None:
-        b, h, q, n = probs.shape
-        pos = self.stored_pos()[:, 0]  # (B, n): the layout is shared by the KV heads of a row
-        self.shared.ensure(b, int(self.seen) + 1, probs.device)
+        self.shared.ensure(probs.shape[0], int(self.seen) + 1, probs.device)
+        self.add_scores(probs, self.stored_pos()[:, 0])  # the layout is shared by the KV heads of a row
+
+    def add_scores(self, probs: torch.Tensor, pos: torch.Tensor) -> None:
+        """Add probabilities (B, H, q, n) to the shared score of the positions pos (B, n) of the slots they read,
+        and to their count the query-heads that could see them."""
+        b, h, q, _ = probs.shape
         received = probs.sum((1, 2))  # (B, n): over heads and queries
         qpos = self.qpos.view(b, 1, q)
         seen_by = ((qpos >= pos.unsqueeze(-1)) & (qpos >= 0)).sum(-1).float() * h  # query-heads that saw each slot
@@ -147,6 +141,15 @@ class SpAttenLayer(KVLayer):
         valid = (pos >= 0).float()
         self.shared.score.scatter_add_(1, at, received * valid)
         self.shared.count.scatter_add_(1, at, seen_by * valid)
+
+    def priority(self, pos: torch.Tensor) -> torch.Tensor:
+        """(B, n) what keeps each slot of positions pos (B, n): its score / count; +inf for sinks and the recent
+        window, -inf for empty slots."""
+        sh, cfg = self.shared, self.cfg
+        at = pos.clamp_min(0)
+        avg = sh.score.gather(1, at) / sh.count.gather(1, at).clamp_min(1e-9)
+        protect = (pos < cfg.sinks) | (pos >= self.count - cfg.recent)
+        return avg.masked_fill(protect, float("inf")).masked_fill(pos < 0, float("-inf"))
 
     def prune_heads(self, out: torch.Tensor) -> torch.Tensor:
         """Cascade head pruning on this layer's output (B, H, q, D): heads pruned so far give zeros; the survivors
@@ -177,11 +180,7 @@ class SpAttenLayer(KVLayer):
         if int(held.max()) <= cfg.budget:
             return
         at = pos.clamp_min(0)
-        avg = sh.score.gather(1, at) / sh.count.gather(1, at).clamp_min(1e-9)
-        newest = self.count - cfg.recent  # (B, 1)
-        protect = (pos < cfg.sinks) | (pos >= newest)
-        priority = avg.masked_fill(protect, float("inf")).masked_fill(pos < 0, float("-inf"))
-        keep = priority.topk(min(cfg.budget, pos.shape[1]), dim=-1).indices
+        keep = self.priority(pos).topk(min(cfg.budget, pos.shape[1]), dim=-1).indices
         survive = torch.zeros_like(pos, dtype=torch.bool).scatter_(1, keep, True) & (pos >= 0)
         dead = (pos >= 0) & ~survive
         sh.alive.scatter_(1, at, ~dead & sh.alive.gather(1, at))
@@ -299,8 +298,7 @@ class SpAtten(Method):
             probs, refetch, v_full, v_msb = self.progressive(layer, query, key, value, mask, scaling, softcap)
         else:
             _, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)
-        negligible = probs.mean(1, keepdim=True) <= self.value_threshold  # (B, 1, q, n)
-        kept = probs.masked_fill(negligible, 0.0)
+        kept, negligible = value_pruned(probs, self.value_threshold)
         if self.msb_bits:  # a row reads the V it fetched: MSBs only, or all bits where it refetched
             out = torch.where(refetch, torch.matmul(kept, v_full), torch.matmul(kept, v_msb)).to(query.dtype)
         else:
@@ -331,6 +329,13 @@ class SpAtten(Method):
         sh.refetched += int(counted.sum())
         probs = torch.where(refetch, fine, coarse)
         return probs, refetch, expand_kv(full_v, h).float(), expand_kv(msb_v, h).float()
+
+
+def value_pruned(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SpAtten's value pruning: (probs (B, H, q, n) with the entries whose mean over heads is <= threshold zeroed,
+    not renormalised; which entries, (B, 1, q, n) bool)."""
+    negligible = probs.mean(1, keepdim=True) <= threshold
+    return probs.masked_fill(negligible, 0.0), negligible
 
 
 def quantize_split(x: torch.Tensor, msb: int, lsb: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.hf.attention import attend_layer
-from attnkit.hf.cache import KVLayer, _round_up
+from attnkit.hf.cache import KVLayer
 from attnkit.kernels.sparse_prefill import (
     block_gather_attention,
     causal_pairs,
@@ -134,11 +134,7 @@ class TCALayer(KVLayer):
         self.keep_slots(idx)
         self.pos[:, :, :k].masked_fill_(holes, -1)
         self.keep = None
-        # really free the memory: buffers sized to what is kept plus the tokens this generation still adds
-        cap = _round_up(k + max(1, self.capacity_hint - self.seen))
-        if cap < self.capacity:
-            for name in self.slot_buffers:
-                setattr(self, name, getattr(self, name)[:, :, :cap].clone())
+        self.shrink()  # really free the memory: buffers sized to what is kept plus the tokens still to come
 
 
 @dataclass
