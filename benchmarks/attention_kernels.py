@@ -206,6 +206,9 @@ def main(argv=None) -> int:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False) if dev.type == "cuda" else flex_attention
+    # one compile per (mask, length, pass): past dynamo's default of 8 it would silently run the unfused
+    # flex_attention (the whole score matrix: 26 GB at 8K, measured) and time that instead
+    torch._dynamo.config.recompile_limit = 1024
     kernels = args.kernels.split(",")
     for n in [int(x) for x in args.lengths.split(",")]:
         q = torch.randn(1, h, n, d, device=dev, dtype=dtype)
@@ -287,7 +290,10 @@ def run_one(name, kernel, pas, n, q, k, v, mod, kind, mask_area, mods, flex, cre
                                                           is_causal=kind == "causal", enable_gqa=not rep)
         elif kernel == "flex":
             t = time.time()
-            bm = create_block_mask(mod, 1, 1, n, n, device=dev)
+            try:  # compiled on CUDA: the eager builder evaluates the whole (n, n) mask at once (512 GiB at 64K)
+                bm = create_block_mask(mod, 1, 1, n, n, device=dev, _compile=dev.type == "cuda")
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                return refused(name, kernel, n, pas, exc)
             note = f"block mask {time.time() - t:.1f}s"
 
             def call():
@@ -307,14 +313,19 @@ def run_one(name, kernel, pas, n, q, k, v, mod, kind, mask_area, mods, flex, cre
     try:
         ms = timed(fn, args.repeats)
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a kernel that refuses this shape: say so in the row
-        return {"mask": name, "kernel": kernel, "length": n, "pass": pas, "ms": "", "tflops": "", "density": "",
-                "peak_mib": "", "note": f"refused: {str(exc).splitlines()[0][:120]}", "gpus": 1}
+        return refused(name, kernel, n, pas, exc)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.type == "cuda" else float("nan")
     flops = 4 * mask_area * h * d * (3.5 if pas == "fwd+bwd" else 1.0)
     row = {"mask": name, "kernel": kernel, "length": n, "pass": pas, "ms": round(ms, 3),
            "tflops": round(flops / ms / 1e9, 1), "density": round(mask_area / (n * n), 4),
            "peak_mib": round(peak, 1), "note": note, "gpus": 1}
     return row
+
+
+def refused(name: str, kernel: str, n: int, pas: str, exc: BaseException) -> dict:
+    """The row of a kernel that refused this mask or shape, with the first line of its error."""
+    return {"mask": name, "kernel": kernel, "length": n, "pass": pas, "ms": "", "tflops": "", "density": "",
+            "peak_mib": "", "note": f"refused: {str(exc).splitlines()[0][:120]}", "gpus": 1}
 
 
 def done_rows(path: Path) -> set[tuple]:

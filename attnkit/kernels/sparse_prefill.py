@@ -278,7 +278,10 @@ def flex_block_attention(
     if "fn" not in _FLEX:
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     try:
-        return _FLEX["fn"](query, key, value, **args)
+        # one compile per chunk shape (a chunked prefill's key length grows): past dynamo's default limit of 8 it
+        # would silently run the unfused flex_attention, which holds the whole score matrix (OOM at 32K)
+        with torch._dynamo.config.patch(recompile_limit=max(256, torch._dynamo.config.recompile_limit)):
+            return _FLEX["fn"](query, key, value, **args)
     except Exception as err:  # noqa: BLE001 - Inductor raises many types; any of them means "no compiled kernel"
         # Inductor's flex kernels need blocks of at least its tile (seen on the H100: a 4-token block has no
         # valid config); the uncompiled flex_attention is exact, only slower, so run that for this block size.
