@@ -172,6 +172,13 @@ def method_inputs(n: int, h: int, hkv: int, device, seed: int = 0) -> dict[str, 
             "tca": ("gather", qidx, lists(1024, hkv, 4096), pos)}
 
 
+def lists_to_tokens(lists: torch.Tensor, n: int) -> torch.Tensor:
+    """Per query block token lists (1, Hs, nqb, k), -1 padded -> (1, Hs, nqb, n) bool: FlexAttention's input."""
+    tokens = torch.zeros(*lists.shape[:3], n + 1, dtype=torch.bool, device=lists.device)
+    tokens.scatter_(-1, torch.where(lists >= 0, lists, n), True)
+    return tokens[..., :n]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="8192,16384,32768,65536,131072")
@@ -250,8 +257,13 @@ def run_one(name, kernel, pas, n, q, k, v, mod, kind, mask_area, mods, flex, cre
     note = ""
     method = mod is None
     if method:
-        if kernel != "attnkit" or pas != "fwd":
-            return None  # attnkit's sparse-prefill kernels are forward only
+        spec_kind = {"token_sparse": "compact", "rectified": "flex_blocks"}.get(name, "gather")
+        # the kernels each method has: token_sparse its compacted attention ("attnkit"), rectified FlexAttention
+        # over its critical blocks, DHSA / TCA their token lists both gathered ("attnkit", the CPU / any-layout
+        # path) and through FlexAttention over the listed tokens' blocks (their default on CUDA)
+        takes = {"compact": ("attnkit",), "flex_blocks": ("flex",), "gather": ("attnkit", "flex")}[spec_kind]
+        if kernel not in takes or pas != "fwd":
+            return None  # the sparse-prefill kernels are timed forward only (inference)
         spec = method_inputs(n, h, k.shape[1], dev)[name]
         if spec[0] == "compact":
             _, sets, pos, per = spec
@@ -259,9 +271,13 @@ def run_one(name, kernel, pas, n, q, k, v, mod, kind, mask_area, mods, flex, cre
             mask_area = per * (per + 1) / 2  # per head: kept queries causally over kept keys
         elif spec[0] == "gather":
             _, qidx, lists, pos = spec
-            fn = lambda: block_gather_attention(q, k, v, qidx, lists, pos, pos, scale)  # noqa: E731
             mask_area = float((lists >= 0).sum()) * BLOCK / lists.shape[1]  # upper bound: every query reads its list
             note = "area: block lists x block"
+            if kernel == "flex":
+                tokens = lists_to_tokens(lists, n)
+                fn = lambda: flex_block_attention(q, k, v, None, BLOCK, scale, tokens=tokens)  # noqa: E731
+            else:
+                fn = lambda: block_gather_attention(q, k, v, qidx, lists, pos, pos, scale)  # noqa: E731
         else:
             crit = spec[1]
             fn = lambda: flex_block_attention(q, k, v, crit, BLOCK, scale)  # noqa: E731
@@ -487,7 +503,7 @@ def plot(csv_path: Path, svg: Path) -> int:
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(masks))], masks, rotation=30, ha="right")
     ax.set_ylabel("forward TFLOP/s")
     ax.set_title(f"prefill attention at {longest:,} tokens (Llama-3.1-8B heads, bf16)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")  # the left holds the dense masks' tallest bars
     fig.tight_layout()
     svg.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(svg)

