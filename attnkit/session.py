@@ -13,6 +13,7 @@ from attnkit.hf.cache import AttnkitCache, KVLayer, WindowLayer
 from attnkit.hf.rope import DYNAMIC_ROPE_TYPES, find_rotary, rope_types
 from attnkit.methods.base import LayerContext, Method
 from attnkit.registry import make_method
+from attnkit.timing import AttentionTimer
 
 
 def text_config(model: torch.nn.Module):
@@ -35,6 +36,7 @@ class Run:
     peak_kv_bytes : the largest KV storage any of this run's caches held after a forward
     recorder : optional callback receiving, per layer call, a dict (layer, query, key, value, mask, scaling, out):
         what was attended and the explicit (B, Hkv|1, q, n) mask of what the method let each query see (None: all)
+    attention_timer : set by :meth:`time_attention`: seconds spent in attention from then on
     """
 
     def __init__(self, model: torch.nn.Module, method: Method) -> None:
@@ -46,6 +48,7 @@ class Run:
         self.cache: AttnkitCache | None = None
         self.peak_kv_bytes = 0
         self.recorder: Callable | None = None
+        self.attention_timer: AttentionTimer | None = None
         #: tokens a generation will hold (prompt + new), set by attnkit.generate: caches allocate once
         self.capacity_hint = 0
         #: state a method shares across layers and steps (e.g. a selection made on one layer, reused by later ones)
@@ -91,12 +94,22 @@ class Run:
         self.cache = AttnkitCache([self.new_layer(i) for i in range(self.config.num_hidden_layers)], self)
         return self.cache
 
+    def time_attention(self) -> AttentionTimer:
+        """Time every attention call from now on (prefill chunks and decode steps apart, the method's scoring and
+        selection included); ``timer.seconds()`` reads the sums. Calls inside CUDA graphs are not timed."""
+        self.attention_timer = AttentionTimer()
+        return self.attention_timer
+
     def attend(self, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
+        timer = self.attention_timer
+        mark = None if timer is None else timer.begin(query)
         sliding = self.layer_types[layer.layer_idx] == "sliding_attention"
         if sliding and not self.method.weighs_sliding_layers:  # the model's own window, not the method
             out = attention.attend_layer(self, layer, query, key, value, scaling, softcap)
         else:
             out = self.method.attend(self, module, layer, query, key, value, scaling, softcap)
+        if mark is not None:
+            timer.end(mark)
         # (a fixed-shape step holds what the prefill left: a compiled one need not trace this host bookkeeping)
         last = layer.layer_idx == self.config.num_hidden_layers - 1
         if last and self.cache is not None and not torch.compiler.is_compiling():

@@ -16,6 +16,7 @@ import argparse
 import gc
 import inspect
 import json
+import math
 import time
 from pathlib import Path
 
@@ -203,6 +204,11 @@ def run_method(model, tok, ids: torch.Tensor, name: str, settings: dict, args, c
     """One attnkit.generate of ``name``: steady-state ms per token (the CUDA-graph replays), prefill, KV held."""
     try:
         with attnkit.apply(model, name, **settings) as run:
+            timer = run.time_attention()  # prefill attention (the method's selection included), apart
+            if torch.cuda.is_available():
+                sync()
+                torch.cuda.reset_peak_memory_stats()
+            start_bytes = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
             g = attnkit.generate(model, tok, list(ids.unbind(0)) if args.batch > 1 else ids,
                                  max_new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk,
                                  stop_at_eos=False, cuda_graphs=not args.no_graphs,
@@ -210,9 +216,12 @@ def run_method(model, tok, ids: torch.Tensor, name: str, settings: dict, args, c
             g = g[0] if isinstance(g, list) else g
             # steady state: the CUDA-graph replays (warm-up steps, compile and the one-off capture reported apart)
             per_token = g.stats.get("steady_s_per_token", g.s_per_token)
+            # peak memory above what was allocated before (weights, prompt): with few new tokens, the prefill's
+            peak = torch.cuda.max_memory_allocated() - start_bytes if torch.cuda.is_available() else float("nan")
             return {"ms_per_token": 1000 * per_token, "prefill_s": g.prefill_s, "all_steps_ms": 1000 * g.s_per_token,
                     "capture_s": g.stats.get("capture_s"), "kv_bytes": run.kv_bytes(), "settings": settings,
-                    "decode": g.stats.get("decode")}
+                    "decode": g.stats.get("decode"), "prefill_attention_s": timer.seconds()["prefill"],
+                    "peak_bytes": peak}
     except torch.OutOfMemoryError as exc:  # one method out of memory: say so, measure the others
         print(f"{name}: out of memory ({str(exc).splitlines()[0][:160]})", flush=True)
         return {"ms_per_token": float("nan"), "prefill_s": float("nan"), "kv_bytes": 0, "settings": settings,
@@ -306,8 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nLlama-3.1-8B-shaped ({args.layers} layers), random bf16 weights, batch {args.batch}, context "
           f"{args.context}, {args.new_tokens} new tokens, {device}, torch {torch.__version__}, copy bandwidth "
           f"{bandwidth:.0f} GB/s, weights {weight_bytes / 1e9:.1f} GB")
-    print("| run | ms / token | tokens/s | vs attnkit full | vs floor | prefill s | KV MiB held |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| run | ms / token | tokens/s | vs attnkit full | vs floor | prefill s | prefill attention s | KV MiB held | "
+          "peak MiB above start |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     weights_floor = 1000 * weight_bytes / (bandwidth * 1e9)
     for name, r in rows.items():
         kv = r.get("kv_bytes", 0)
@@ -315,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["floor_ms"] = floor_ms
         r["tokens_per_s"] = 1000 * args.batch / r["ms_per_token"]
         print(f"| {name} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {base / r['ms_per_token']:.2f}x | "
-              f"{r['ms_per_token'] / floor_ms:.2f}x | {r['prefill_s']:.2f} | {kv / 2**20:.0f} |")
+              f"{r['ms_per_token'] / floor_ms:.2f}x | {r['prefill_s']:.2f} | {r.get('prefill_attention_s', math.nan):.2f} | "
+              f"{kv / 2**20:.0f} | {r.get('peak_bytes', math.nan) / 2**20:.0f} |")
     print(f"weights-only floor {weights_floor:.2f} ms; decode modes: "
           + ", ".join(f"{n}: {r['decode']}" for n, r in rows.items() if r.get("decode")))
     cold = {n: r["cold_prefill_s"] for n, r in rows.items() if "cold_prefill_s" in r}

@@ -130,3 +130,43 @@ def test_perplexity_decode_tail_feeds_the_last_tokens_as_decode_steps(name):
         assert not torch.allclose(tail[72:], chunked[72:], atol=1e-4)
     with pytest.raises(ValueError, match="decode_tail=96 is invalid for a 96-token text"):
         attnkit.perplexity(model, None, ids, decode_tail=96)
+
+
+def test_attention_timer_counts_each_layer_call_by_kind():
+    """run.time_attention(): one timed call per layer and forward, prefill chunks and decode steps apart; the time
+    sits inside the forwards' wall time, and a method's slower attention shows in it."""
+    import time
+
+    from attnkit.session import cache_argument
+
+    model = tiny_llama(dtype=torch.float32)
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(0, 256, (1, 64))
+    arg = cache_argument(model)
+
+    def measured(name, **settings):
+        with torch.no_grad(), attnkit.apply(model, name, **settings) as run:
+            cache = run.new_cache()
+            timer = run.time_attention()
+            t0 = time.perf_counter()
+            for s in (0, 32):  # two prefill chunks
+                model(input_ids=ids[:, s : s + 32], position_ids=torch.arange(s, s + 32)[None], **{arg: cache})
+            for p in range(64, 67):  # three decode steps
+                model(input_ids=ids[:, :1], position_ids=torch.tensor([[p]]), **{arg: cache})
+            wall = time.perf_counter() - t0
+        return timer, wall
+
+    timer, wall = measured("full")
+    assert timer.calls == {"prefill": 2 * layers, "decode": 3 * layers}
+    spent = timer.seconds()
+    assert 0 < spent["prefill"] and 0 < spent["decode"] and spent["prefill"] + spent["decode"] < wall
+
+    full = attnkit.registry.method_class("full")
+
+    class SlowFull(full):
+        def attend(self, *args):
+            time.sleep(0.01)
+            return super().attend(*args)
+
+    timer, _ = measured(SlowFull())
+    assert timer.seconds()["prefill"] >= 2 * layers * 0.01
