@@ -240,19 +240,19 @@ def calibrate_tca(model, prompts: list[torch.Tensor], tau: float = 0.9, block: i
     from tqdm.auto import tqdm
 
     from attnkit.methods.stored.tca import block_counts, config_table, select_tokens
-    from attnkit.reference import dense_attention
+    from attnkit.reference import attention_probs
 
     table = config_table(block, configs)
     need: dict[int, torch.Tensor] = {}
     for ids in tqdm(prompts, desc="tca budgets", disable=not progress, unit="prompt"):
         records = []
         with torch.no_grad(), attnkit.apply(model, "full") as run:
-            run.recorder = lambda r: records.append((r["layer"], r["query"][:, :, -1:], r["key"], r["value"]))
+            run.recorder = lambda r: records.append((r["layer"], r["query"][:, :, -1:], r["key"]))
             model(input_ids=ids)
-        for layer, q, k, v in records:
+        for layer, q, k in records:
             if run.layer_types[layer] == "sliding_attention":
                 continue
-            _, probs, _ = dense_attention(q, k, v, None, q.shape[-1] ** -0.5)  # (1, H, 1, n): the last query
+            probs, _ = attention_probs(q, k, None, q.shape[-1] ** -0.5)  # (1, H, 1, n): the last query
             hkv, n = k.shape[1], k.shape[2]
             s = probs.view(1, hkv, -1, n).mean(2)  # (1, Hkv, n)
             pos = torch.arange(n, device=k.device)

@@ -15,6 +15,31 @@ from attnkit.kernels import torch_ref
 from attnkit.reference import dense_attention
 
 
+@pytest.mark.parametrize("mask_heads", [None, 1, 2, 8])
+def test_reference_equals_a_per_head_loop(mask_heads):
+    """dense_attention (and attention_probs, its grouped scoring pass) against one softmax per query head over its
+    KV head (h // G), with masks per batch / KV head / query head, soft-capping, a bias and an empty row."""
+    from attnkit.reference import attention_probs
+
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, q, n, d = 2, 8, 2, 5, 11, 16
+    query, key, value = (torch.randn(b, x, y, d, generator=g) for x, y in ((h, q), (hkv, n), (hkv, n)))
+    mask = None if mask_heads is None else torch.rand(b, mask_heads, q, n, generator=g) < 0.6
+    if mask is not None:
+        mask[:, :, 2] = False  # an empty row: zero output and probabilities
+    bias = torch.randn(1, h, 1, n, generator=g)
+    out, probs, lse = dense_attention(query, key, value, mask, 0.3, softcap=5.0, bias=bias)
+    for bi, hi in itertools.product(range(b), range(h)):
+        s = 5.0 * torch.tanh(query[bi, hi] @ key[bi, hi // (h // hkv)].T * 0.3 / 5.0) + bias[0, hi]
+        if mask is not None:
+            s = s.masked_fill(~mask[bi, hi // (h // mask_heads) if mask_heads > 1 else 0], float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+        assert torch.allclose(probs[bi, hi], p, atol=1e-6), (bi, hi)
+        assert torch.allclose(out[bi, hi], p @ value[bi, hi // (h // hkv)], atol=1e-5), (bi, hi)
+    again, lse2 = attention_probs(query, key, mask, 0.3, softcap=5.0, bias=bias)
+    assert torch.equal(again, probs) and torch.equal(lse2, lse)
+
+
 def make_buffers(
     batch: int, heads: int, kv_heads: int, dim: int, cap: int, dtype: torch.dtype, device: str = "cpu",
     holes: float = 0.2, seed: int = 0,

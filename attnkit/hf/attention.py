@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from attnkit.reference import dense_attention, expand_kv
+from attnkit.reference import attention_probs, dense_attention, expand_kv
 
 NAME = "attnkit"
 #: id(text config) -> active Run; filled by attnkit.apply for the duration of its block
@@ -100,7 +100,7 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
             w = min(int(wants.split(":")[1]), q)
             rows = torch.arange(n - w, n, device=key.device).view(w, 1)
             sub_mask = (torch.arange(n, device=key.device) <= rows).view(1, 1, w, n)
-            _, probs, _ = dense_attention(query[:, :, -w:], key, value, sub_mask, scaling)
+            probs, _ = attention_probs(query[:, :, -w:], key, sub_mask, scaling)
             layer.observe(probs)  # holds_prefix: no padding, so every query is real
     elif wants == "all" or softcap is not None:
         out, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)
@@ -112,7 +112,7 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
         if wants:  # "last:<w>": probabilities of the chunk's last w queries only
             w = min(int(wants.split(":")[1]), query.shape[2])
             sub_mask = None if mask is None else mask[:, :, -w:]
-            _, probs, _ = dense_attention(query[:, :, -w:], key, value, sub_mask, scaling)
+            probs, _ = attention_probs(query[:, :, -w:], key, sub_mask, scaling)
             layer.observe(only_real_queries(layer, probs))
     if run.recorder is not None:
         run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask, scaling=scaling, out=out))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from attnkit.hf.attention import ACTIVE_RUNS
 from attnkit.methods.base import Method, check_int
 from attnkit.methods.driver.reading import DEFAULT_TEMPLATE, Template, layout, pack, split_document
-from attnkit.reference import dense_attention
+from attnkit.reference import attention_probs
 
 if TYPE_CHECKING:
     from attnkit.inference import Generation
@@ -92,7 +92,7 @@ def question_attention(run: "Run", model, ids: list[int], rows_start: int, prefi
             return
         mask = call["mask"]
         sub_mask = None if mask is None else mask[:, :, lo - first:]
-        _, probs, _ = dense_attention(q[:, :, lo - first:], k, call["value"], sub_mask, call["scaling"])
+        probs, _ = attention_probs(q[:, :, lo - first:], k, sub_mask, call["scaling"])
         rows[lo - rows_start: n - rows_start, :n] = probs[0].sum(0)
 
     saved = run.recorder

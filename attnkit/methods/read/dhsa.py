@@ -22,7 +22,7 @@ from attnkit.kernels.sparse_prefill import (
     read_pairs,
 )
 from attnkit.methods.base import Method, check_choice, check_int
-from attnkit.reference import dense_attention
+from attnkit.reference import attention_probs
 
 NEG_INF = float("-inf")
 BOUNDS = "dhsa:chunk_of"  # run.shared key: (B, n) chunk id of every stored slot, shared by all layers
@@ -45,9 +45,10 @@ def mass_ratios(query, key, value, qpos: torch.Tensor, kpos: torch.Tensor, scali
     # float64 sums: ``after`` below subtracts a band from a column total (cancellation in float32 on the GPU)
     col = torch.zeros((b, n), device=key.device, dtype=torch.float64)
     band = torch.zeros((b, n, 2 * w), device=key.device, dtype=torch.float64)  # band[j, t] = M[slot j + t, j]
+    key = key.float()  # once, not per row block
     for s in range(0, q, block):
         mask = causal_visibility(qpos[:, s : s + block], kpos)
-        _, probs, _ = dense_attention(query[:, :, s : s + block], key, value, mask, scaling)
+        probs, _ = attention_probs(query[:, :, s : s + block], key, mask, scaling)
         m = probs.mean(1).double()  # (B, rows, n)
         rows = torch.arange(s, s + m.shape[1], device=key.device) + (n - q)  # their slots
         real = kpos.gather(1, rows.expand(b, -1)) >= 0

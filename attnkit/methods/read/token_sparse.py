@@ -13,7 +13,7 @@ from attnkit.hf.cache import KVLayer
 from attnkit.kernels.sparse_prefill import causal_pairs, causal_visibility, compact_attention, compact_mask
 from attnkit.methods.base import Method, check_float, check_int, load_json_profile
 from attnkit.methods.read.zerotuning import parse_indices
-from attnkit.reference import dense_attention
+from attnkit.reference import attention_probs
 
 NEG_INF = float("-inf")
 
@@ -34,7 +34,7 @@ def token_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, qp
     window itself, padding) counting as zeros, as the official code pools the prefix alone. query (B, H, q, D);
     qpos (B, q), kpos (B, n) positions; cand (B, n) bool."""
     m = causal_visibility(qpos[:, -window:], kpos)  # the window's rows only: no (q, n) mask
-    _, probs, _ = dense_attention(query[:, :, -window:], key, value, m, scaling)  # (B, H, w, n)
+    probs, _ = attention_probs(query[:, :, -window:], key, m, scaling)  # (B, H, w, n)
     b, h, _, n = probs.shape
     s = probs.mean(2) * cand.unsqueeze(1)
     pooled = F.avg_pool1d(s.reshape(b * h, 1, n), kernel, 1, kernel // 2, count_include_pad=True)

@@ -9,7 +9,7 @@ import torch
 
 from attnkit.hf.cache import KVLayer
 from attnkit.methods.base import LayerContext, Method, check_float, check_int
-from attnkit.reference import dense_attention, expand_kv
+from attnkit.reference import attention_probs, dense_attention, expand_kv
 
 
 class CascadeScores:
@@ -297,7 +297,7 @@ class SpAtten(Method):
         if self.msb_bits:
             probs, refetch, v_full, v_msb = self.progressive(layer, query, key, value, mask, scaling, softcap)
         else:
-            _, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)
+            probs, _ = attention_probs(query, key, mask, scaling, softcap)
         kept, negligible = value_pruned(probs, self.value_threshold)
         if self.msb_bits:  # a row reads the V it fetched: MSBs only, or all bits where it refetched
             out = torch.where(refetch, torch.matmul(kept, v_full), torch.matmul(kept, v_msb)).to(query.dtype)
@@ -318,8 +318,8 @@ class SpAtten(Method):
         max is below the threshold, then from the keys with all bits (the LSBs fetched)."""
         full_k, msb_k = quantize_split(key, self.msb_bits, self.lsb_bits)
         full_v, msb_v = quantize_split(value, self.msb_bits, self.lsb_bits)
-        _, coarse, _ = dense_attention(query, msb_k, value, mask, scaling, softcap)
-        _, fine, _ = dense_attention(query, full_k, value, mask, scaling, softcap)
+        coarse, _ = attention_probs(query, msb_k, mask, scaling, softcap)
+        fine, _ = attention_probs(query, full_k, mask, scaling, softcap)
         refetch = coarse.amax(-1, keepdim=True) < self.quant_threshold  # (B, H, q, 1)
         real = layer.real_queries(query.shape[2])
         counted = refetch if real is None else refetch & real.bool().view(real.shape[0], 1, -1, 1)

@@ -21,7 +21,7 @@ from attnkit.kernels.sparse_prefill import (
     read_pairs,
 )
 from attnkit.methods.base import LayerContext, Method, check_choice, check_float, check_int, load_json_profile
-from attnkit.reference import dense_attention
+from attnkit.reference import attention_probs
 
 NEG_INF = float("-inf")
 
@@ -229,13 +229,14 @@ class TCA(Method):
         # nothing evicted yet and no padding: slot = position, so key block = slot // block
         contiguous = self.block if layer.n == layer.seen and not layer.padded else 0
         chosen = torch.zeros((b, hkv, nqb, kpos.shape[-1]), dtype=torch.bool, device=query.device)
+        key_f = key.float()  # the scoring passes' float32 keys, converted once
         for s in range(0, nqb, group):
             li, lp = last_i[:, s : s + group], last_pos[:, s : s + group]
             g = li.shape[1]
             ql = query.gather(2, li.clamp_min(0).view(b, 1, g, 1).expand(b, h, g, d))
             kp = kpos.unsqueeze(2)  # (B, Hkv, 1, n)
             vis = (kp >= 0) & (kp <= lp.view(b, 1, g, 1))
-            _, probs, _ = dense_attention(ql, key, value, vis, scaling)  # (B, H, g, n)
+            probs, _ = attention_probs(ql, key_f, vis, scaling)  # (B, H, g, n)
             sc = probs.view(b, hkv, h // hkv, g, -1).mean(2)
             old = vis & (kp <= lp.view(b, 1, g, 1) - self.window)
             kb = kb_all.unsqueeze(2).expand_as(sc)
