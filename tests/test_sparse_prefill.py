@@ -358,11 +358,46 @@ def test_flex_block_attention_equals_the_block_mask_reference(chunk_start):
     assert torch.allclose(out.float(), want, atol=tol)
     # token lists per KV head (TCA's shape) through the same kernel
     tokens = rand(b, hkv, nb, n, seed=6) > 0.5
+    tokens |= block_token_mask(rand(b, hkv, nb, nb, seed=7) > 0.3, nb, n, 1, blk)  # whole blocks: the kernel's full ones
     tokens[..., torch.arange(n, device=DEVICE) // blk == torch.arange(nb, device=DEVICE).view(-1, 1)] = True
     out = flex_block_attention(query, key, value, None, blk, 0.25, compiled=DEVICE == "cuda", tokens=tokens[:, :, first:])
     per_q = tokens.repeat_interleave(blk, 2)[:, :, chunk_start:n].repeat_interleave(h // hkv, 1)
     want, _, _ = attnkit.dense_attention(query, key, value, per_q & causal_visibility(pos[:, chunk_start:], pos), 0.25)
     assert torch.allclose(out.float(), want, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["blocks", "tokens"])
+@pytest.mark.parametrize("chunk_start", [0, 32])
+def test_flex_block_mask_lists_full_blocks_only_where_every_pair_is_visible(kind, chunk_start):
+    """The compiled kernel applies no mask_mod on "full" blocks (FlexAttention's eager path applies it everywhere,
+    so the kernel test above cannot see a wrong full list): every full block must be visible in each of its
+    (query, key) pairs, every chosen block with a visible pair listed once, and nothing else listed."""
+    from attnkit.kernels.sparse_prefill import flex_block_mask
+
+    b, h, hkv, n, blk = 1, 4, 2, 96, 16
+    q, nb = n - chunk_start, n // blk
+    first = chunk_start // blk
+    if kind == "blocks":
+        bm = flex_block_mask(h, q, n, blk, blocks=(rand(b, h, nb, nb, seed=3) > 0)[:, :, first:])
+    else:
+        tokens = rand(b, hkv, nb, n, seed=6) > 0.5
+        tokens |= block_token_mask(rand(b, hkv, nb, nb, seed=7) > 0.3, nb, n, 1, blk)
+        bm = flex_block_mask(h, q, n, blk, tokens=tokens[:, :, first:])
+    qi, ki = torch.arange(q, device=DEVICE).view(-1, 1), torch.arange(n, device=DEVICE).view(1, -1)
+    full_seen = 0
+    for hi in range(h):
+        dense = bm.mask_mod(0, hi, qi, ki)  # (q, n) what the query may read
+        per_block = dense.view(q // blk, blk, nb, blk)
+        for i in range(q // blk):
+            partial = set(bm.kv_indices[0, hi, i, : bm.kv_num_blocks[0, hi, i]].tolist())
+            full = set(bm.full_kv_indices[0, hi, i, : bm.full_kv_num_blocks[0, hi, i]].tolist())
+            assert not partial & full
+            for j in full:
+                assert bool(per_block[i, :, j].all()), (hi, i, j)
+            visible = {j for j in range(nb) if bool(per_block[i, :, j].any())}
+            assert visible <= partial | full, (hi, i, visible - partial - full)
+            full_seen += len(full)
+    assert full_seen > 0  # the case exercises the full lists
 
 
 @pytest.mark.parametrize("method", ["dhsa", "tca"])

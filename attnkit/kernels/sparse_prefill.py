@@ -243,34 +243,12 @@ def flex_block_attention(
     blocks holding any of them are the kernel's blocks. On CUDA the compiled kernel skips unmarked blocks;
     elsewhere FlexAttention's eager path computes the same (slowly: tests only).
     """
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-    b, h, q, d = query.shape
-    n = key.shape[2]
+    h, q, n = query.shape[1], query.shape[2], key.shape[2]
     if (n - q) % block:
         raise ValueError(f"flex_block_attention: the chunk starts at slot {n - q}, not on a block of {block}")
-    nqb = -(-q // block)
-    off = n - q
-    if tokens is not None:
-        tok = tokens[:, :, :nqb].contiguous()  # (B, Hs, q blocks of the chunk, n)
-        nkb = -(-n // block)
-        sel = F.pad(tok, (0, nkb * block - n)).view(*tok.shape[:3], nkb, block).any(-1)
-        grp = h // tok.shape[1]  # query heads per selection head (a KV head's group, or all)
-
-        def mask_mod(bi, hi, qi, ki):
-            return (ki <= qi + off) & tok[bi, hi // grp, qi // block, ki]
-    else:
-        sel = blocks[:, :, :nqb].contiguous()  # (B, Hs, q blocks of the chunk, nkb)
-        grp = h // sel.shape[1]
-
-        def mask_mod(bi, hi, qi, ki):
-            return (ki <= qi + off) & sel[bi, hi // grp, qi // block, ki // block]
-
-    bsel = sel.repeat_interleave(h // sel.shape[1], 1) if 1 < sel.shape[1] < h else sel  # 1 or H heads
-    nkb = bsel.shape[-1]
-    num = bsel.sum(-1).to(torch.int32)
-    idx = torch.where(bsel, torch.arange(nkb, device=bsel.device), nkb).sort(-1).values.clamp_max(nkb - 1)
-    bm = BlockMask.from_kv_blocks(num, idx.to(torch.int32), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(q, n))
+    bm = flex_block_mask(h, q, n, block, blocks, tokens)
     use_compiled = (query.is_cuda if compiled is None else compiled) and block not in _FLEX_REFUSED
     args = dict(block_mask=bm, scale=scaling, enable_gqa=key.shape[1] != h)
     if not use_compiled:
@@ -289,6 +267,50 @@ def flex_block_attention(
         warnings.warn(f"attnkit: compiled FlexAttention refused {block}-token blocks ({type(err).__name__}); "
                       "running the uncompiled flex_attention for this block size", stacklevel=2)
         return flex_attention(query, key, value, **args)
+
+
+def flex_block_mask(h: int, q: int, n: int, block: int, blocks: torch.Tensor | None = None,
+                    tokens: torch.Tensor | None = None):
+    """FlexAttention's BlockMask for :func:`flex_block_attention` (its arguments; h query heads, a chunk of q
+    queries over n slots, starting on a block boundary). Key blocks wholly chosen and wholly before a query
+    block's first query are listed as full: the compiled kernel skips the mask_mod there (for token choices a
+    per-element gather from the (B, Hs, blocks, n) mask); the other chosen blocks are partial."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nqb, off = -(-q // block), n - q
+    if tokens is not None:
+        tok = tokens[:, :, :nqb].contiguous()  # (B, Hs, q blocks of the chunk, n)
+        nkb = -(-n // block)
+        per_block = F.pad(tok, (0, nkb * block - n)).view(*tok.shape[:3], nkb, block)
+        sel, whole = per_block.any(-1), per_block.all(-1)
+        grp = h // tok.shape[1]  # query heads per selection head (a KV head's group, or all)
+
+        def mask_mod(bi, hi, qi, ki):
+            return (ki <= qi + off) & tok[bi, hi // grp, qi // block, ki]
+    else:
+        sel = blocks[:, :, :nqb].contiguous()  # (B, Hs, q blocks of the chunk, nkb)
+        whole = sel
+        grp = h // sel.shape[1]
+
+        def mask_mod(bi, hi, qi, ki):
+            return (ki <= qi + off) & sel[bi, hi // grp, qi // block, ki // block]
+
+    first_q_block = torch.arange(sel.shape[2], device=sel.device).view(-1, 1) + off // block
+    full = whole & (torch.arange(sel.shape[-1], device=sel.device) < first_q_block)
+    num, idx = _kv_block_lists(sel & ~full, h)
+    full_num, full_idx = _kv_block_lists(full, h)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(q, n))
+
+
+def _kv_block_lists(chosen: torch.Tensor, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Hs, query blocks, key blocks) bool -> BlockMask's (count, ascending key block indices) int32, with the
+    selection heads repeated to H query heads unless they are 1 or H already."""
+    if 1 < chosen.shape[1] < h:
+        chosen = chosen.repeat_interleave(h // chosen.shape[1], 1)
+    nkb = chosen.shape[-1]
+    idx = torch.where(chosen, torch.arange(nkb, device=chosen.device), nkb).sort(-1).values.clamp_max(nkb - 1)
+    return chosen.sum(-1).to(torch.int32), idx.to(torch.int32)
 
 
 def block_token_mask(blocks: torch.Tensor, q: int, n: int, block_q: int, block_k: int) -> torch.Tensor:
@@ -322,6 +344,7 @@ __all__ = [
     "compact_mask",
     "expand_kv",
     "flex_block_attention",
+    "flex_block_mask",
     "gather_heads",
     "mask_to_lists",
     "masked_attention",
