@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests familytests familyc32 familyc128 pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests familytests familyc32 familyc128 prefillcudnn pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -49,6 +49,16 @@ for s in $stages; do
       ctx=$([ "$s" = prefill32 ] && echo 32768 || echo 131072)
       python3 benchmarks/decode_latency.py --context $ctx --new-tokens 2 --prefill-chunk $ctx --skip-hf --skip-compile --warm \
         --methods full,token_sparse,dhsa,rectified,tca --out "$OUT/prefill_$ctx.json" 2>&1 | grep -v Warn | tail -16 | tee "$OUT/prefill_$ctx.log" ;;
+    prefillcudnn)  # cuDNN as the dense prefill kernel (opt-in): its bf16 test, then 128K time to first token with
+                   # flash (full only, the baseline) and with cuDNN (full and the sparse methods) in this call
+      ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout 120 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_kernels.py -k "bottom_right or split_causal" 2>&1 | tail -8 | tee "$OUT/prefillcudnn_tests.log"
+      for k in flash cudnn; do
+        m=$([ $k = flash ] && echo full || echo full,token_sparse,dhsa,rectified)
+        ATTNKIT_PREFILL_KERNEL=$k timeout ${ATTNKIT_STAGE_SECONDS:-200} python3 benchmarks/decode_latency.py --context 131072 \
+          --new-tokens 2 --prefill-chunk 131072 --skip-hf --skip-compile --warm --methods $m \
+          --out "$OUT/prefill_131072_$k.json" 2>&1 | grep -v Warn | tail -10 | tee "$OUT/prefill_131072_$k.log"
+      done ;;
     attnkernels)  # issue 10: masks x kernels, 8K-128K (resumable CSV, bounded)
       [ -f /root/attention_kernels.csv ] || cp -p docs/results/attention_kernels.csv /root/ 2>/dev/null
       python3 benchmarks/attention_kernels.py --seconds ${ATTNKIT_KERNEL_SECONDS:-480} --out /root/attention_kernels.csv \

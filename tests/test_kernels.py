@@ -545,19 +545,55 @@ def test_triton_votes_kernel_matches_torch(heads: int, kv_heads: int, splits: in
     assert torch.allclose(got[fin], want[fin], rtol=1e-4, atol=1e-6), (got[fin] - want[fin]).abs().max()
 
 
+@pytest.mark.parametrize("q,n", [(6, 6), (5, 17), (1, 9)])
+def test_split_causal_is_bottom_right_causal(q: int, n: int) -> None:
+    """The cuDNN prefill's split (older keys unmasked + the chunk's square causal block, merged by log-sum-exp)
+    with a float32 kernel standing in for cuDNN, against one bottom-right causal attention."""
+    from attnkit.hf.attention import split_causal
+
+    def attend(query, key, value, causal, scaling):
+        m = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool)
+        out, _, lse = dense_attention(query, key, value, (m.tril() if causal else m)[None, None], scaling)
+        return out, lse
+
+    gen = torch.Generator().manual_seed(n)
+    query, key, value = (torch.randn(2, x, y, 16, generator=gen) for x, y in ((8, q), (2, n), (2, n)))
+    mask = (torch.arange(n).view(1, -1) <= torch.arange(n - q, n).view(-1, 1))[None, None]
+    want, _, _ = dense_attention(query, key, value, mask, 0.3)
+    assert torch.allclose(split_causal(attend, query, key, value, 0.3), want, atol=1e-6)
+
+
+def test_prefill_kernel_names_the_accepted_values(monkeypatch) -> None:
+    from attnkit.hf.attention import prefill_kernel
+
+    assert prefill_kernel() == "flash"
+    monkeypatch.setenv("ATTNKIT_PREFILL_KERNEL", "cudnn")
+    assert prefill_kernel() == "cudnn"
+    monkeypatch.setenv("ATTNKIT_PREFILL_KERNEL", "fa3")
+    with pytest.raises(ValueError, match="ATTNKIT_PREFILL_KERNEL='fa3' is not a prefill kernel; accepted: flash, cudnn"):
+        prefill_kernel()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash prefill path runs on CUDA only (CPU uses SDPA)")
+@pytest.mark.parametrize("kernel", ["flash", "cudnn"])
 @pytest.mark.parametrize("q,n,heads,kv_heads,dim", [(64, 64, 8, 8, 64), (100, 1000, 32, 8, 128), (1, 300, 8, 2, 128),
                                                     (512, 4099, 16, 2, 256), (7, 9, 4, 1, 64)])
-def test_flash_prefill_is_bottom_right_causal(q: int, n: int, heads: int, kv_heads: int, dim: int) -> None:
+def test_flash_prefill_is_bottom_right_causal(q: int, n: int, heads: int, kv_heads: int, dim: int, kernel: str,
+                                              monkeypatch) -> None:
+    import warnings
+
     from attnkit.hf.attention import causal_prefill
 
+    monkeypatch.setenv("ATTNKIT_PREFILL_KERNEL", kernel)
     gen = torch.Generator().manual_seed(q + n)
     query = torch.randn(2, heads, q, dim, generator=gen).cuda().bfloat16()
     key = torch.randn(2, kv_heads, n, dim, generator=gen).cuda().bfloat16()
     value = torch.randn(2, kv_heads, n, dim, generator=gen).cuda().bfloat16()
     mask = (torch.arange(n).view(1, -1) <= torch.arange(n - q, n).view(-1, 1)).cuda().view(1, 1, q, n)
     want, _, _ = dense_attention(query, key, value, mask, dim**-0.5)
-    got = causal_prefill(query, key, value, dim**-0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cuDNN refusing a shape (its fallback warning) fails the test
+        got = causal_prefill(query, key, value, dim**-0.5)
     assert_close_rel(got.float(), want.float(), TOL[torch.bfloat16])
 
 

@@ -10,6 +10,7 @@ stores, which stay right under eviction and padding (the run hands each layer th
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,15 @@ def causal_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     CUDA in half precision the chunk goes to it directly; tested against the CausalBias path.
     """
     q, n = query.shape[2], key.shape[2]
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256 and _FLASH_OK[0]:
+    half = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    if half and query.shape[-1] <= 128 and prefill_kernel() == "cudnn" and _CUDNN_OK[0]:
+        try:
+            return split_causal(_cudnn_attend, query, key, value, scaling)
+        except RuntimeError as err:  # a shape or build cuDNN refuses: flash from now on, and say so once
+            _CUDNN_OK[0] = False
+            warnings.warn(f"attnkit: cuDNN prefill refused ({str(err).splitlines()[0][:120]}); using flash",
+                          stacklevel=2)
+    if half and query.shape[-1] <= 256 and _FLASH_OK[0]:
         try:
             return torch.ops.aten._scaled_dot_product_flash_attention(
                 query, key, value, 0.0, True, False, scale=scaling
@@ -76,6 +85,44 @@ def causal_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 
 _FLASH_OK = [os.environ.get("ATTNKIT_FLASH_PREFILL", "1") != "0"]
+_CUDNN_OK = [True]
+PREFILL_KERNELS = ("flash", "cudnn")
+
+
+def prefill_kernel() -> str:
+    """The dense causal prefill kernel on CUDA: ``ATTNKIT_PREFILL_KERNEL`` = "flash" (default, SDPA's flash
+    kernel) or "cudnn" (cuDNN's fused attention: 1.75x flash's speed on a 128K causal forward on the H100,
+    docs/results/attention_kernels.csv; opt-in until its bf16 tests have run on the GPU)."""
+    kernel = os.environ.get("ATTNKIT_PREFILL_KERNEL", "flash")
+    if kernel not in PREFILL_KERNELS:
+        raise ValueError(f"ATTNKIT_PREFILL_KERNEL={kernel!r} is not a prefill kernel; accepted: "
+                         f"{', '.join(PREFILL_KERNELS)}")
+    return kernel
+
+
+def split_causal(attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 scaling: float) -> torch.Tensor:
+    """Bottom-right causal attention of q queries over n >= q keys from a kernel that knows only square (top-left)
+    causal masks: the n - q older keys, visible to every query (no mask), and the chunk's own q keys (square
+    causal), merged by their log-sum-exps. ``attend(query, key, value, causal, scaling)`` -> (out (B, H, q, D),
+    lse (B, H, q) natural log)."""
+    q, n = query.shape[2], key.shape[2]
+    if q == n:
+        return attend(query, key, value, True, scaling)[0]
+    old_out, old_lse = attend(query, key[:, :, : n - q], value[:, :, : n - q], False, scaling)
+    new_out, new_lse = attend(query, key[:, :, n - q :], value[:, :, n - q :], True, scaling)
+    top = torch.maximum(old_lse, new_lse)
+    w_old, w_new = torch.exp(old_lse - top).unsqueeze(-1), torch.exp(new_lse - top).unsqueeze(-1)
+    return ((old_out.float() * w_old + new_out.float() * w_new) / (w_old + w_new)).to(query.dtype)
+
+
+def _cudnn_attend(query, key, value, causal: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's fused attention (grouped KV heads repeated: its SDPA entry takes none) with its log-sum-exp."""
+    b, h, q, _ = query.shape
+    key, value = expand_kv(key, h), expand_kv(value, h)
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        query, key, value, None, True, 0.0, causal, False, scale=scaling)[:2]
+    return out, lse.reshape(b, h, q)
 
 
 def attend_layer(run, layer, query, key, value, scaling: float, softcap: float | None) -> torch.Tensor:
