@@ -5,6 +5,7 @@ log-softmax (tiny model and SmolLM2), and one ``attnkit eval`` cell end to end o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.eval import choice as scoring
 from attnkit.eval import runner
 from attnkit.eval.choice import score_choices
 from attnkit.eval.sample import Sample
@@ -217,8 +219,13 @@ def test_score_choices_equals_a_plain_forward_on_a_tiny_model():
     samples = [_sample(0, "Sentence: good film\nAnswer:", [" negative", " positive"], 1, "label_logit"),
                _sample(1, "A longer sentence: it pads the other rows.\nAnswer:", [" no", " yes"], 0, "label_logit"),
                _sample(2, "Question: why?\nAnswer:", [" because", " no", " it rains a lot"], 2, "loglik"),
-               _sample(3, "Pick one:", [" A", " B", " C"], 1, "loglik")]
+               _sample(3, "Pick one:", [" A", " B", " C"], 1, "loglik"),
+               _sample(4, "Then, in a second question with a longer prompt,", [" x", " the end of it"], 1, "loglik")]
     check(score_choices(model, tok, samples), samples, model, tok, 1e-4)
+    # the loglik samples' rows split over several forwards (two rows each) give the same scores
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scoring, "_row_batches", functools.partial(scoring._row_batches, max_rows=2))
+        check(score_choices(model, tok, samples), samples, model, tok, 1e-4)
     with attnkit.apply(model, "full"):
         check(score_choices(model, tok, samples, prefill_chunk=7), samples, model, tok, 1e-4)
     with pytest.raises(ValueError, match="not a choice sample"):

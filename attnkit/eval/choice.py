@@ -9,8 +9,8 @@ Two scorings (``Sample.extra["scoring"]``, set by :mod:`attnkit.eval.tasks.choic
   distinct label words (ours) all three pick the same label, except that a greedy token outside the label set
   counts as wrong in ZeroTuning.
 - ``"loglik"`` (multiple choice, as lm-evaluation-harness): the sum of the option tokens' log-probabilities
-  given the prompt, with all options of a sample as one left-padded batch of ``prompt + option`` rows (one row
-  of the prompt alone when every option is one token, as lettered answers are: the same numbers); also
+  given the prompt, from ``prompt + option`` rows (one row of the prompt alone when every option is one token,
+  as lettered answers are: the same numbers), several samples' rows per left-padded forward; also
   ``acc_norm``'s score, that sum divided by the option's length in characters (without its leading space).
   Prompt and option are tokenized separately (lm-eval tokenizes them jointly and splits; with our options
   starting with a space, BPE gives the same tokens).
@@ -68,6 +68,53 @@ def _last_logits(model, rows: list[list[int]], keep: int, pad_id: int, chunk: in
     return torch.cat(pieces, dim=1)
 
 
+def _keep(options: list[list[int]], rows: list[list[int]]) -> int:
+    """Positions a sample's rows need at their end: the option tokens' predictions (one for a prompt-alone row)."""
+    return 1 if len(rows) == 1 else max(map(len, options)) + 1
+
+
+def _row_batches(jobs: list[tuple], vocab: int, max_rows: int = 64, max_logits: int = 2**27):
+    """Whole samples' rows grouped into forwards of at most ``max_rows`` rows and ``max_logits`` float32 logits
+    (rows x kept positions x vocabulary: 512 MiB; Gemma-3's 262K vocabulary makes that the binding limit).
+    One forward per sample would mean hundreds of launch-bound forwards per step of a head search."""
+    batch, n_rows, keep = [], 0, 1
+    for job in jobs:
+        rows, k = len(job[2]), _keep(job[1], job[2])
+        if batch and (n_rows + rows > max_rows or (n_rows + rows) * max(keep, k) * vocab > max_logits):
+            yield batch
+            batch, n_rows, keep = [], 0, 1
+        batch.append(job)
+        n_rows, keep = n_rows + rows, max(keep, k)
+    if batch:
+        yield batch
+
+
+def _option_logprobs(logp: torch.Tensor, batch: list[tuple]) -> list[list[float]]:
+    """Each option's summed log-probability, per sample of ``batch`` (sample index, option token lists, rows):
+    logp (rows, keep, V) log-softmaxed at the rows' last ``keep`` positions. A row ending with its option o has
+    o's token j predicted at position keep - 1 - len(o) + j; a prompt-alone row scores every one-token option at
+    its last position. Gathered in one indexing op and read back once."""
+    keep = logp.shape[1]
+    entries = []  # (row, position, token, option) per option token
+    at = n_opt = 0
+    for _, options, rows in batch:
+        for k, o in enumerate(options):
+            if len(rows) == 1:
+                entries.append((at, keep - 1, o[0], n_opt))
+            else:
+                entries += [(at + k, keep - 1 - len(o) + j, t, n_opt) for j, t in enumerate(o)]
+            n_opt += 1
+        at += len(rows)
+    idx = torch.tensor(entries, device=logp.device).T  # (4, entries)
+    vals = logp[idx[0], idx[1], idx[2]].double()
+    sums = torch.zeros(n_opt, dtype=torch.float64, device=logp.device).index_add_(0, idx[3], vals).tolist()
+    out, k = [], 0
+    for _, options, _ in batch:
+        out.append(sums[k : k + len(options)])
+        k += len(options)
+    return out
+
+
 def _argmax(scores: list[float]) -> int:
     return max(range(len(scores)), key=lambda j: scores[j])  # the first of equal maxima, on every device
 
@@ -108,29 +155,27 @@ def score_choices(model, tokenizer, samples: list[Sample], chat: bool = False,
             pred = _argmax(scores)
             results[i] = {"pred": pred, "correct": int(pred == samples[i].extra["label"]), "scores": scores,
                           "correct_norm": None, "scores_norm": None, "prompt_tokens": len(prompts[i])}
+    jobs = []  # (sample index, option token lists, rows): every option row, or the prompt alone (one-token options)
     for i, s in enumerate(samples):
         if s.extra["scoring"] != "loglik":
             continue
         options = [tokenizer(o, add_special_tokens=False).input_ids for o in s.extra["options"]]
         if any(not o for o in options):
             raise ValueError(f"{s.task} sample {s.index}: an option tokenizes to nothing: {s.extra['options']}")
-        if all(len(o) == 1 for o in options):
-            # one-token options (lettered answers): every prompt+option row would give the same logits at the
-            # prompt's last position (causal attention), so one row of the prompt alone is the whole batch
-            logp = F.log_softmax(_last_logits(model, [prompts[i]], 1, pad_id, prefill_chunk)[0, -1], -1)  # (V,)
-            scores = [float(logp[o[0]]) for o in options]
-        else:
-            keep = max(map(len, options)) + 1
-            rows = [prompts[i] + o for o in options]
-            logp = F.log_softmax(_last_logits(model, rows, keep, pad_id, prefill_chunk), -1)  # (n_options, keep, V)
-            scores = []
-            for row, o in enumerate(options):
-                # the row ends with its option: position keep-1-len(o)+j predicts option token j
-                target = torch.tensor(o, device=logp.device)[:, None]
-                scores.append(float(logp[row, keep - 1 - len(o): keep - 1].gather(-1, target).sum()))
-        chars = [max(1, len(o) - o.startswith(" ")) for o in s.extra["options"]]
-        norm = [x / c for x, c in zip(scores, chars)]
-        pred, pred_norm, gold = _argmax(scores), _argmax(norm), s.extra["label"]
-        results[i] = {"pred": pred, "correct": int(pred == gold), "scores": scores,
-                      "correct_norm": int(pred_norm == gold), "scores_norm": norm, "prompt_tokens": len(prompts[i])}
+        # one-token options (lettered answers): every prompt+option row would give the same logits at the
+        # prompt's last position (causal attention), so one row of the prompt alone serves them all
+        single = all(len(o) == 1 for o in options)
+        jobs.append((i, options, [prompts[i]] if single else [prompts[i] + o for o in options]))
+    for batch in _row_batches(jobs, model.get_output_embeddings().weight.shape[0]):
+        keep = max(_keep(options, rows) for _, options, rows in batch)
+        rows = [r for *_, job_rows in batch for r in job_rows]
+        logp = F.log_softmax(_last_logits(model, rows, keep, pad_id, prefill_chunk), -1)  # (rows, keep, V)
+        for (i, _, _), scores in zip(batch, _option_logprobs(logp, batch)):
+            s = samples[i]
+            chars = [max(1, len(o) - o.startswith(" ")) for o in s.extra["options"]]
+            norm = [x / c for x, c in zip(scores, chars)]
+            pred, pred_norm, gold = _argmax(scores), _argmax(norm), s.extra["label"]
+            results[i] = {"pred": pred, "correct": int(pred == gold), "scores": scores,
+                          "correct_norm": int(pred_norm == gold), "scores_norm": norm,
+                          "prompt_tokens": len(prompts[i])}
     return results  # type: ignore[return-value]
