@@ -5,7 +5,6 @@ log-softmax (tiny model and SmolLM2), and one ``attnkit eval`` cell end to end o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -222,10 +221,12 @@ def test_score_choices_equals_a_plain_forward_on_a_tiny_model():
                _sample(3, "Pick one:", [" A", " B", " C"], 1, "loglik"),
                _sample(4, "Then, in a second question with a longer prompt,", [" x", " the end of it"], 1, "loglik")]
     check(score_choices(model, tok, samples), samples, model, tok, 1e-4)
-    # the loglik samples' rows split over several forwards (two rows each) give the same scores
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(scoring, "_row_batches", functools.partial(scoring._row_batches, max_rows=2))
-        check(score_choices(model, tok, samples), samples, model, tok, 1e-4)
+    # several samples' rows per forward (as on a GPU: all of them, or at most 4 rows) give the same scores
+    batches = scoring._row_batches
+    for rows in (64, 4):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(scoring, "_row_batches", lambda jobs, vocab, _, n=rows: batches(jobs, vocab, n))
+            check(score_choices(model, tok, samples), samples, model, tok, 1e-4)
     with attnkit.apply(model, "full"):
         check(score_choices(model, tok, samples, prefill_chunk=7), samples, model, tok, 1e-4)
     with pytest.raises(ValueError, match="not a choice sample"):
