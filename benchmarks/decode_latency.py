@@ -315,8 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nLlama-3.1-8B-shaped ({args.layers} layers), random bf16 weights, batch {args.batch}, context "
           f"{args.context}, {args.new_tokens} new tokens, {device}, torch {torch.__version__}, copy bandwidth "
           f"{bandwidth:.0f} GB/s, weights {weight_bytes / 1e9:.1f} GB")
-    print("| run | ms / token | tokens/s | vs attnkit full | vs floor | prefill s | prefill attention s | KV MiB held | "
-          "peak MiB above start |")
+    print("| run | ms / token | tokens/s | vs attnkit full | vs floor | prefill s | prefill attention s | "
+          "KV MiB held | peak MiB above start |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     weights_floor = 1000 * weight_bytes / (bandwidth * 1e9)
     for name, r in rows.items():
@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["floor_ms"] = floor_ms
         r["tokens_per_s"] = 1000 * args.batch / r["ms_per_token"]
         print(f"| {name} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {base / r['ms_per_token']:.2f}x | "
-              f"{r['ms_per_token'] / floor_ms:.2f}x | {r['prefill_s']:.2f} | {r.get('prefill_attention_s', math.nan):.2f} | "
+              f"{r['ms_per_token'] / floor_ms:.2f}x | {r['prefill_s']:.2f} | "
+              f"{r.get('prefill_attention_s', math.nan):.2f} | "
               f"{kv / 2**20:.0f} | {r.get('peak_bytes', math.nan) / 2**20:.0f} |")
     print(f"weights-only floor {weights_floor:.2f} ms; decode modes: "
           + ", ".join(f"{n}: {r['decode']}" for n, r in rows.items() if r.get("decode")))

@@ -570,7 +570,8 @@ def test_prefill_kernel_names_the_accepted_values(monkeypatch) -> None:
     monkeypatch.setenv("ATTNKIT_PREFILL_KERNEL", "cudnn")
     assert prefill_kernel() == "cudnn"
     monkeypatch.setenv("ATTNKIT_PREFILL_KERNEL", "fa3")
-    with pytest.raises(ValueError, match="ATTNKIT_PREFILL_KERNEL='fa3' is not a prefill kernel; accepted: flash, cudnn"):
+    with pytest.raises(ValueError, match="ATTNKIT_PREFILL_KERNEL='fa3' is not a prefill kernel; accepted: flash, "
+                                         "cudnn"):
         prefill_kernel()
 
 

@@ -358,7 +358,7 @@ def test_flex_block_attention_equals_the_block_mask_reference(chunk_start):
     assert torch.allclose(out.float(), want, atol=tol)
     # token lists per KV head (TCA's shape) through the same kernel
     tokens = rand(b, hkv, nb, n, seed=6) > 0.5
-    tokens |= block_token_mask(rand(b, hkv, nb, nb, seed=7) > 0.3, nb, n, 1, blk)  # whole blocks: the kernel's full ones
+    tokens |= block_token_mask(rand(b, hkv, nb, nb, seed=7) > 0.3, nb, n, 1, blk)  # whole blocks: "full" ones
     tokens[..., torch.arange(n, device=DEVICE) // blk == torch.arange(nb, device=DEVICE).view(-1, 1)] = True
     out = flex_block_attention(query, key, value, None, blk, 0.25, compiled=DEVICE == "cuda", tokens=tokens[:, :, first:])
     per_q = tokens.repeat_interleave(blk, 2)[:, :, chunk_start:n].repeat_interleave(h // hkv, 1)

@@ -150,7 +150,8 @@ def train(
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]  # no weight decay on norms and biases
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98), fused=str(device).startswith("cuda") or None)  # one kernel a step
+                            lr=cfg.lr, betas=(0.9, 0.98),
+                            fused=str(device).startswith("cuda") or None)  # on CUDA one kernel a step
     x_train, y_train = mqar(cfg.train_examples, cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs, cfg.power_a, seed=cfg.seed)
     x_test, y_test = mqar(cfg.test_examples, cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs, cfg.power_a,
                           seed=cfg.seed + 1_000_003)  # a disjoint stream of draws
