@@ -200,6 +200,13 @@ def flash_prefill_s(model, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def free_caches() -> None:
+    """Free the last run's cache: its layers and the run reference each other, so only a collection frees them."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_method(model, tok, ids: torch.Tensor, name: str, settings: dict, args, compiled: bool) -> dict:
     """One attnkit.generate of ``name``: steady-state ms per token (the CUDA-graph replays), prefill, KV held."""
     try:
@@ -298,14 +305,12 @@ def main(argv: list[str] | None = None) -> dict:
             method, _, page = name.partition("/p")  # quest/p64: Quest with 64-token pages
             settings = dict(method_settings[method], **({"page": int(page)} if page else {}))
             cold = run_method(model, tok, ids, method, settings, args, compiled) if args.warm else None
-            if cold is not None:  # free the untimed run's cache before the timed one (else 128K runs out of memory)
-                gc.collect()
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if cold is not None:  # the untimed run's cache goes before the timed one (else 128K runs out of memory)
+                free_caches()
             rows[label] = run_method(model, tok, ids, method, settings, args, compiled)
             if cold is not None:
                 rows[label]["cold_prefill_s"] = cold["prefill_s"]
-            gc.collect()  # cache layers and the run reference each other: free them before the next method
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            free_caches()
             args.out.parent.mkdir(parents=True, exist_ok=True)  # rows so far survive a later failure
             args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=2, default=str))
             print(f"{label}: {rows[label]['ms_per_token']:.2f} ms/token ({rows[label]['decode']})", flush=True)
