@@ -539,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("attnkit: error: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, NotImplementedError) as exc:  # ModelLoadError is a ValueError
+    except (ValueError, OSError, NotImplementedError, MemoryError) as exc:  # ModelLoadError is a ValueError
         if debug:
             raise
         print(f"attnkit: error: {_one_line(exc)}", file=sys.stderr)

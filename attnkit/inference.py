@@ -309,6 +309,11 @@ def _dense_bytes(cache: Cache) -> int:
     )
 
 
+#: Float32 logits one cross-entropy slice of ``perplexity`` converts: a whole 16K chunk of Gemma-3's 262K-word
+#: logits is 17 GB in float32, and cross_entropy's log-softmax doubles it.
+NLL_SLICE_BYTES = 1 << 28
+
+
 @torch.inference_mode()
 def perplexity(
     model: torch.nn.Module,
@@ -350,10 +355,14 @@ def perplexity(
     starts = list(range(0, head, chunk)) + list(range(head, ids.shape[1]))
     for i, start in enumerate(starts):
         piece = ids[:, start : starts[i + 1] if i + 1 < len(starts) else ids.shape[1]]
-        logits = model(input_ids=piece, use_cache=True, **{arg: cache}).logits[0].float()  # (q, V)
+        logits = model(input_ids=piece, use_cache=True, **{arg: cache}).logits[0]  # (q, V), the model's dtype
         targets = ids[0, start + 1 : start + 1 + piece.shape[1]]
         k = targets.shape[0]
-        nll[start : start + k] = F.cross_entropy(logits[:k], targets, reduction="none")
+        rows = max(1, NLL_SLICE_BYTES // (4 * logits.shape[-1]))
+        for s in range(0, k, rows):
+            e = min(k, s + rows)
+            nll[start + s : start + e] = F.cross_entropy(logits[s:e].float(), targets[s:e], reduction="none")
+        del logits
         if bar is not None:
             bar.update(piece.shape[1])
     if bar is not None:

@@ -113,6 +113,22 @@ def test_for_budget_holds_or_reads_that_many_tokens(name, tokens):
         assert method.kv_budget() == tokens
 
 
+def test_perplexity_in_logit_slices_equals_the_models_own_loss(monkeypatch):
+    """The per-position NLLs, computed a few rows of logits at a time, against the model's own cross-entropy."""
+    from attnkit import inference
+
+    torch.manual_seed(0)
+    model = tiny_llama(dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 96))
+    monkeypatch.setattr(inference, "NLL_SLICE_BYTES", 4 * 256 * 7)  # 7 rows per slice
+    with attnkit.apply(model, "full"):
+        nll = attnkit.perplexity(model, None, ids, chunk=40)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    want = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="none")
+    assert nll.shape == (95,) and torch.allclose(nll, want, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["full", "recycled_attention", "spatten"])
 def test_perplexity_decode_tail_feeds_the_last_tokens_as_decode_steps(name):
     torch.manual_seed(0)

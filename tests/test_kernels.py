@@ -563,6 +563,39 @@ def test_split_causal_is_bottom_right_causal(q: int, n: int) -> None:
     assert torch.allclose(split_causal(attend, query, key, value, 0.3), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("mask_kind", ["window", "padded_window", "per_kv_head"])
+def test_masked_sdpa_in_query_chunks_equals_one_call(monkeypatch, mask_kind: str) -> None:
+    """A masked attention whose scores pass MASKED_SCORE_BYTES runs in query chunks, each over the key columns
+    its mask opens: a sliding window (Gemma-3's local layers), the same under left padding (pad queries see
+    everything), a mask per KV head; equal to the dense reference."""
+    from attnkit.hf import attention
+
+    dev = "cuda" if ON_GPU else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    b, h, hkv, n, d, window = 2, 8, 2, 300, 32, 40
+    query, key, value = (torch.randn(b, x, n, d, generator=gen).to(dev) for x in (h, hkv, hkv))
+    qpos = torch.arange(n).view(1, n).repeat(b, 1)
+    if mask_kind == "padded_window":
+        qpos[1] = torch.arange(n) - 37  # row 1: 37 pad slots (position < 0) on the left
+    kpos = qpos.clone()
+    qq, k = qpos.view(b, 1, n, 1), kpos.view(b, 1, 1, n)
+    mask = (k <= qq) & (k >= qq - window) & (k >= 0) | (qq < 0)
+    if mask_kind == "per_kv_head":
+        mask = mask.repeat(1, hkv, 1, 1)
+        mask[:, 1, :, :5] = True  # the second KV head also keeps 5 sinks
+    mask = mask.to(dev)
+    want, _, _ = dense_attention(query.float(), key.float(), value.float(), mask, 0.2)
+    one = attention.sdpa(query, key, value, mask, 0.2)
+    monkeypatch.setattr(attention, "MASKED_SCORE_BYTES", b * h * n * 4 * 64)  # 64 query rows per chunk
+    calls = []
+    real = attention._sdpa
+    monkeypatch.setattr(attention, "_sdpa", lambda *a: calls.append(a[1].shape[2]) or real(*a))
+    got = attention.sdpa(query, key, value, mask, 0.2)
+    assert len(calls) == 5  # five chunks, each over fewer keys than the cache (but pad queries see them all)
+    assert (calls[-1] if mask_kind == "padded_window" else max(calls)) <= 64 + window + 5
+    assert torch.allclose(one, want, atol=1e-5) and torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
 def test_prefill_kernel_names_the_accepted_values(monkeypatch) -> None:
     from attnkit.hf.attention import prefill_kernel
 

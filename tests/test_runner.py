@@ -299,6 +299,29 @@ def test_batched_sweep_gives_the_unbatched_rows(tmp_path, reference):
         runner.run_cell(runner.build_grid(config(), {"tiny": "tiny-llama-0"})[0], Store(tmp_path / "x.db"), 1, batch=0)
 
 
+def test_a_cell_out_of_gpu_memory_retries_one_sample_at_a_time_then_is_named(tmp_path, monkeypatch, reference):
+    """GPU out of memory in a batched cell: the cell runs again one sample at a time; a cell that runs out even so
+    is skipped (the sweep goes on) and named in one error at the end, every other row stored."""
+    from attnkit.eval import executors
+
+    real = executors.run_cell
+    sizes = []
+
+    def run_cell(cell, store, n, done=None, on_sample=None, device=None, batch=1):
+        sizes.append(batch)
+        if batch > 1 or (cell.method == "snapkv" and cell.length == 160 and cell.task == "fake_gen"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 39.31 GiB.")
+        return real(cell, store, n, done, on_sample=on_sample, device=device, batch=batch)
+
+    monkeypatch.setattr(executors, "run_cell", run_cell)
+    db = tmp_path / "r.db"
+    with pytest.raises(MemoryError, match=r"1 cell\(s\) ran out of GPU memory .*snapkv 48 fake_gen @ 160"):
+        runner.run_sweep(config(batch=2), str(db), progress=False)
+    assert sizes.count(2) == 12 and sizes.count(1) == 12  # every cell tried batched, then one at a time
+    digits = lambda rows: {(k, i, round(s, 4), p) for k, i, s, p in rows}  # noqa: E731
+    assert digits(results(db)) < digits(reference) and count(db) == N_ROWS - 3
+
+
 def test_set_overrides_a_setting_on_top_of_the_budget_mapping():
     cells = runner.build_grid(config(overrides={"snapkv": {"window": 8}}), {"tiny": "tiny-llama-0"})
     snap = [c for c in cells if c.method == "snapkv"]

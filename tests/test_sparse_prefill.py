@@ -436,6 +436,39 @@ def test_sparse_prefill_reports_the_share_it_read(method):
     assert 0 < share < 1 and abs(share - read / dense) < 1e-6
 
 
+@pytest.mark.parametrize("kind", ["blocks", "tokens"])
+@pytest.mark.parametrize("q,n", [(80, 80), (48, 112), (64, 64)])
+def test_compiled_flex_pads_to_few_shapes_and_equals_the_unpadded_kernel(monkeypatch, kind, q, n):
+    """The compiled path pads queries and keys at the end to a multiple of FLEX_BUCKET (one kernel per padded
+    shape instead of one per prompt length); the padded keys stay invisible and the padded queries are cut off.
+    The eager flex_attention stands in for the compiled one."""
+    import attnkit.kernels.sparse_prefill as sp
+    from torch.nn.attention.flex_attention import flex_attention
+
+    shapes = []
+
+    def fn(query, key, value, **kw):
+        shapes.append((query.shape[2], key.shape[2]))
+        return flex_attention(query, key, value, **kw)
+
+    monkeypatch.setattr(sp, "_FLEX", {"fn": fn})
+    monkeypatch.setattr(sp, "FLEX_BUCKET", 64)
+    b, h, hkv, d, blk = 2, 4, 2, 16, 16
+    query, key, value = rand(b, h, q, d), rand(b, hkv, n, d, seed=1), rand(b, hkv, n, d, seed=2)
+    nqb, nkb = -(-q // blk), -(-n // blk)
+    if kind == "blocks":
+        own = torch.arange(nkb, device=DEVICE) == torch.arange(nqb, device=DEVICE).view(-1, 1) + (n - q) // blk
+        sel = dict(blocks=(rand(b, hkv, nqb, nkb, seed=3) > 0) | own, tokens=None)  # random blocks + its own
+    else:
+        tok = rand(b, hkv, nqb, n, seed=4) > 0.3
+        tok[..., (n - q):][..., torch.arange(q, device=DEVICE) // blk == torch.arange(nqb, device=DEVICE).view(-1, 1)] = True
+        sel = dict(blocks=None, tokens=tok)
+    want = sp.flex_block_attention(query, key, value, sel["blocks"], blk, 0.25, compiled=False, tokens=sel["tokens"])
+    got = sp.flex_block_attention(query, key, value, sel["blocks"], blk, 0.25, compiled=True, tokens=sel["tokens"])
+    assert shapes == [(-(-q // 64) * 64, -(-n // 64) * 64)]
+    assert torch.allclose(got.float(), want.float(), atol=1e-5 if DTYPE == torch.float32 else 2e-2)
+
+
 def test_flex_falls_back_to_the_uncompiled_kernel_when_inductor_refuses(monkeypatch):
     import attnkit.kernels.sparse_prefill as sp
 

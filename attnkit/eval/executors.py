@@ -67,11 +67,15 @@ def run_local(cells: list[Cell], config: SweepConfig, store: Store, progress: bo
         bar.refresh()
         bar.bar.update(1)
 
+    failed: list[str] = []
     try:
         for cell in cells:
             if set(range(n)) <= done[cell.key]:
                 continue
-            result = run_cell(cell, store, n, done[cell.key], on_sample=on_sample, batch=config.batch)
+            result = cell_or_out_of_memory(cell, store, n, done[cell.key], on_sample, config.batch)
+            if result is None:
+                failed.append(f"{cell.method} {cell.budget or ''} {cell.task} @ {cell.length}".replace("  ", " "))
+                continue
             written += result.written
             if result.samples and result.samples != n:  # a task that makes another number of samples than asked
                 bar.bar.total += result.samples - n
@@ -79,7 +83,31 @@ def run_local(cells: list[Cell], config: SweepConfig, store: Store, progress: bo
             bar.refresh()  # shown with the next sample (or at close)
     finally:
         bar.close()
+    if failed:
+        raise MemoryError(f"{len(failed)} cell(s) ran out of GPU memory even one sample at a time ({'; '.join(failed)});"
+                          f" {written} new rows were stored. Run fewer sweep processes on this GPU, or a shorter "
+                          "--prefill-chunk")
     return written
+
+
+def cell_or_out_of_memory(cell: Cell, store: Store, n: int, done: set[int], on_sample, batch: int) -> CellResult | None:
+    """``run_cell``; when the GPU runs out of memory, again one sample at a time (rows already stored are kept and
+    skipped), and None when that runs out too: the sweep goes on with its other cells and names this one at the end
+    (several sweep processes sharing a GPU meet the peak of one another's longest samples)."""
+    import gc
+
+    import torch
+
+    for size in dict.fromkeys((batch, 1)):
+        try:
+            return run_cell(cell, store, n, done, on_sample=on_sample, batch=size)
+        except torch.OutOfMemoryError as err:
+            message = str(err).splitlines()[0][:160]
+        gc.collect()  # out of the except block: the traceback's frames (and their tensors) are gone
+        torch.cuda.empty_cache()
+        print(f"attnkit eval: {cell.method} {cell.task} @ {cell.length} (batch {size}) ran out of GPU memory "
+              f"({message})", file=sys.stderr)
+    return None
 
 
 # -- Ray ----------------------------------------------------------------------------------------------------------

@@ -28,6 +28,13 @@ _registered = False
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+#: Float32 scores (B x H x q x n x 4 bytes) one masked attention call may build. SDPA takes a bool mask to its
+#: memory-efficient kernel where it can; where it cannot it runs its math path, which materialises the scores:
+#: 8 GiB per batch row for Gemma-3-270M's sliding layers at 16K on the H100 (notes/gpu.md, twelfth session).
+#: Above this the queries go in chunks, each over the key columns its mask opens (a sliding window's band).
+MASKED_SCORE_BYTES = 1 << 28
+
+
 def sdpa(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -40,8 +47,37 @@ def sdpa(
     ``CausalBias`` -> (B, H, q, D).
 
     GQA goes through ``enable_gqa`` so the cache is never copied per query head (repeating KV heads cost
-    more than the attention itself on a 32K decode step).
+    more than the attention itself on a 32K decode step). A masked call whose scores would pass
+    ``MASKED_SCORE_BYTES`` runs in query chunks (``masked_rows``): same result, bounded memory.
     """
+    if isinstance(mask, torch.Tensor) and not isinstance(mask, CausalBias) and query.shape[2] > 1:
+        b, h, q, _ = query.shape
+        rows = max(1, MASKED_SCORE_BYTES // (b * h * key.shape[2] * 4))
+        if q > rows:
+            return torch.cat([masked_rows(query[:, :, s : s + rows], key, value, mask[:, :, s : s + rows], scaling)
+                              for s in range(0, q, rows)], dim=2)
+    return _sdpa(query, key, value, mask, scaling, causal)
+
+
+def masked_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """Queries (B, H, q', D) over only the key columns their mask (B, 1 or Hkv, q', n) opens for any of them
+    (a slice when they are contiguous, else gathered: sinks + a window): the columns left out are masked for
+    every query here, so the result is the same (one host sync)."""
+    cols = mask.flatten(0, 2).any(0).nonzero().flatten()
+    count = cols.numel()
+    if 0 < count < key.shape[2]:
+        lo, hi = (int(x) for x in torch.stack([cols[0], cols[-1] + 1]).tolist())
+        if hi - lo == count:
+            key, value, mask = key[:, :, lo:hi], value[:, :, lo:hi], mask[..., lo:hi]
+        else:
+            key, value, mask = key[:, :, cols], value[:, :, cols], mask[..., cols]
+    return _sdpa(query, key, value, mask, scaling, False)
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+          causal: bool) -> torch.Tensor:
+    """``sdpa`` in one call."""
     if mask is not None and not isinstance(mask, CausalBias) and mask.shape[1] not in (1, query.shape[1]):
         mask = expand_kv(mask, query.shape[1])
     gqa = key.shape[1] != query.shape[1]

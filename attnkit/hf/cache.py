@@ -504,7 +504,7 @@ class WindowLayer(KVLayer):
         return self.sinks == 0
 
     def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        near = (qpos - kpos) <= self.window
+        near = kpos >= qpos - self.window  # (qpos - kpos) would build an int64 (B, 1, q, n): 20 GiB at 16K x 10 rows
         return near | (kpos < self.sinks)
 
     def compact(self) -> None:

@@ -226,6 +226,7 @@ def _sdpa_blocks(qq, kk, vv, mask, scaling: float) -> torch.Tensor:
 
 
 _FLEX: dict[str, object] = {}
+FLEX_BUCKET = 2048  # tokens: the compiled kernel's shapes are queries and keys rounded up to a multiple of this
 _FLEX_REFUSED: set[int] = set()  # block sizes the compiled flex_attention could not build a kernel for
 
 
@@ -248,36 +249,57 @@ def flex_block_attention(
     h, q, n = query.shape[1], query.shape[2], key.shape[2]
     if (n - q) % block:
         raise ValueError(f"flex_block_attention: the chunk starts at slot {n - q}, not on a block of {block}")
-    bm = flex_block_mask(h, q, n, block, blocks, tokens)
     use_compiled = (query.is_cuda if compiled is None else compiled) and block not in _FLEX_REFUSED
-    args = dict(block_mask=bm, scale=scaling, enable_gqa=key.shape[1] != h)
-    if not use_compiled:
-        return flex_attention(query, key, value, **args)
-    if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    try:
-        # one compile per chunk shape (a chunked prefill's key length grows): past dynamo's default limit of 8 it
-        # would silently run the unfused flex_attention, which holds the whole score matrix (OOM at 32K)
-        with torch._dynamo.config.patch(recompile_limit=max(256, torch._dynamo.config.recompile_limit)):
-            return _FLEX["fn"](query, key, value, **args)
-    except Exception as err:  # noqa: BLE001 - Inductor raises many types; any of them means "no compiled kernel"
-        # Inductor's flex kernels need blocks of at least its tile (seen on the H100: a 4-token block has no
-        # valid config); the uncompiled flex_attention is exact, only slower, so run that for this block size.
-        _FLEX_REFUSED.add(block)
-        warnings.warn(f"attnkit: compiled FlexAttention refused {block}-token blocks ({type(err).__name__}); "
-                      "running the uncompiled flex_attention for this block size", stacklevel=2)
-        return flex_attention(query, key, value, **args)
+    gqa = key.shape[1] != h
+    if use_compiled:
+        if "fn" not in _FLEX:
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        try:
+            return _compiled_flex(query, key, value, blocks, tokens, block, scaling)
+        except Exception as err:  # noqa: BLE001 - Inductor raises many types; any of them means "no compiled kernel"
+            # Inductor's flex kernels need blocks of at least its tile (seen on the H100: a 4-token block has no
+            # valid config); the uncompiled flex_attention is exact, only slower, so run that for this block size.
+            _FLEX_REFUSED.add(block)
+            warnings.warn(f"attnkit: compiled FlexAttention refused {block}-token blocks ({type(err).__name__}); "
+                          "running the uncompiled flex_attention for this block size", stacklevel=2)
+    bm = flex_block_mask(h, q, n, block, blocks, tokens)
+    return flex_attention(query, key, value, block_mask=bm, scale=scaling, enable_gqa=gqa)
+
+
+def _compiled_flex(query, key, value, blocks, tokens, block: int, scaling: float) -> torch.Tensor:
+    """``flex_block_attention`` through the compiled kernel, on shapes padded at the end to a multiple of
+    FLEX_BUCKET tokens: the kernel is built per shape, and every prompt length of an eval sweep would otherwise
+    compile anew (seconds each). The padded keys lie after every real query (causally invisible); the padded
+    queries choose no block and are cut off."""
+    h, q, n = query.shape[1], query.shape[2], key.shape[2]
+    step = block * -(-FLEX_BUCKET // block)
+    qp, np_ = -(-q // step) * step, -(-n // step) * step
+    nqb, nkb = -(-q // block), -(-n // block)
+    if (qp, np_) != (q, n):
+        query = F.pad(query, (0, 0, 0, qp - q))
+        key, value = F.pad(key, (0, 0, 0, np_ - n)), F.pad(value, (0, 0, 0, np_ - n))
+        if tokens is not None:
+            tokens = F.pad(tokens[:, :, :nqb], (0, np_ - n, 0, qp // block - nqb))
+        else:
+            blocks = F.pad(blocks[:, :, :nqb], (0, np_ // block - nkb, 0, qp // block - nqb))
+    bm = flex_block_mask(h, qp, np_, block, blocks, tokens, off=n - q)
+    # one compile per padded shape (a chunked prefill's key length grows): past dynamo's default limit of 8 it
+    # would silently run the unfused flex_attention, which holds the whole score matrix (OOM at 32K)
+    with torch._dynamo.config.patch(recompile_limit=max(256, torch._dynamo.config.recompile_limit)):
+        out = _FLEX["fn"](query, key, value, block_mask=bm, scale=scaling, enable_gqa=key.shape[1] != h)
+    return out[:, :, :q]
 
 
 def flex_block_mask(h: int, q: int, n: int, block: int, blocks: torch.Tensor | None = None,
-                    tokens: torch.Tensor | None = None):
+                    tokens: torch.Tensor | None = None, off: int | None = None):
     """FlexAttention's BlockMask for :func:`flex_block_attention` (its arguments; h query heads, a chunk of q
     queries over n slots, starting on a block boundary). Key blocks wholly chosen and wholly before a query
     block's first query are listed as full: the compiled kernel skips the mask_mod there (for token choices a
-    per-element gather from the (B, Hs, blocks, n) mask); the other chosen blocks are partial."""
+    per-element gather from the (B, Hs, blocks, n) mask); the other chosen blocks are partial. ``off``: the
+    chunk's first slot when q and n were padded at the end (default n - q)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    nqb, off = -(-q // block), n - q
+    nqb, off = -(-q // block), n - q if off is None else off
     if tokens is not None:
         tok = tokens[:, :, :nqb].contiguous()  # (B, Hs, q blocks of the chunk, n)
         nkb = -(-n // block)
