@@ -87,18 +87,18 @@ for s in ${*:-site calib rank4k}; do
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
         --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_smollm2.json ;;
     rank16k_gemma)  # item 4 on Gemma-3-270M at 16K (its sliding layers keep their window under every method)
-      eval_ rank_gemma3_16k --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 10 \
+      eval_ rank_gemma3_16k --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 4 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
         --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_gemma3.json ;;
     calib_gemma)
       [ -f $DB/fasa_gemma3.json ] || python3 -m attnkit calibrate fasa --model gemma3-270m -o $DB/fasa_gemma3.json \
         2>&1 | tail -3 | tee "$OUT/calib_gemma.log" ;;
     quarter16k_gemma)  # item 2: query-aware methods at a quarter of 16K on Gemma-3, retrieval tasks
-      eval_ quarter_gemma3_16k --model gemma3-270m --lengths 16384 --tasks retrieval --samples 20 --batch 10 \
+      eval_ quarter_gemma3_16k --model gemma3-270m --lengths 16384 --tasks retrieval --samples 20 --batch 4 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
         --set fasa.profile=$DB/fasa_gemma3.json ;;
     quarter8k)  # item 2: query-aware methods at a quarter of an 8K context, retrieval tasks
-      eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 10 \
+      eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 4 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
         --set fasa.profile=$DB/fasa_smollm2.json ;;
     sinks)  # issue 9 item 4: ZeroTuning and ACT vs full on the choice tasks (calibration split -> evaluation split),
@@ -120,18 +120,18 @@ for s in ${*:-site calib rank4k}; do
                    # essay perplexity, 20 samples per cell, one prefill chunk per prompt (the papers prefill at once),
                    # each method at its defaults (--budgets 2048 maps dhsa and rectified onto theirs; token_sparse
                    # and tca take theirs by --set) with the Gemma profiles of `attnkit calibrate token_sparse / tca`.
-                   # The target cell first: full and DHSA at 16K. Batches of 10: FlexAttention compiles once per
-                   # prompt shape (one per batch); perplexity one text at a time (its logits cover every position).
+                   # The target cell first: full and DHSA at 16K. Batches of 4 (8 shards at 10 ran out of memory on
+                   # the H100, notes/gpu.md); perplexity one text at a time (its logits cover every position).
       for f in token_sparse_gemma3 tca_gemma3; do [ -f $DB/$f.json ] || cp -p docs/results/$f.json $DB/; done
       SET="--set token_sparse.min_tokens=1024 --set token_sparse.profile=$DB/token_sparse_gemma3.json
            --set tca.window=4096 --set tca.profile=$DB/tca_gemma3.json"
-      eval_ sparse_gemma3 --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 10 \
+      eval_ sparse_gemma3_gpu --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 4 \
         --prefill-chunk 16384 --methods full,dhsa --budgets 2048
-      eval_ sparse_gemma3 --model gemma3-270m --lengths 16384,8192 --tasks ruler --samples 20 --batch 10 \
+      eval_ sparse_gemma3_gpu --model gemma3-270m --lengths 16384,8192 --tasks ruler --samples 20 --batch 4 \
         --prefill-chunk 16384 --methods full,dhsa,token_sparse,rectified,tca --budgets 2048 $SET ;;
     sparse_gemma_ppl)
       for f in token_sparse_gemma3 tca_gemma3; do [ -f $DB/$f.json ] || cp -p docs/results/$f.json $DB/; done
-      eval_ sparse_gemma3 --model gemma3-270m --lengths 16384,8192 --tasks ppl --samples 20 \
+      eval_ sparse_gemma3_gpu --model gemma3-270m --lengths 16384,8192 --tasks ppl --samples 20 \
         --prefill-chunk 16384 --methods full,dhsa,token_sparse,rectified,tca --budgets 2048 \
         --set token_sparse.min_tokens=1024 --set token_sparse.profile=$DB/token_sparse_gemma3.json \
         --set tca.window=4096 --set tca.profile=$DB/tca_gemma3.json ;;
