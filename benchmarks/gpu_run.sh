@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: tests familytests familyc32 familyc128 prefillcudnn pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: maskprobe tests familytests familyc32 familyc128 prefillcudnn pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -121,6 +121,10 @@ for s in $stages; do
         -k "pdl_chain or votes or mass_ratios or cached_static" 2>&1 | tail -8 | tee "$OUT/pdltests.log"
       ATTNKIT_PDL=1 ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout 80 python3 -m pytest -q \
         -p no:cacheprovider tests/test_static_decode.py -k graph 2>&1 | tail -8 | tee -a "$OUT/pdltests.log" ;;
+    maskprobe)  # why Gemma-3's sliding layers ran SDPA's math path at 16K (twelfth session), and the chunked path's memory
+      python3 benchmarks/masked_prefill_probe.py 2>&1 | grep -v "^ *warnings.warn" | tee "$OUT/maskprobe.log"
+      ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+        tests/test_sparse_prefill.py -k "masked_sdpa or pads_to_few or flex" 2>&1 | tail -5 | tee -a "$OUT/maskprobe.log" ;;
     sparsetests)  # issue 10's kernels and methods on CUDA (flex compiled, bf16)
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 python3 -m pytest -q -p no:cacheprovider tests/test_sparse_prefill.py \
         tests/test_methods.py tests/test_padded_batch.py -k "token_sparse or dhsa or rectified or tca or sparse_prefill" 2>&1 | tail -30 | tee "$OUT/sparsetests.log" ;;

@@ -593,7 +593,8 @@ def test_masked_sdpa_in_query_chunks_equals_one_call(monkeypatch, mask_kind: str
     got = attention.sdpa(query, key, value, mask, 0.2)
     assert len(calls) == 5  # five chunks, each over fewer keys than the cache (but pad queries see them all)
     assert (calls[-1] if mask_kind == "padded_window" else max(calls)) <= 64 + window + 5
-    assert torch.allclose(one, want, atol=1e-5) and torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    tol = 1e-4 if ON_GPU else 1e-5  # float32 on CUDA: the fused kernels' own summation order
+    assert torch.allclose(one, want, atol=tol) and torch.allclose(got, want, atol=tol), (got - want).abs().max()
 
 
 def test_prefill_kernel_names_the_accepted_values(monkeypatch) -> None:
