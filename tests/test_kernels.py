@@ -597,6 +597,16 @@ def test_masked_sdpa_in_query_chunks_equals_one_call(monkeypatch, mask_kind: str
     assert torch.allclose(one, want, atol=tol) and torch.allclose(got, want, atol=tol), (got - want).abs().max()
 
 
+def test_masked_score_bytes_knob_refuses_a_bad_value() -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATTNKIT_MASKED_SCORE_BYTES": "1e9"}
+    out = subprocess.run([sys.executable, "-c", "import attnkit.hf.attention"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "ATTNKIT_MASKED_SCORE_BYTES='1e9' is invalid; accepted: a number of bytes >= 1" \
+        in out.stderr
+
+
 def test_prefill_kernel_names_the_accepted_values(monkeypatch) -> None:
     from attnkit.hf.attention import prefill_kernel
 

@@ -32,7 +32,15 @@ _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 #: memory-efficient kernel where it can; where it cannot it runs its math path, which materialises the scores:
 #: 8 GiB per batch row for Gemma-3-270M's sliding layers at 16K on the H100 (notes/gpu.md, twelfth session).
 #: Above this the queries go in chunks, each over the key columns its mask opens (a sliding window's band).
-MASKED_SCORE_BYTES = 1 << 28
+#: ATTNKIT_MASKED_SCORE_BYTES overrides it (bytes).
+def _score_bytes() -> int:
+    text = os.environ.get("ATTNKIT_MASKED_SCORE_BYTES", str(1 << 28))
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"ATTNKIT_MASKED_SCORE_BYTES={text!r} is invalid; accepted: a number of bytes >= 1")
+    return int(text)
+
+
+MASKED_SCORE_BYTES = _score_bytes()
 
 
 def sdpa(
