@@ -94,9 +94,10 @@ for s in ${*:-site calib rank4k}; do
       [ -f $DB/fasa_gemma3.json ] || cp -p docs/results/fasa_gemma3.json $DB/ 2>/dev/null
       [ -f $DB/fasa_gemma3.json ] || python3 -m attnkit calibrate fasa --model gemma3-270m -o $DB/fasa_gemma3.json \
         2>&1 | tail -3 | tee "$OUT/calib_gemma.log" ;;
-    quarter16k_gemma)  # item 2: query-aware methods at a quarter of 16K on Gemma-3, retrieval tasks
+    quarter16k_gemma)  # item 2: query-aware methods at a quarter of 16K on Gemma-3, retrieval tasks; one prefill
+                       # chunk (these methods select at decode time; their prefill is dense and causal)
       eval_ quarter_gemma3_16k --model gemma3-270m --lengths 16384 --tasks retrieval --samples 20 --batch 4 \
-        --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
+        --prefill-chunk 16384 --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
         --set fasa.profile=$DB/fasa_gemma3.json ;;
     quarter8k)  # item 2: query-aware methods at a quarter of an 8K context, retrieval tasks
       eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 4 \
