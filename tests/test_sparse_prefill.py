@@ -461,7 +461,8 @@ def test_compiled_flex_pads_to_few_shapes_and_equals_the_unpadded_kernel(monkeyp
         sel = dict(blocks=(rand(b, hkv, nqb, nkb, seed=3) > 0) | own, tokens=None)  # random blocks + its own
     else:
         tok = rand(b, hkv, nqb, n, seed=4) > 0.3
-        tok[..., (n - q):][..., torch.arange(q, device=DEVICE) // blk == torch.arange(nqb, device=DEVICE).view(-1, 1)] = True
+        own = torch.arange(q, device=DEVICE) // blk == torch.arange(nqb, device=DEVICE).view(-1, 1)
+        tok[..., (n - q):][..., own] = True  # each query block reads its own tokens
         sel = dict(blocks=None, tokens=tok)
     want = sp.flex_block_attention(query, key, value, sel["blocks"], blk, 0.25, compiled=False, tokens=sel["tokens"])
     got = sp.flex_block_attention(query, key, value, sel["blocks"], blk, 0.25, compiled=True, tokens=sel["tokens"])

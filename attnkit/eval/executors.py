@@ -74,7 +74,7 @@ def run_local(cells: list[Cell], config: SweepConfig, store: Store, progress: bo
                 continue
             result = cell_or_out_of_memory(cell, store, n, done[cell.key], on_sample, config.batch)
             if result is None:
-                failed.append(f"{cell.method} {cell.budget or ''} {cell.task} @ {cell.length}".replace("  ", " "))
+                failed.append(cell_label(cell))
                 continue
             written += result.written
             if result.samples and result.samples != n:  # a task that makes another number of samples than asked
@@ -83,14 +83,24 @@ def run_local(cells: list[Cell], config: SweepConfig, store: Store, progress: bo
             bar.refresh()  # shown with the next sample (or at close)
     finally:
         bar.close()
-    if failed:
-        raise MemoryError(f"{len(failed)} cell(s) ran out of GPU memory even one sample at a time ({'; '.join(failed)});"
-                          f" {written} new rows were stored. Run fewer sweep processes on this GPU, or a shorter "
-                          "--prefill-chunk")
+    check_failed(failed, written)
     return written
 
 
-def cell_or_out_of_memory(cell: Cell, store: Store, n: int, done: set[int], on_sample, batch: int) -> CellResult | None:
+def cell_label(cell: Cell) -> str:
+    return f"{cell.method} {cell.budget or ''} {cell.task} @ {cell.length}".replace("  ", " ")
+
+
+def check_failed(failed: list[str], written: int) -> None:
+    """One error naming the cells that ran out of GPU memory, after the sweep did everything else."""
+    if failed:
+        raise MemoryError(f"{len(failed)} cell(s) ran out of GPU memory even one sample at a time "
+                          f"({'; '.join(failed)}); {written} new rows were stored. Run fewer sweep processes on this "
+                          "GPU, or a shorter --prefill-chunk")
+
+
+def cell_or_out_of_memory(cell: Cell, store: Store, n: int, done: set[int], on_sample, batch: int,
+                          device: str | None = None) -> CellResult | None:
     """``run_cell``; when the GPU runs out of memory, again one sample at a time (rows already stored are kept and
     skipped), and None when that runs out too: the sweep goes on with its other cells and names this one at the end
     (several sweep processes sharing a GPU meet the peak of one another's longest samples)."""
@@ -100,7 +110,7 @@ def cell_or_out_of_memory(cell: Cell, store: Store, n: int, done: set[int], on_s
 
     for size in dict.fromkeys((batch, 1)):
         try:
-            return run_cell(cell, store, n, done, on_sample=on_sample, batch=size)
+            return run_cell(cell, store, n, done, on_sample=on_sample, device=device, batch=size)
         except torch.OutOfMemoryError as err:
             message = str(err).splitlines()[0][:160]
         gc.collect()  # out of the except block: the traceback's frames (and their tensors) are gone
@@ -111,7 +121,7 @@ def cell_or_out_of_memory(cell: Cell, store: Store, n: int, done: set[int], on_s
 
 
 # -- Ray ----------------------------------------------------------------------------------------------------------
-def _ray_cell(cell: Cell, db: str, n: int, plugins: list[str], paths: list[str], batch: int = 1) -> CellResult:
+def _ray_cell(cell: Cell, db: str, n: int, plugins: list[str], paths: list[str], batch: int = 1) -> CellResult | None:
     """One cell inside a Ray worker: its own store connection, the driver's plugins, its GPU as ``cuda``."""
     for path in paths:  # plugins may live next to the driver's script (not installed)
         if path not in sys.path:
@@ -119,7 +129,7 @@ def _ray_cell(cell: Cell, db: str, n: int, plugins: list[str], paths: list[str],
     import_plugins(plugins)
     device = "cuda" if cell.device.startswith("cuda") else cell.device
     with Store(db) as store:
-        return run_cell(cell, store, n, device=device, batch=batch)
+        return cell_or_out_of_memory(cell, store, n, store.done(cell.key), None, batch, device)
 
 
 def run_ray(cells: list[Cell], config: SweepConfig, store: Store, progress: bool = True) -> int:
@@ -144,8 +154,10 @@ def run_ray(cells: list[Cell], config: SweepConfig, store: Store, progress: bool
     remote = ray.remote(**({"num_gpus": 1} if gpu else {"num_cpus": 1}))(_ray_cell)
     db = str(store.path.resolve())
     paths = [p for p in sys.path if p]
-    pending = [remote.remote(cell, db, n, list(config.plugins), paths, config.batch) for cell in todo]
+    cell_of = {remote.remote(cell, db, n, list(config.plugins), paths, config.batch): cell for cell in todo}
+    pending = list(cell_of)
     written = 0
+    failed: list[str] = []
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -157,6 +169,9 @@ def run_ray(cells: list[Cell], config: SweepConfig, store: Store, progress: bool
                     if isinstance(cause, (ValueError, OSError, NotImplementedError)):
                         raise cause from None
                     raise RuntimeError(f"a Ray task failed: {cause or err}") from None
+                if result is None:  # out of GPU memory even one sample at a time
+                    failed.append(cell_label(cell_of[ref]))
+                    result = CellResult(cell_of[ref].key)
                 written += result.written
                 for score in result.scores:
                     bar.add(result.key, score)
@@ -171,6 +186,7 @@ def run_ray(cells: list[Cell], config: SweepConfig, store: Store, progress: bool
         bar.close()
         if started:
             ray.shutdown()
+    check_failed(failed, written)
     return written
 
 
