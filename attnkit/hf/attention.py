@@ -28,11 +28,6 @@ _registered = False
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-#: Float32 scores (B x H x q x n x 4 bytes) one masked attention call may build. SDPA takes a bool mask to its
-#: memory-efficient kernel where it can; where it cannot it runs its math path, which materialises the scores:
-#: 8 GiB per batch row for Gemma-3-270M's sliding layers at 16K on the H100 (notes/gpu.md, twelfth session).
-#: Above this the queries go in chunks, each over the key columns its mask opens (a sliding window's band).
-#: ATTNKIT_MASKED_SCORE_BYTES overrides it (bytes).
 def _score_bytes() -> int:
     text = os.environ.get("ATTNKIT_MASKED_SCORE_BYTES", str(1 << 28))
     if not text.isdigit() or int(text) < 1:
@@ -40,6 +35,11 @@ def _score_bytes() -> int:
     return int(text)
 
 
+#: Float32 scores (B x H x q x n x 4 bytes) one masked attention call may build. SDPA takes a bool mask to its
+#: memory-efficient kernel where it can; where it cannot it runs its math path, which materialises the scores:
+#: 8 GiB per batch row for Gemma-3-270M's sliding layers at 16K on the H100 (notes/gpu.md, twelfth session).
+#: Above this the queries go in chunks, each over the key columns its mask opens (a sliding window's band).
+#: ATTNKIT_MASKED_SCORE_BYTES overrides it (bytes).
 MASKED_SCORE_BYTES = _score_bytes()
 
 
