@@ -58,7 +58,7 @@ def sdpa(
     more than the attention itself on a 32K decode step). A masked call whose scores would pass
     ``MASKED_SCORE_BYTES`` runs in query chunks (``masked_rows``): same result, bounded memory.
     """
-    if isinstance(mask, torch.Tensor) and not isinstance(mask, CausalBias) and query.shape[2] > 1:
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and query.shape[2] > 1:  # (CausalBias is no bool)
         b, h, q, _ = query.shape
         rows = max(1, MASKED_SCORE_BYTES // (b * h * key.shape[2] * 4))
         if q > rows:
