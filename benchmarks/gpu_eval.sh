@@ -44,6 +44,13 @@ eval_() {  # eval_ NAME ARGS...: one resumable sweep into $DB/NAME.db in $PAR sh
   python3 -c "import sqlite3,sys; print(sys.argv[1], sqlite3.connect(sys.argv[1]).execute('select count(*) from results').fetchone()[0], 'rows')" "$DB/$name.db"
 }
 
+sparse_family() {  # the sparse prefill family's arguments (Gemma profiles copied into $DB, whose path the cells name)
+  for f in token_sparse_gemma3 tca_gemma3; do [ -f $DB/$f.json ] || cp -p docs/results/$f.json $DB/; done
+  echo "--prefill-chunk 16384 --methods full,dhsa,token_sparse,rectified,tca --budgets 2048" \
+    "--set token_sparse.min_tokens=1024 --set token_sparse.profile=$DB/token_sparse_gemma3.json" \
+    "--set tca.window=4096 --set tca.profile=$DB/tca_gemma3.json"
+}
+
 for s in ${*:-site calib rank4k}; do
   case $s in
     site)  # chunks staged by benchmarks/gpu_stage.sh arrive over several calls; join them once all are here
@@ -128,19 +135,12 @@ for s in ${*:-site calib rank4k}; do
                    # and tca take theirs by --set) with the Gemma profiles of `attnkit calibrate token_sparse / tca`.
                    # The target cell first: full and DHSA at 16K. Batches of 4 (8 shards at 10 ran out of memory on
                    # the H100, notes/gpu.md); perplexity one text at a time (its logits cover every position).
-      for f in token_sparse_gemma3 tca_gemma3; do [ -f $DB/$f.json ] || cp -p docs/results/$f.json $DB/; done
-      SET="--set token_sparse.min_tokens=1024 --set token_sparse.profile=$DB/token_sparse_gemma3.json
-           --set tca.window=4096 --set tca.profile=$DB/tca_gemma3.json"
       eval_ sparse_gemma3_gpu --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 4 \
         --prefill-chunk 16384 --methods full,dhsa --budgets 2048
       eval_ sparse_gemma3_gpu --model gemma3-270m --lengths 16384,8192 --tasks ruler --samples 20 --batch 4 \
-        --prefill-chunk 16384 --methods full,dhsa,token_sparse,rectified,tca --budgets 2048 $SET ;;
+        $(sparse_family) ;;
     sparse_gemma_ppl)
-      for f in token_sparse_gemma3 tca_gemma3; do [ -f $DB/$f.json ] || cp -p docs/results/$f.json $DB/; done
-      eval_ sparse_gemma3_gpu --model gemma3-270m --lengths 16384,8192 --tasks ppl --samples 20 \
-        --prefill-chunk 16384 --methods full,dhsa,token_sparse,rectified,tca --budgets 2048 \
-        --set token_sparse.min_tokens=1024 --set token_sparse.profile=$DB/token_sparse_gemma3.json \
-        --set tca.window=4096 --set tca.profile=$DB/tca_gemma3.json ;;
+      eval_ sparse_gemma3_gpu --model gemma3-270m --lengths 16384,8192 --tasks ppl --samples 20 $(sparse_family) ;;
     ppl)  # item 2: essay perplexity on the last 256 tokens, decoded one step at a time, at 4K:
           # SpAtten at a 45% budget; Recycled Attention with K = L / 8 (the paper's) at S = 5 and 10
       eval_ ppl_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ppl_tail --samples 20 \
