@@ -316,6 +316,12 @@ def test_tca_calibration_and_shrunk_cache(tmp_path):
                 assert r["mask"] is not None and not (r["mask"][:, :, 0] & (pos < 0)).any()
             kept = [run.kept_tokens()[i].max().item() for i in range(3)]
             assert max(kept) < 200 and cache.held_bytes() < 0.75 * full_bytes  # memory really freed
+        with attnkit.apply(model, "tca", profile=str(path), block=4, configs=4, window=8, shrink=False) as run:
+            cache = attnkit.inference.new_cache(model)
+            attnkit.inference.forward_chunks(model, ids, cache, chunk=300)
+            model(input_ids=ids[:, -1:], **{cache_argument(model): cache})  # decoding starts: nothing is dropped
+            assert min(run.kept_tokens()[i].min().item() for i in range(3)) == 301
+            assert run.stats()["prefill_read_share"] < 1  # the prefill was still sparse
     with pytest.raises(ValueError, match="calibrated with block 4"):
         attnkit.make_method("tca", profile=str(path))
 

@@ -159,7 +159,9 @@ class TCA(Method):
     spaced), the selecting query (each block's last), block ranks mapped to counts by cumulative shares; the
     paper's decode rule (every ``block`` new tokens keep floor(sum_k k p_k) of them) is not implemented: decode
     tokens are kept. Without a profile every head takes configuration ``fallback`` (-1: the middle one).
-    ``kernel`` as DHSA's: "gather", "flex" (where slot = position) or "auto" (flex on CUDA). Shapes: s (B, Hkv, blocks,
+    ``kernel`` as DHSA's: "gather", "flex" (where slot = position) or "auto" (flex on CUDA).
+    ``shrink=False`` (ours, not the paper's) keeps the whole cache for decoding: sparse prefill only, no KV saving;
+    it tells how much of an accuracy loss comes from the shrink rather than from the prefill choice. Shapes: s (B, Hkv, blocks,
     n), chosen (B, Hkv, blocks, n), read mask (B, Hkv, q, n).
     """
 
@@ -175,6 +177,7 @@ class TCA(Method):
     fallback: int = -1
     profile: str = ""
     kernel: str = "auto"
+    shrink: bool = True
 
     def __post_init__(self) -> None:
         check_float(self.name, "tau", self.tau, 0.0, 1.0)
@@ -184,6 +187,8 @@ class TCA(Method):
         check_float(self.name, "alpha", self.alpha, 0.0, 1.0)
         check_int(self.name, "fallback", self.fallback, -1, self.configs - 1)
         check_choice(self.name, "kernel", self.kernel, ("auto", "gather", "flex"))
+        if not isinstance(self.shrink, bool):
+            raise ValueError(f"tca: shrink must be true or false, got {self.shrink!r}")
         self._profile = load_profile(self.profile) if self.profile else None
         for field in ("block", "configs"):
             if self._profile is not None and self._profile[field] != getattr(self, field):
@@ -261,7 +266,8 @@ class TCA(Method):
             out = block_gather_attention(query, key, value, qidx, mask_to_lists(chosen), layer.qpos, kpos, scaling)
         # what each row's last query block chose: the cache keeps it when decoding starts (if no chunk follows)
         row_last = local[:, -1].clamp_min(0).view(b, 1, 1, 1).expand(b, chosen.shape[1], 1, chosen.shape[-1])
-        layer.keep = chosen.gather(2, row_last)[:, :, 0]  # (B, Hkv, n)
+        if self.shrink:
+            layer.keep = chosen.gather(2, row_last)[:, :, 0]  # (B, Hkv, n)
         if run.recorder is not None:  # what each query read, as a mask (built for the recorder only)
             per_q = chosen.gather(2, local.clamp_min(0).view(b, 1, q, 1).expand(b, chosen.shape[1], q, chosen.shape[-1]))
             read = per_q & (kpos.unsqueeze(2) <= layer.qpos.view(b, 1, q, 1)) & (kpos.unsqueeze(2) >= 0)
