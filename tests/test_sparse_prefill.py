@@ -458,6 +458,8 @@ def test_compiled_flex_pads_to_few_shapes_and_equals_the_unpadded_kernel(monkeyp
         return flex_attention(query, key, value, **kw)
 
     monkeypatch.setattr(sp, "_FLEX", {"fn": fn})
+    # on CUDA Inductor refuses 16-token blocks (earlier tests add 16 to the refused set): the stand-in never does
+    monkeypatch.setattr(sp, "_FLEX_REFUSED", set())
     monkeypatch.setattr(sp, "FLEX_BUCKET", 64)
     b, h, hkv, d, blk = 2, 4, 2, 16, 16
     query, key, value = rand(b, h, q, d), rand(b, hkv, n, d, seed=1), rand(b, hkv, n, d, seed=2)
