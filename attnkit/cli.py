@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per padded generate call; rows of a batch share its timings (default: %(default)s)")
     p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:FUNC]",
                    help="import a module (and call FUNC) that registers tasks, methods or models; repeatable")
+    p.add_argument("--gpu-memory-fraction", type=_number(float, 0.0, 1.0, open_lo=True),
+                   help="cap this process's CUDA memory at this share of the GPU (local executor): N shards "
+                        "sharing one GPU each take under 1/N, so none holds cached memory another needs")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -343,6 +346,21 @@ def sweep_config(args: argparse.Namespace):
     return config
 
 
+def limit_gpu_memory(fraction: float | None, device: str, executor: str) -> None:
+    """``--gpu-memory-fraction``: cap the caching allocator of this process (it frees its cache and retries before
+    it passes the cap). Without a cap, shards sharing a GPU starve one another: each keeps what its longest sample
+    cached, and the next one's allocation fails although nothing is in use."""
+    if fraction is None:
+        return
+    if executor != "local":
+        raise ValueError(f"--gpu-memory-fraction applies to the local executor, not --executor {executor} "
+                         "(Ray gives each cell a GPU of its own)")
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise ValueError(f"--gpu-memory-fraction {fraction} needs a CUDA device; --device is {device!r}"
+                         + ("" if torch.cuda.is_available() else " and no GPU is visible"))
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import sqlite3
 
@@ -351,6 +369,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from attnkit.eval.store import Store
 
     config = sweep_config(args)
+    limit_gpu_memory(args.gpu_memory_fraction, config.device, args.executor)
     execute = get_executor(args.executor)
     try:
         store = Store(args.db)

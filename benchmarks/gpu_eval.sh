@@ -36,7 +36,9 @@ eval_() {  # eval_ NAME ARGS...: one resumable sweep into $DB/NAME.db in $PAR sh
   local left=$(( DEADLINE - $(date +%s) ))
   [ "$left" -gt 30 ] || { echo "$name: no time left in this call"; return; }
   for i in $(seq 0 $((PAR - 1))); do
-    timeout "$left" python3 -m attnkit eval --db "$DB/$name.db" --no-progress --shard $i/$PAR "$@" \
+    # each shard capped at its share of the GPU: uncapped, one shard's cached memory made another's allocation fail
+    timeout "$left" python3 -m attnkit eval --db "$DB/$name.db" --no-progress --shard $i/$PAR \
+      --gpu-memory-fraction $(python3 -c "print(round(0.96 / $PAR, 4))") "$@" \
       > "$OUT/$name.shard$i.log" 2>&1 &
   done
   wait

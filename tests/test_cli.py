@@ -265,3 +265,21 @@ def test_calibrate_tidaldecode_prints_the_layer_to_use(capsys, loads, fake_essay
 def test_calibrate_refuses_bad_budgets(capsys, loads, tmp_path):
     code, _, err = run(capsys, "calibrate", "fasa", "--budgets", "12,x", "-o", str(tmp_path / "p.json"))
     assert code == 2 and "--budgets '12,x' is invalid" in err
+
+
+def test_gpu_memory_fraction_caps_this_process_or_fails_clearly(capsys, monkeypatch, tmp_path):
+    db = str(tmp_path / "r.db")
+    with pytest.raises(SystemExit):  # argparse's usage error
+        cli.main(["eval", "--methods", "full", "--gpu-memory-fraction", "1.5", "--db", db])
+    assert "1.5 is out of range; accepted: > 0.0 and <= 1.0" in capsys.readouterr().err
+    code, _, err = run(capsys, "eval", "--methods", "full", "--gpu-memory-fraction", "0.2", "--device", "cpu",
+                       "--db", db)
+    assert code == 2 and "--gpu-memory-fraction 0.2 needs a CUDA device" in err
+    capped = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: capped.append((f, str(d))))
+    with pytest.raises(ValueError, match="local executor"):
+        cli.limit_gpu_memory(0.2, "cuda", "ray")
+    cli.limit_gpu_memory(0.2, "cuda:1", "local")
+    cli.limit_gpu_memory(None, "cuda", "local")
+    assert capped == [(0.2, "cuda:1")]

@@ -25,8 +25,11 @@ def rand(*shape, seed=0):
     return torch.randn(*shape, generator=g).to(DEVICE)
 
 
+@pytest.mark.parametrize("score_bytes", [None, 2 * 4 * 20 * 4 * 3])  # default; 3 query rows per chunk
 @pytest.mark.parametrize("padded", [False, True])
-def test_compact_attention_equals_reference_under_its_mask(padded):
+def test_compact_attention_equals_reference_under_its_mask(monkeypatch, padded, score_bytes):
+    if score_bytes is not None:
+        monkeypatch.setattr(attnkit.hf.attention, "MASKED_SCORE_BYTES", score_bytes)
     b, h, hkv, n, q, d = 2, 4, 2, 40, 16, 8
     query, key, value = rand(b, h, q, d), rand(b, hkv, n, d, seed=1), rand(b, hkv, n, d, seed=2)
     kpos = torch.arange(n, device=DEVICE).expand(b, n).clone()

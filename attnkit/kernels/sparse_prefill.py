@@ -106,11 +106,19 @@ def compact_attention(
 
         out_sel = causal_prefill(q_sel, k_sel, v_sel, scaling)
         lse_sel = None
-    else:
+    else:  # eager float32 in query chunks whose scores stay under MASKED_SCORE_BYTES (padded rows at 16K: 13 GiB)
+        from attnkit.hf import attention as hf_attention
+
         kp = pos_sel.unsqueeze(2)  # (B, H, 1, k)
-        mask = (kp <= qpos.unsqueeze(-1)) & (kp >= 0) & (qpos.unsqueeze(-1) >= 0)  # (B, H, nq, k)
-        out_sel, _, lse_sel = dense_attention(q_sel, k_sel, v_sel, mask, scaling)
-        out_sel = out_sel.to(query.dtype)
+        rows = max(1, hf_attention.MASKED_SCORE_BYTES // (b * h * k_sel.shape[2] * 4))
+        outs, lses = [], []
+        for s in range(0, n_query, rows):
+            qp = qpos[:, :, s : s + rows].unsqueeze(-1)
+            mask = (kp <= qp) & (kp >= 0) & (qp >= 0)  # (B, H, rows, k)
+            o, _, l = dense_attention(q_sel[:, :, s : s + rows], k_sel, v_sel, mask, scaling)
+            outs.append(o.to(query.dtype))
+            lses.append(l)
+        out_sel, lse_sel = torch.cat(outs, 2), torch.cat(lses, 2)
     out = query.new_zeros(b, h, q + 1, d)  # slot q: where non-queries scatter (dropped)
     at = torch.where(is_query, qslot - (n - q), q)
     out.scatter_(2, at.unsqueeze(-1).expand(b, h, n_query, d), out_sel)
