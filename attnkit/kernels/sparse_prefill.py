@@ -115,9 +115,9 @@ def compact_attention(
         for s in range(0, n_query, rows):
             qp = qpos[:, :, s : s + rows].unsqueeze(-1)
             mask = (kp <= qp) & (kp >= 0) & (qp >= 0)  # (B, H, rows, k)
-            o, _, l = dense_attention(q_sel[:, :, s : s + rows], k_sel, v_sel, mask, scaling)
+            o, _, lse_rows = dense_attention(q_sel[:, :, s : s + rows], k_sel, v_sel, mask, scaling)
             outs.append(o.to(query.dtype))
-            lses.append(l)
+            lses.append(lse_rows)
         out_sel, lse_sel = torch.cat(outs, 2), torch.cat(lses, 2)
     out = query.new_zeros(b, h, q + 1, d)  # slot q: where non-queries scatter (dropped)
     at = torch.where(is_query, qslot - (n - q), q)

@@ -161,8 +161,8 @@ class TCA(Method):
     tokens are kept. Without a profile every head takes configuration ``fallback`` (-1: the middle one).
     ``kernel`` as DHSA's: "gather", "flex" (where slot = position) or "auto" (flex on CUDA).
     ``shrink=False`` (ours, not the paper's) keeps the whole cache for decoding: sparse prefill only, no KV saving;
-    it tells how much of an accuracy loss comes from the shrink rather than from the prefill choice. Shapes: s (B, Hkv, blocks,
-    n), chosen (B, Hkv, blocks, n), read mask (B, Hkv, q, n).
+    it tells how much of an accuracy loss comes from the shrink rather than from the prefill choice.
+    Shapes: s (B, Hkv, blocks, n), chosen (B, Hkv, blocks, n), read mask (B, Hkv, q, n).
     """
 
     name = "tca"
