@@ -132,3 +132,25 @@ def test_a_row_whose_padding_outlasts_the_first_prefill_chunk():
         both = attnkit.generate(model, IdTok(), [short, long], max_new_tokens=4, prefill_chunk=8, stop_at_eos=False)
         alone = attnkit.generate(model, IdTok(), short, max_new_tokens=4, prefill_chunk=8, stop_at_eos=False)
     assert both[0].tokens == alone.tokens
+
+
+def test_a_masked_prefill_builds_its_mask_per_query_chunk(monkeypatch):
+    """A long masked chunk (padding + a window) is attended query chunk by query chunk, each building only its
+    rows of the layer's mask: never the whole (q, n) mask. Logits equal the one-call path's."""
+    from attnkit.hf import attention
+    from attnkit.hf.cache import KVLayer
+
+    model = tiny_llama(dtype=DTYPE).to(DEVICE)
+    rows, decode_ids = prompts(), torch.randint(3, 256, (3, 2), generator=torch.Generator().manual_seed(4))
+    with attnkit.apply(model, "window", window=16):
+        whole = stream_logits(model, rows, decode_ids.to(DEVICE))
+    built = []
+    real = KVLayer.mask
+    monkeypatch.setattr(KVLayer, "mask", lambda self, rows=None: built.append((self.qpos.shape[1], rows))
+                        or real(self, rows))
+    monkeypatch.setattr(attention, "MASKED_SCORE_BYTES", 3 * 4 * 51 * 4 * 8)  # B x H x n x 4 bytes x 8 query rows
+    with attnkit.apply(model, "window", window=16):
+        chunked = stream_logits(model, rows, decode_ids.to(DEVICE))
+    prefill = [r for q, r in built if q > 1]
+    assert prefill and all(r is not None and r.stop - r.start <= 8 for r in prefill)
+    assert_close(chunked, whole, "chunked mask vs whole mask")

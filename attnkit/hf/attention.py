@@ -67,6 +67,22 @@ def sdpa(
     return _sdpa(query, key, value, mask, scaling, causal)
 
 
+def layer_sdpa(layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``sdpa`` under a cache layer's mask, each query chunk with only its own rows of the mask: at 16K x 4 rows the
+    whole (B, 1, q, n) bool mask and its temporaries were 3 GiB (notes/gpu.md, thirteenth session)."""
+    b, h, q, _ = query.shape
+    rows = max(1, MASKED_SCORE_BYTES // (b * h * key.shape[2] * 4))
+    if q <= rows:
+        return sdpa(query, key, value, layer.mask(), scaling)
+    out = []
+    for s in range(0, q, rows):
+        mask = layer.mask(slice(s, s + rows))
+        qs = query[:, :, s : s + rows]
+        out.append(_sdpa(qs, key, value, None, scaling, False) if mask is None
+                   else masked_rows(qs, key, value, mask, scaling))
+    return torch.cat(out, dim=2)
+
+
 def masked_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                 scaling: float) -> torch.Tensor:
     """Queries (B, H, q', D) over only the key columns their mask (B, 1 or Hkv, q', n) opens for any of them
@@ -184,7 +200,9 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
     # that bias instead of a (q, n) bool mask, which would push it to a slower masked kernel (and, at 128K, build
     # a mask of gigabytes). The last few queries' probabilities ("last:<w>", SnapKV) come from a small (w, n) pass.
     plain_causal = (q > 1 and wants != "all" and softcap is None and run.recorder is None and layer.holds_prefix())
-    mask = None if plain_causal else layer.mask()
+    # the whole (q, n) mask only where a dense pass or the recorder needs it; SDPA builds it chunk by chunk
+    whole = not plain_causal and (wants == "all" or softcap is not None or run.recorder is not None)
+    mask = layer.mask() if whole else None
     if plain_causal:
         out = causal_prefill(query, key, value, scaling)
         if wants:
@@ -199,10 +217,10 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
         if wants:
             layer.observe(only_real_queries(layer, probs))
     else:
-        out = sdpa(query, key, value, mask, scaling)
+        out = sdpa(query, key, value, mask, scaling) if whole else layer_sdpa(layer, query, key, value, scaling)
         if wants:  # "last:<w>": probabilities of the chunk's last w queries only
             w = min(int(wants.split(":")[1]), query.shape[2])
-            sub_mask = None if mask is None else mask[:, :, -w:]
+            sub_mask = mask[:, :, -w:] if whole else layer.mask(None if w == q else slice(q - w, q))
             probs, _ = attention_probs(query[:, :, -w:], key, sub_mask, scaling)
             layer.observe(only_real_queries(layer, probs))
     if run.recorder is not None:

@@ -295,18 +295,20 @@ class KVLayer(CacheLayerMixin):
         None."""
         return None
 
-    def mask(self) -> torch.Tensor | None:
-        """(B, Hkv, q, n) bool, or (1 or B, 1, q, n) for shared layouts: what each query of the chunk may see.
+    def mask(self, rows: slice | None = None) -> torch.Tensor | None:
+        """(B, Hkv, q, n) bool, or (1 or B, 1, q, n) for shared layouts: what each query of the chunk may see;
+        ``rows`` builds only those queries' rows (a long masked chunk is attended in pieces, each with its own
+        rows, so no (q, n) mask is ever whole).
 
         None when every stored slot is visible to every query (a decode step over a compacted, unpadded cache),
         so the attention call can take the unmasked fast path.
         """
         kpos = self.stored_pos()
-        qpos = self.qpos
+        qpos = self.qpos if rows is None else self.qpos[:, rows]
         if self.shared_layout:  # one mask broadcasts over heads (and over rows when unpadded): no L x L per head
             kpos = kpos[:, :1] if self.padded else kpos[:1, :1]
             qpos = qpos if self.padded else qpos[:1]
-        if qpos.shape[1] == 1 and self.all_visible_in_decode and not self.padded:
+        if rows is None and qpos.shape[1] == 1 and self.all_visible_in_decode and not self.padded:
             return None
         k = kpos.unsqueeze(-2)  # (B', H', 1, n)
         qq = qpos.view(qpos.shape[0], 1, -1, 1)  # (B', 1, q, 1)
