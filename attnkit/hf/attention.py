@@ -74,13 +74,8 @@ def layer_sdpa(layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     rows = max(1, MASKED_SCORE_BYTES // (b * h * key.shape[2] * 4))
     if q <= rows:
         return sdpa(query, key, value, layer.mask(), scaling)
-    out = []
-    for s in range(0, q, rows):
-        mask = layer.mask(slice(s, s + rows))
-        qs = query[:, :, s : s + rows]
-        out.append(_sdpa(qs, key, value, None, scaling, False) if mask is None
-                   else masked_rows(qs, key, value, mask, scaling))
-    return torch.cat(out, dim=2)
+    return torch.cat([masked_rows(query[:, :, s : s + rows], key, value, layer.mask(slice(s, s + rows)), scaling)
+                      for s in range(0, q, rows)], dim=2)  # a mask for some rows is never None
 
 
 def masked_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
