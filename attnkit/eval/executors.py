@@ -115,8 +115,7 @@ def cell_or_out_of_memory(cell: Cell, store: Store, n: int, done: set[int], on_s
             message = str(err).splitlines()[0][:160]
         gc.collect()  # out of the except block: the traceback's frames (and their tensors) are gone
         torch.cuda.empty_cache()
-        print(f"attnkit eval: {cell.method} {cell.task} @ {cell.length} (batch {size}) ran out of GPU memory "
-              f"({message})", file=sys.stderr)
+        print(f"attnkit eval: {cell_label(cell)} (batch {size}) ran out of GPU memory ({message})", file=sys.stderr)
     return None
 
 

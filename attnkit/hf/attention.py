@@ -59,23 +59,33 @@ def sdpa(
     ``MASKED_SCORE_BYTES`` runs in query chunks (``masked_rows``): same result, bounded memory.
     """
     if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and query.shape[2] > 1:  # (CausalBias is no bool)
-        b, h, q, _ = query.shape
-        rows = max(1, MASKED_SCORE_BYTES // (b * h * key.shape[2] * 4))
-        if q > rows:
-            return torch.cat([masked_rows(query[:, :, s : s + rows], key, value, mask[:, :, s : s + rows], scaling)
-                              for s in range(0, q, rows)], dim=2)
+        rows = masked_chunk_rows(query, key)
+        if query.shape[2] > rows:
+            return _in_query_chunks(query, key, value, scaling, rows, lambda r: mask[:, :, r])
     return _sdpa(query, key, value, mask, scaling, causal)
+
+
+def masked_chunk_rows(query: torch.Tensor, key: torch.Tensor) -> int:
+    """Query rows per chunk of a masked attention whose (B, H, rows, n) float32 scores stay under
+    MASKED_SCORE_BYTES; query (B, H, q, D), key (B, Hkv, n, D)."""
+    b, h = query.shape[:2]
+    return max(1, MASKED_SCORE_BYTES // (b * h * key.shape[2] * 4))
 
 
 def layer_sdpa(layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
     """``sdpa`` under a cache layer's mask, each query chunk with only its own rows of the mask: at 16K x 4 rows the
     whole (B, 1, q, n) bool mask and its temporaries were 3 GiB (notes/gpu.md, thirteenth session)."""
-    b, h, q, _ = query.shape
-    rows = max(1, MASKED_SCORE_BYTES // (b * h * key.shape[2] * 4))
-    if q <= rows:
+    rows = masked_chunk_rows(query, key)
+    if query.shape[2] <= rows:
         return sdpa(query, key, value, layer.mask(), scaling)
-    return torch.cat([masked_rows(query[:, :, s : s + rows], key, value, layer.mask(slice(s, s + rows)), scaling)
-                      for s in range(0, q, rows)], dim=2)  # a mask for some rows is never None
+    return _in_query_chunks(query, key, value, scaling, rows, layer.mask)  # a mask for some rows is never None
+
+
+def _in_query_chunks(query, key, value, scaling: float, rows: int, mask_rows) -> torch.Tensor:
+    """``masked_rows`` over chunks of ``rows`` queries; ``mask_rows(slice)`` gives each chunk's (B, 1 or Hkv,
+    rows, n) bool mask."""
+    return torch.cat([masked_rows(query[:, :, s : s + rows], key, value, mask_rows(slice(s, s + rows)), scaling)
+                      for s in range(0, query.shape[2], rows)], dim=2)
 
 
 def masked_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,

@@ -107,10 +107,10 @@ def compact_attention(
         out_sel = causal_prefill(q_sel, k_sel, v_sel, scaling)
         lse_sel = None
     else:  # eager float32 in query chunks whose scores stay under MASKED_SCORE_BYTES (padded rows at 16K: 13 GiB)
-        from attnkit.hf import attention as hf_attention
+        from attnkit.hf.attention import masked_chunk_rows
 
         kp = pos_sel.unsqueeze(2)  # (B, H, 1, k)
-        rows = max(1, hf_attention.MASKED_SCORE_BYTES // (b * h * k_sel.shape[2] * 4))
+        rows = masked_chunk_rows(q_sel, k_sel)
         outs, lses = [], []
         for s in range(0, n_query, rows):
             qp = qpos[:, :, s : s + rows].unsqueeze(-1)
