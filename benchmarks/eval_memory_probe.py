@@ -1,6 +1,8 @@
 """Where an eval batch's GPU memory goes: one left-padded batch of a model through ``attnkit.generate`` with a
 method active, as ``attnkit eval`` runs it, with the allocator's peak after loading, after the prefill and after the
-decode steps, and the largest blocks alive at the prefill's peak (the CUDA allocator's recorded trace).
+decode steps, and the largest blocks alive at the prefill's peak (the CUDA allocator's recorded trace). With
+``--timing``, also where the prefill's time goes: its wall time at each ``--score-bytes`` (the masked attention's
+query-chunk size) and the ops with the most device time under torch.profiler.
 
 Found in the thirteenth session: Gemma-3-270M at 16K, batch 4 held 10.9 GB (``full``) to 18.3 GB (tokenselect) per
 process, far above its weights, KV cache and chunked attention. On the CPU the same prefill (float32) peaks at
@@ -12,6 +14,7 @@ process, far above its weights, KV cache and chunked attention. On the CPU the s
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 
@@ -48,6 +51,42 @@ def blocks_at_peak(n: int = 10) -> list[dict]:
     return out
 
 
+def prefill_seconds(model, tok, prompts, length: int, device: torch.device) -> float:
+    """Wall seconds of one prefill (one new token), synchronised."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    attnkit.generate(model, tok, prompts, max_new_tokens=1, prefill_chunk=length)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return round(time.perf_counter() - t0, 3)
+
+
+def prefill_timing(model, tok, prompts, length: int, device: torch.device, score_bytes: list[int]) -> dict:
+    """The prefill's wall time at each masked-attention chunk size (attnkit.hf.attention.MASKED_SCORE_BYTES), and
+    the 15 ops with the most self device time (CPU time on the CPU) at the default size, with their call counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    attention = importlib.import_module("attnkit.hf.attention")
+    default = attention.MASKED_SCORE_BYTES
+    walls = {}
+    try:
+        for b in score_bytes:
+            attention.MASKED_SCORE_BYTES = b
+            prefill_seconds(model, tok, prompts, length, device)  # warm (allocator, any compile)
+            walls[str(b)] = prefill_seconds(model, tok, prompts, length, device)
+    finally:
+        attention.MASKED_SCORE_BYTES = default
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        prefill_seconds(model, tok, prompts, length, device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:15]
+    top = [dict(op=e.key, calls=e.count, self_ms=round(getattr(e, key) / 1e3, 2),
+                cpu_ms=round(e.self_cpu_time_total / 1e3, 2)) for e in ops]
+    return dict(wall_s_by_score_bytes=walls, top_ops=top)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma3-270m")
@@ -57,6 +96,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--timing", action="store_true", help="also time the prefill and profile its ops")
+    ap.add_argument("--score-bytes", default="268435456,2147483648",
+                    help="masked-attention chunk sizes (bytes of float32 scores) to time the prefill at")
     ap.add_argument("--out", help="JSON with every figure")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -87,10 +129,18 @@ def main() -> None:
         row = dict(method=name, batch=args.batch, length=args.length, prompt_tokens=gen[0].prompt_tokens,
                    loaded_gib=loaded, prefill_peak_gib=prefill, generate_peak_gib=whole,
                    seconds=round(time.perf_counter() - t0, 1), top_blocks=top)
+        if args.timing:
+            with attnkit.apply(model, method):
+                row["timing"] = prefill_timing(model, tok, prompts, args.length, device,
+                                               [int(b) for b in args.score_bytes.split(",")])
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "top_blocks"}))
         for b in top:
             print(f"    {b['mib']:9.1f} MiB  {' <- '.join(b['where'])}")
+        if args.timing:
+            print("    prefill s by score bytes:", row["timing"]["wall_s_by_score_bytes"])
+            for o in row["timing"]["top_ops"]:
+                print(f"    {o['self_ms']:10.2f} ms {o['calls']:7d} calls  cpu {o['cpu_ms']:9.2f} ms  {o['op'][:70]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -110,8 +110,9 @@ for s in ${*:-site calib rank4k}; do
         --prefill-chunk 16384 --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
         --set fasa.profile=$DB/fasa_gemma3.json ;;
     memprobe_gemma)  # where a 16K batch of 4 holds 11-18 GB per process (thirteenth session): peaks and the blocks
-                     # alive at the prefill's peak, for the dense prefill and the heaviest selection method
-      python3 benchmarks/eval_memory_probe.py --model gemma3-270m --length 16384 --batch 4 --methods full,tokenselect \
+                     # alive at the prefill's peak, for the dense prefill and the heaviest selection method; and
+                     # where its ~10 s prefill goes (1.4 s of decode beside it): wall time by chunk size, top ops
+      python3 benchmarks/eval_memory_probe.py --model gemma3-270m --length 16384 --batch 4 --methods full,tokenselect --timing \
         --out "$OUT/memprobe_gemma.json" 2>&1 | grep -v Warn | tee "$OUT/memprobe_gemma.log" ;;
     quarter8k)  # item 2: query-aware methods at a quarter of an 8K context, retrieval tasks
       eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 4 \
