@@ -358,7 +358,8 @@ def limit_gpu_memory(fraction: float | None, device: str, executor: str) -> None
     if not device.startswith("cuda") or not torch.cuda.is_available():
         raise ValueError(f"--gpu-memory-fraction {fraction} needs a CUDA device; --device is {device!r}"
                          + ("" if torch.cuda.is_available() else " and no GPU is visible"))
-    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    index = torch.device(device).index  # torch refuses a bare "cuda" here (no index): the current device is meant
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device() if index is None else index)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

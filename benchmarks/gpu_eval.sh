@@ -27,7 +27,10 @@ save() {  # fold each database's WAL in, then copy out what this call changed (a
   for db in $DB/*.db; do
     [ -s "$db-wal" ] && python3 -c "import sqlite3,sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(TRUNCATE)')" "$db"
   done
-  find $DB -maxdepth 1 -newer $DB/.start \( -name '*.db' -o -name '*.json' \) -exec cp -f {} "$OUT"/ \; 2>/dev/null
+  # a file comes back only under 16 MiB: a larger database (perplexity rows hold every position's NLL) gzipped
+  for f in $(find $DB -maxdepth 1 -newer $DB/.start \( -name '*.db' -o -name '*.json' \)); do
+    if [ "$(stat -c %s "$f")" -lt 16000000 ]; then cp -f "$f" "$OUT"/; else gzip -9 -c "$f" > "$OUT/$(basename "$f").gz"; fi
+  done
   cat "$OUT"/*.shard*.log > "$OUT/shards.log" 2>/dev/null && rm -f "$OUT"/*.shard*.log; true
 }
 trap save EXIT
@@ -85,7 +88,8 @@ for s in ${*:-site calib rank4k}; do
       fi
       # resume from the committed databases and FASA profile (the cells' keys name the profile's path here)
       for f in docs/results/*_smollm2_*.db docs/results/*_gemma3_*.db; do [ -f "$f" ] || continue;  [ -f "$DB/$(basename "$f")" ] || cp -p "$f" "$DB/"; done
-      for f in docs/results/*.db.gz; do [ -f "$f" ] || continue; d="$DB/$(basename "${f%.gz}")"; [ -f "$d" ] || { gunzip -c "$f" > "$d"; touch -r "$f" "$d"; }; done
+      for f in docs/results/*.db.gz docs/results/*.db.xz; do [ -f "$f" ] || continue; d="$DB/$(basename "${f%.*}")"
+        [ -f "$d" ] || { python3 -c "import gzip, lzma, shutil, sys; o = lzma.open if sys.argv[1].endswith('.xz') else gzip.open; shutil.copyfileobj(o(sys.argv[1]), open(sys.argv[2], 'wb'))" "$f" "$d"; touch -r "$f" "$d"; }; done
       [ -f $DB/fasa_smollm2.json ] || cp -p docs/results/fasa_smollm2_bf16.json $DB/fasa_smollm2.json
       ls $SITE $DB | tee "$OUT/site.log"
       python3 -c "import transformers; print('transformers', transformers.__version__)" | tee -a "$OUT/site.log" ;;
@@ -148,7 +152,8 @@ for s in ${*:-site calib rank4k}; do
       eval_ sparse_gemma3_gpu --model gemma3-270m --lengths 16384,8192 --tasks ruler --samples 20 --batch 4 \
         $(sparse_family) ;;
     sparse_gemma_ppl)
-      eval_ sparse_gemma3_gpu --model gemma3-270m --lengths 16384,8192 --tasks ppl --samples 20 $(sparse_family) ;;
+      # its own database: every position's NLL makes it 17 MB (committed xz-compressed)
+      eval_ sparse_gemma3_gpu_ppl --model gemma3-270m --lengths 16384,8192 --tasks ppl --samples 20 $(sparse_family) ;;
     ppl)  # item 2: essay perplexity on the last 256 tokens, decoded one step at a time, at 4K:
           # SpAtten at a 45% budget; Recycled Attention with K = L / 8 (the paper's) at S = 5 and 10
       eval_ ppl_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ppl_tail --samples 20 \

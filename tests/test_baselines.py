@@ -60,3 +60,33 @@ def test_needle_span_and_retention():
         layers = nr.retention(run, range(15, 18))
         assert layers == [1.0] * len(layers)
         assert nr.retention(run, range(12, 15)) == [0.0] * len(layers)  # 12 and 13 were evicted
+
+
+def test_paired_vs_full_pairs_samples_and_keeps_each_methods_newest_settings(tmp_path, capsys, monkeypatch):
+    db = tmp_path / "r.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE results (method, budget, settings_json, task, sample_index, score, created_at, length,"
+                " model)")
+    rows = [("full", "", "{}", "a", i, s, "1") for i, s in enumerate([1, 0, 1, 1])]
+    rows += [("full", "", "{}", "b", i, s, "1") for i, s in enumerate([0, 0, 1, 0])]
+    rows += [("m", "64", '{"x":1}', "a", i, s, "2") for i, s in enumerate([1, 1, 1, 1])]  # +0.25
+    rows += [("m", "64", '{"x":1}', "b", i, s, "2") for i, s in enumerate([0, 0, 1, 0])]  # +0
+    rows += [("m", "64", '{"x":0}', "a", i, 0, "1") for i in range(4)]  # older settings: left out
+    rows += [("full", "", "{}", "ppl", i, p, "1") for i, p in enumerate([10.0, 20.0])]
+    rows += [("m", "64", '{"x":1}', "ppl", i, p, "2") for i, p in enumerate([11.0, 22.0])]
+    con.executemany("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, 4096, 'tiny')", rows)
+    con.commit()
+    module = benchmark("paired_vs_full")
+    cells = module.load(db, 4096, None)
+    assert cells[("m", "64")]["a"] == {0: 1, 1: 1, 2: 1, 3: 1}
+    d, lo, hi, n, base = module.paired({t: cells[("full", "")][t] for t in "ab"},
+                                       {t: cells[("m", "64")][t] for t in "ab"}, False, 500, 0)
+    assert (d, n, base) == (0.125, 2, 0.5) and lo <= d <= hi and lo >= 0
+    r, lo, hi, *_ = module.paired({"ppl": cells[("full", "")]["ppl"]}, {"ppl": cells[("m", "64")]["ppl"]}, True,
+                                  100, 0)
+    assert r == pytest.approx(1.1) and lo == pytest.approx(1.1) and hi == pytest.approx(1.1)
+    monkeypatch.setattr("sys.argv", ["paired_vs_full", str(db), "--length", "4096", "--samples", "4"])
+    module.main()
+    out = capsys.readouterr().out
+    assert "| m 64 | 100.0 | 25.0 | 62.50 | 1.25 | +12.50 [" in out and "left out: 4 rows of m 64" in out
+    assert "| m 64 | 2 | 16.50 | 1.100 [1.100, 1.100] |" in out

@@ -276,10 +276,18 @@ def test_gpu_memory_fraction_caps_this_process_or_fails_clearly(capsys, monkeypa
                        "--db", db)
     assert code == 2 and "--gpu-memory-fraction 0.2 needs a CUDA device" in err
     capped = []
+
+    def cap(fraction, device):  # torch's own check: a device with no index is refused (the GPU run's failure)
+        if not isinstance(device, int) and torch.device(device).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        capped.append((fraction, device if isinstance(device, int) else torch.device(device).index))
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: capped.append((f, str(d))))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", cap)
     with pytest.raises(ValueError, match="local executor"):
         cli.limit_gpu_memory(0.2, "cuda", "ray")
     cli.limit_gpu_memory(0.2, "cuda:1", "local")
+    cli.limit_gpu_memory(0.3, "cuda", "local")
     cli.limit_gpu_memory(None, "cuda", "local")
-    assert capped == [(0.2, "cuda:1")]
+    assert capped == [(0.2, 1), (0.3, 0)]
