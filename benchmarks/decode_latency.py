@@ -160,7 +160,21 @@ def shape_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--budget", type=int, default=2048, help="tokens read or held per step by the sparse methods")
     ap.add_argument("--methods", default="full,streaming_llm,tokenselect,quest",
                     help="comma-separated registered methods (settings at --budget: see settings_for); quest/p64 is "
-                         "Quest with 64-token pages, NAME+c the method compiled (attnkit.generate(compile=True))")
+                         "Quest with 64-token pages, NAME:KEY=VALUE:... other settings (dhsa:boundaries=mass), "
+                         "NAME+c the method compiled (attnkit.generate(compile=True))")
+
+
+def setting(text: str) -> tuple[str, object]:
+    """'chunk=64' -> ('chunk', 64); a value that is no number stays text."""
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise SystemExit(f"method setting {text!r} is invalid; accepted: KEY=VALUE")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def copy_bandwidth_gbs(device: str) -> float:
@@ -303,7 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
         for compiled in [True] if spec.endswith("+c") else variants:
             label = f"attnkit {name}" + (" compiled" if compiled else "")
             method, _, page = name.partition("/p")  # quest/p64: Quest with 64-token pages
-            settings = dict(method_settings[method], **({"page": int(page)} if page else {}))
+            method, *sets = method.split(":")  # dhsa:boundaries=mass:chunk=64: settings over the ones below
+            settings = dict(method_settings[method], **({"page": int(page)} if page else {}),
+                            **dict(setting(s) for s in sets))
             cold = run_method(model, tok, ids, method, settings, args, compiled) if args.warm else None
             if cold is not None:  # the untimed run's cache goes before the timed one (else 128K runs out of memory)
                 free_caches()

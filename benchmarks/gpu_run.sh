@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: maskprobe tests familytests familyc32 familyc128 prefillcudnn pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: prefill128dhsa maskprobe tests familytests familyc32 familyc128 prefillcudnn pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -49,6 +49,16 @@ for s in $stages; do
       ctx=$([ "$s" = prefill32 ] && echo 32768 || echo 131072)
       python3 benchmarks/decode_latency.py --context $ctx --new-tokens 2 --prefill-chunk $ctx --skip-hf --skip-compile --warm \
         --methods full,token_sparse,dhsa,rectified,tca --out "$OUT/prefill_$ctx.json" 2>&1 | grep -v Warn | tail -16 | tee "$OUT/prefill_$ctx.log" ;;
+    prefill128dhsa)  # issue 10's first target with one DHSA setting: the speed rows ran fixed 32-token chunks, the
+                     # Gemma-3 RULER cells DHSA's defaults (mass boundaries, 64); both at 128K here, then the
+                     # attention kernel table's flex rows for dhsa and tca at 128K
+      timeout ${ATTNKIT_STAGE_SECONDS:-200} python3 benchmarks/decode_latency.py --context 131072 --new-tokens 2 \
+        --prefill-chunk 131072 --skip-hf --skip-compile --warm --methods full,dhsa,dhsa:boundaries=mass:chunk=64 \
+        --out "$OUT/prefill_128k_dhsa.json" 2>&1 | grep -v Warn | tail -10 | tee "$OUT/prefill_128k_dhsa.log"
+      [ -f /root/attention_kernels.csv ] || cp -p docs/results/attention_kernels.csv /root/ 2>/dev/null
+      timeout 120 python3 benchmarks/attention_kernels.py --lengths 131072 --masks dhsa,tca --kernels flex \
+        --no-backward --seconds 80 --out /root/attention_kernels.csv 2>&1 | grep -v Warn | tail -6 | tee -a "$OUT/prefill_128k_dhsa.log"
+      cp /root/attention_kernels.csv "$OUT"/ ;;
     prefillcudnn)  # cuDNN as the dense prefill kernel (opt-in): its bf16 test, then 128K time to first token with
                    # flash (full only, the baseline) and with cuDNN (full and the sparse methods) in this call
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout 120 python3 -m pytest -q -p no:cacheprovider \

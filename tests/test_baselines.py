@@ -90,3 +90,11 @@ def test_paired_vs_full_pairs_samples_and_keeps_each_methods_newest_settings(tmp
     out = capsys.readouterr().out
     assert "| m 64 | 100.0 | 25.0 | 62.50 | 1.25 | +12.50 [" in out and "left out: 4 rows of m 64" in out
     assert "| m 64 | 2 | 16.50 | 1.100 [1.100, 1.100] |" in out
+
+
+def test_decode_latency_method_settings_parse_or_fail_clearly():
+    setting = benchmark("decode_latency").setting
+    assert [setting("chunk=64"), setting("tau=0.5"), setting("boundaries=mass")] == [
+        ("chunk", 64), ("tau", 0.5), ("boundaries", "mass")]
+    with pytest.raises(SystemExit, match="'chunk' is invalid; accepted: KEY=VALUE"):
+        setting("chunk")
