@@ -2,7 +2,8 @@
 method active, as ``attnkit eval`` runs it, with the allocator's peak after loading, after the prefill and after the
 decode steps, and the largest blocks alive at the prefill's peak (the CUDA allocator's recorded trace). With
 ``--timing``, also where the prefill's time goes: its wall time at each ``--score-bytes`` (the masked attention's
-query-chunk size) and the ops with the most device time under torch.profiler.
+query-chunk size), the ops with the most device time under torch.profiler, and why SDPA's fused kernels refused
+the first masked call.
 
 Found in the thirteenth session: Gemma-3-270M at 16K, batch 4 held 10.9 GB (``full``) to 18.3 GB (tokenselect) per
 process, far above its weights, KV cache and chunked attention. On the CPU the same prefill (float32) peaks at
@@ -60,6 +61,49 @@ def prefill_seconds(model, tok, prompts, length: int, device: torch.device) -> f
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return round(time.perf_counter() - t0, 3)
+
+
+def sdpa_choice(model, tok, prompts, length: int) -> dict:
+    """What SDPA was given in the prefill's first masked call (shapes, dtypes, strides) and why its fused kernels
+    refused it: the thirteenth session's profile showed every masked chunk on the math path, in float32
+    (torch.backends.cuda.can_use_*_attention with debug=True, whose reasons come as warnings)."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    seen = {}
+    real = F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, *args, **kwargs):
+        if not seen and isinstance(attn_mask, torch.Tensor) and query.shape[2] > 1:
+            seen.update(q=query, k=key, v=value, mask=attn_mask, gqa=kwargs.get("enable_gqa", False))
+        return real(query, key, value, attn_mask, *args, **kwargs)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        attnkit.generate(model, tok, prompts, max_new_tokens=1, prefill_chunk=length)
+    finally:
+        F.scaled_dot_product_attention = real
+    if not seen:
+        return dict(note="no masked call with more than one query")
+    out = {n: dict(shape=list(seen[n].shape), dtype=str(seen[n].dtype), stride=list(seen[n].stride()))
+           for n in ("q", "k", "v", "mask")}
+    out["enable_gqa"] = seen["gqa"]
+    if seen["q"].is_cuda:
+        try:
+            params = torch.backends.cuda.SDPAParams(seen["q"], seen["k"], seen["v"], seen["mask"], 0.0, False,
+                                                    seen["gqa"])
+        except TypeError:  # older signature, no enable_gqa
+            params = torch.backends.cuda.SDPAParams(seen["q"], seen["k"], seen["v"], seen["mask"], 0.0, False)
+        for kernel in ("flash", "efficient", "cudnn"):
+            check = getattr(torch.backends.cuda, f"can_use_{kernel}_attention", None)
+            if check is None:
+                continue
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ok = check(params, True)
+            out[kernel] = dict(ok=bool(ok), why=[str(w.message)[:300] for w in caught])
+    return out
 
 
 def prefill_timing(model, tok, prompts, length: int, device: torch.device, score_bytes: list[int]) -> dict:
@@ -131,6 +175,7 @@ def main() -> None:
                    seconds=round(time.perf_counter() - t0, 1), top_blocks=top)
         if args.timing:
             with attnkit.apply(model, method):
+                row["sdpa_choice"] = sdpa_choice(model, tok, prompts, args.length)
                 row["timing"] = prefill_timing(model, tok, prompts, args.length, device,
                                                [int(b) for b in args.score_bytes.split(",")])
         rows.append(row)
@@ -138,6 +183,7 @@ def main() -> None:
         for b in top:
             print(f"    {b['mib']:9.1f} MiB  {' <- '.join(b['where'])}")
         if args.timing:
+            print("    first masked SDPA call:", json.dumps(row["sdpa_choice"])[:1500])
             print("    prefill s by score bytes:", row["timing"]["wall_s_by_score_bytes"])
             for o in row["timing"]["top_ops"]:
                 print(f"    {o['self_ms']:10.2f} ms {o['calls']:7d} calls  cpu {o['cpu_ms']:9.2f} ms  {o['op'][:70]}")
