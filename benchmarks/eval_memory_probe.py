@@ -65,10 +65,9 @@ def prefill_seconds(model, tok, prompts, length: int, device: torch.device) -> f
 
 def sdpa_choice(model, tok, prompts, length: int) -> dict:
     """What SDPA was given in the prefill's first masked call (shapes, dtypes, strides) and why its fused kernels
-    refused it: the thirteenth session's profile showed every masked chunk on the math path, in float32
-    (torch.backends.cuda.can_use_*_attention with debug=True, whose reasons come as warnings)."""
-    import warnings
-
+    refused it: the fourteenth session's profile showed every masked chunk on the math path, in float32
+    (torch.backends.cuda.can_use_*_attention with debug=True, whose reasons come as warnings); the same checks and
+    a timed call per backend for that call's inputs as given, with a float mask and made contiguous."""
     import torch.nn.functional as F
 
     seen = {}
@@ -90,19 +89,50 @@ def sdpa_choice(model, tok, prompts, length: int) -> dict:
            for n in ("q", "k", "v", "mask")}
     out["enable_gqa"] = seen["gqa"]
     if seen["q"].is_cuda:
-        try:
-            params = torch.backends.cuda.SDPAParams(seen["q"], seen["k"], seen["v"], seen["mask"], 0.0, False,
-                                                    seen["gqa"])
-        except TypeError:  # older signature, no enable_gqa
-            params = torch.backends.cuda.SDPAParams(seen["q"], seen["k"], seen["v"], seen["mask"], 0.0, False)
-        for kernel in ("flash", "efficient", "cudnn"):
-            check = getattr(torch.backends.cuda, f"can_use_{kernel}_attention", None)
-            if check is None:
-                continue
+        q, k, v, m = seen["q"], seen["k"], seen["v"], seen["mask"]
+        bias = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill_(~m, float("-inf"))
+        variants = {"as given": (q, k, v, m), "float mask": (q, k, v, bias),
+                    "contiguous": (q.contiguous(), k.contiguous(), v.contiguous(), m.contiguous()),
+                    "contiguous, float mask": (q.contiguous(), k.contiguous(), v.contiguous(), bias.contiguous())}
+        for name, (vq, vk, vv, vm) in variants.items():
+            out[name] = sdpa_checks(vq, vk, vv, vm, seen["gqa"])
+    return out
+
+
+def sdpa_checks(q, k, v, mask, gqa: bool) -> dict:
+    """can_use_{flash,efficient,cudnn}_attention on these inputs with their reasons, and the milliseconds of one
+    call forced onto each backend (or the error it raised)."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, False, gqa)
+    except TypeError:  # older signature, no enable_gqa
+        params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, False)
+    out = {}
+    sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+    for kernel, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                            ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)):
+        check = getattr(torch.backends.cuda, f"can_use_{kernel}_attention", None)
+        row = {}
+        if check is not None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                ok = check(params, True)
-            out[kernel] = dict(ok=bool(ok), why=[str(w.message)[:300] for w in caught])
+                row["ok"] = bool(check(params, True))
+            row["why"] = [str(w.message)[:300] for w in caught]
+        try:
+            with sdpa_kernel([backend]):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, enable_gqa=gqa)
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, enable_gqa=gqa)
+                sync()
+            row["ms"] = round((time.perf_counter() - t0) / 5 * 1e3, 3)
+        except Exception as exc:  # a diagnostic: whatever a backend raises is what we want to read
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        out[kernel] = row
     return out
 
 
