@@ -117,7 +117,11 @@ for s in ${*:-site calib rank4k}; do
                      # alive at the prefill's peak, for the dense prefill and the heaviest selection method; and
                      # where its ~10 s prefill goes (1.4 s of decode beside it): wall time by chunk size, top ops
       python3 benchmarks/eval_memory_probe.py --model gemma3-270m --length 16384 --batch 4 --methods full,tokenselect --timing \
-        --out "$OUT/memprobe_gemma.json" 2>&1 | grep -v Warn | tee "$OUT/memprobe_gemma.log" ;;
+        --out "$OUT/memprobe_gemma.json" 2>&1 | grep -v Warn | tee "$OUT/memprobe_gemma.log"
+      # DHSA's eval prefill at 8K took 17.5 s a batch against full's 0.5-0.8 s (fourteenth session): its cold pass
+      # (compiles included) against its warm timing says whether that is compiling or the method's own work
+      python3 benchmarks/eval_memory_probe.py --model gemma3-270m --length 8192 --batch 4 --methods dhsa --budget 2048 \
+        --timing --out "$OUT/memprobe_gemma_dhsa.json" 2>&1 | grep -v Warn | tee -a "$OUT/memprobe_gemma.log" ;;
     quarter8k)  # item 2: query-aware methods at a quarter of an 8K context, retrieval tasks
       eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 4 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
