@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import attnkit
+from attnkit.cli import parse_setting
 
 LLAMA_31_8B = dict(
     vocab_size=128256,
@@ -165,16 +166,11 @@ def shape_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def setting(text: str) -> tuple[str, object]:
-    """'chunk=64' -> ('chunk', 64); a value that is no number stays text."""
-    key, eq, value = text.partition("=")
-    if not eq or not key:
-        raise SystemExit(f"method setting {text!r} is invalid; accepted: KEY=VALUE")
-    for kind in (int, float):
-        try:
-            return key, kind(value)
-        except ValueError:
-            pass
-    return key, value
+    """'chunk=64' -> ('chunk', 64), parsed as ``attnkit eval --set`` parses values."""
+    try:
+        return parse_setting(text)
+    except argparse.ArgumentTypeError as err:
+        raise SystemExit(f"method setting: {err}") from None
 
 
 def copy_bandwidth_gbs(device: str) -> float:

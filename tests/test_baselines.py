@@ -94,7 +94,7 @@ def test_paired_vs_full_pairs_samples_and_keeps_each_methods_newest_settings(tmp
 
 def test_decode_latency_method_settings_parse_or_fail_clearly():
     setting = benchmark("decode_latency").setting
-    assert [setting("chunk=64"), setting("tau=0.5"), setting("boundaries=mass")] == [
-        ("chunk", 64), ("tau", 0.5), ("boundaries", "mass")]
-    with pytest.raises(SystemExit, match="'chunk' is invalid; accepted: KEY=VALUE"):
+    assert [setting("chunk=64"), setting("tau=0.5"), setting("boundaries=mass"), setting("shrink=false")] == [
+        ("chunk", 64), ("tau", 0.5), ("boundaries", "mass"), ("shrink", False)]
+    with pytest.raises(SystemExit, match="method setting: expected KEY=VALUE, got 'chunk'"):
         setting("chunk")
