@@ -52,7 +52,7 @@ for s in $stages; do
     prefill128dhsa)  # issue 10's first target with one DHSA setting: the speed rows ran fixed 32-token chunks, the
                      # Gemma-3 RULER cells DHSA's defaults (mass boundaries, 64); both at 128K here, then the
                      # attention kernel table's flex rows for dhsa and tca at 128K
-      timeout ${ATTNKIT_STAGE_SECONDS:-200} python3 benchmarks/decode_latency.py --context 131072 --new-tokens 2 \
+      timeout ${ATTNKIT_STAGE_SECONDS:-280} python3 benchmarks/decode_latency.py --context 131072 --new-tokens 2 \
         --prefill-chunk 131072 --skip-hf --skip-compile --warm --methods full,dhsa,dhsa:boundaries=mass:chunk=64 \
         --out "$OUT/prefill_128k_dhsa.json" 2>&1 | grep -v Warn | tail -10 | tee "$OUT/prefill_128k_dhsa.log"
       [ -f /root/attention_kernels.csv ] || cp -p docs/results/attention_kernels.csv /root/ 2>/dev/null
