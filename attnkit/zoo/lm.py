@@ -119,11 +119,15 @@ class TinyLM(nn.Module):
             h = h + self.positions(torch.arange(start, end, device=ids.device))
         return h
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) long -> (B, T, V) logits."""
+    def forward(self, ids: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) long -> (B, T, V) logits; with ``at`` (B, T) bool, the (N, V) logits of only the N positions it
+        marks, in row-major order (MQAR labels a few query positions: the head over all T positions was most of a
+        step's work and memory at a vocabulary of 8,192)."""
         h = self.embed_at(ids, 0)
         for block in self.blocks:
             h = block(h)
+        if at is not None:
+            h = h[at]
         return self.head(self.norm(h))
 
     def init_state(self, batch: int) -> State:

@@ -88,7 +88,10 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def evaluate(model: TinyLM, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     """MQAR accuracy of ``model`` over a test set (B, T), in batches."""
     model.eval()
-    preds = torch.cat([model(inputs[i : i + batch_size]).argmax(-1) for i in range(0, len(inputs), batch_size)])
+    preds = torch.full_like(labels, -1)  # unlabelled positions are not scored
+    for i in range(0, len(inputs), batch_size):
+        at = labels[i : i + batch_size] != -100
+        preds[i : i + batch_size][at] = model(inputs[i : i + batch_size], at=at).argmax(-1)
     model.train()
     return mqar_accuracy(preds, labels)
 
@@ -182,8 +185,9 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, cfg)
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            logits = model(x_train[idx])
-            loss = loss_fn(logits.flatten(0, 1), y_train[idx].flatten())
+            y = y_train[idx]
+            at = y != -100  # logits at the labelled positions only: the same loss, a fraction of the head's work
+            loss = loss_fn(model(x_train[idx], at=at), y[at])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
