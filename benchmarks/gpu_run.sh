@@ -108,6 +108,7 @@ for s in $stages; do
     zoo8192)  # issue 11: the MQAR frontier at Zoology's vocabulary (V 8192), resumable across calls through the tracked db;
               # ATTNKIT_ZOO_SHARDS processes (default 6) share the GPU: one tiny model is launch-bound (~4 min a run alone)
       [ -f docs/results/zoo_v8192.db ] && cp docs/results/zoo_v8192.db "$OUT/zoo_v8192.db"
+      python3 benchmarks/zoo_head_step.py 2>&1 | tee "$OUT/zoo_head_step.log"  # the head at labelled positions only
       ZP=${ATTNKIT_ZOO_SHARDS:-6}
       for i in $(seq 0 $((ZP - 1))); do
         timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
