@@ -6,8 +6,8 @@ query-chunk size), the ops with the most device time under torch.profiler, and w
 the first masked call.
 
 Found in the thirteenth session: Gemma-3-270M at 16K, batch 4 held 10.9 GB (``full``) to 18.3 GB (tokenselect) per
-process, far above its weights, KV cache and chunked attention. On the CPU the same prefill (float32) peaks at
-2.6 GiB of live tensors, so the rest is CUDA-side. Figures go to notes/gpu.md.
+process in eval rows. This probe measured one such batch at 3.1 / 4.25 GiB on the H100 (fourteenth session), with
+every masked chunk of the prefill on SDPA's float32 math path. Figures go to notes/gpu.md.
 
     python benchmarks/eval_memory_probe.py --model gemma3-270m --length 16384 --batch 4 --methods full,tokenselect
 """
@@ -15,7 +15,6 @@ process, far above its weights, KV cache and chunked attention. On the CPU the s
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 
@@ -141,7 +140,7 @@ def prefill_timing(model, tok, prompts, length: int, device: torch.device, score
     the 15 ops with the most self device time (CPU time on the CPU) at the default size, with their call counts."""
     from torch.profiler import ProfilerActivity, profile
 
-    attention = importlib.import_module("attnkit.hf.attention")
+    from attnkit.hf import attention
     default = attention.MASKED_SCORE_BYTES
     walls = {}
     try:

@@ -95,8 +95,8 @@ def main() -> None:
     tasks = sorted(t for t in full if not t.startswith("ppl"))
     order = [fulls[0]] + sorted(k for k in cells if k[0] != "full")
     if tasks:
-        print(f"| {args.length} | " + " | ".join(tasks) + " | mean | share of dense (shared samples) | paired vs full, points "
-              "(95% bootstrap) | tasks (complete) |")
+        print(f"| {args.length} | " + " | ".join(tasks) + " | mean | share of dense (shared samples) | "
+              "paired vs full, points (95% bootstrap) | tasks (complete) |")
         print("| --- " * (len(tasks) + 5) + "|")
         for key in order:
             got = cells[key]
