@@ -135,7 +135,7 @@ for s in $stages; do
     maskprobe)  # why Gemma-3's sliding layers ran SDPA's math path at 16K (twelfth session), and the chunked path's memory
       python3 benchmarks/masked_prefill_probe.py 2>&1 | grep -v "^ *warnings.warn" | tee "$OUT/maskprobe.log"
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-        tests/test_sparse_prefill.py -k "masked_sdpa or pads_to_few or flex" 2>&1 | tail -5 | tee -a "$OUT/maskprobe.log" ;;
+        tests/test_sparse_prefill.py tests/test_weighing.py -k "masked_sdpa or pads_to_few or flex or efficient_kernel" 2>&1 | tail -5 | tee -a "$OUT/maskprobe.log" ;;
     sparsetests)  # issue 10's kernels and methods on CUDA (flex compiled, bf16)
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 python3 -m pytest -q -p no:cacheprovider tests/test_sparse_prefill.py \
         tests/test_methods.py tests/test_padded_batch.py -k "token_sparse or dhsa or rectified or tca or sparse_prefill" 2>&1 | tail -30 | tee "$OUT/sparsetests.log" ;;

@@ -563,6 +563,34 @@ def test_split_causal_is_bottom_right_causal(q: int, n: int) -> None:
     assert torch.allclose(split_causal(attend, query, key, value, 0.3), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("hkv", [1, 2])
+def test_masked_sdpa_one_kv_head_takes_a_fused_kernel(monkeypatch, hkv: int) -> None:
+    """Grouped KV heads under a mask reach SDPA with the query's head count, one KV head included (Gemma-3-270M:
+    left at one head, the fused kernels refused the unequal counts and every masked chunk ran the float32 math
+    path). On CUDA only the memory-efficient kernel is allowed, so a refusal raises; equal to the reference."""
+    from attnkit.hf import attention
+
+    dev = "cuda" if ON_GPU else "cpu"
+    dt = torch.bfloat16 if ON_GPU else torch.float32
+    gen = torch.Generator().manual_seed(5)
+    b, h, n, d = 2, 4, 200, 64
+    query, key, value = (torch.randn(b, x, n, d, generator=gen).to(dev, dt) for x in (h, hkv, hkv))
+    pos = torch.arange(n)
+    mask = ((pos.view(n, 1) >= pos.view(1, n)) & (pos.view(1, n) >= pos.view(n, 1) - 30)).expand(b, 1, n, n).to(dev)
+    seen = []
+    real = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((k.shape[1], kw["enable_gqa"])) or real(q, k, v, **kw))
+    if ON_GPU:
+        monkeypatch.setattr(attention, "_BACKENDS", [torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION])
+    got = attention._sdpa(query, key, value, mask, 0.125, False)
+    want, _, _ = dense_attention(query.float(), key.float(), value.float(), mask, 0.125)
+    assert seen == ([(h, False)] if ON_GPU else [(hkv, True)])
+    assert torch.allclose(got.float(), want, atol=2e-2 if ON_GPU else 1e-5), (got.float() - want).abs().max()
+    one = attention.all_heads(key, h)
+    assert one.shape == (b, h, n, d) and torch.equal(one[:, -1], key[:, -1 if hkv == 1 else 1])
+
+
 @pytest.mark.parametrize("mask_kind", ["window", "padded_window", "per_kv_head"])
 def test_masked_sdpa_in_query_chunks_equals_one_call(monkeypatch, mask_kind: str) -> None:
     """A masked attention whose scores pass MASKED_SCORE_BYTES runs in query chunks, each over the key columns

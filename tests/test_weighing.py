@@ -77,6 +77,36 @@ def test_attention_lse_in_row_blocks_and_implicit_causal_mask(monkeypatch):
         assert torch.allclose(out, want_out, atol=1e-6) and torch.allclose(lse, want_lse, atol=1e-6)
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the memory-efficient kernel's path runs on CUDA")
+@pytest.mark.parametrize("hkv,mask_heads", [(1, 1), (2, 1), (2, 2)])
+def test_attention_lse_under_a_mask_takes_the_efficient_kernel_on_cuda(monkeypatch, hkv: int, mask_heads: int):
+    """Padded batches (ZeroTuning's and ACT's calibrations) in bf16 on CUDA: the memory-efficient kernel's output
+    and log-sum-exp, in row blocks, with an empty row, an unaligned key count and a per-KV-head mask, against the
+    float32 reference."""
+    gen = torch.Generator().manual_seed(hkv + mask_heads)
+    b, h, q, n, d = 2, 4, 40, 75, 64
+    query, key, value = (torch.randn(b, x, y, d, generator=gen) for x, y in ((h, q), (hkv, n), (hkv, n)))
+    qpos = torch.arange(n - q, n).view(1, 1, q, 1)
+    kpos = (torch.arange(n) - torch.tensor([0, 6]).view(b, 1)).view(b, 1, 1, n)  # row 1: six pad slots
+    mask = ((kpos <= qpos) & (kpos >= 0)).expand(b, mask_heads, q, n).clone()
+    if mask_heads > 1:
+        mask[:, 1, :, 40:50] = False  # the second KV head drops some keys
+    mask[1, :, 3] = False  # a query with nothing to read
+    want_out, _, want_lse = dense_attention(query, key, value, mask, 0.125)
+    monkeypatch.setattr(weighing, "ROWS", 16)
+    calls = []
+    real = weighing._efficient_lse
+    monkeypatch.setattr(weighing, "_efficient_lse", lambda *a: calls.append(1) or real(*a))
+    cuda = [x.cuda().bfloat16() for x in (query, key, value)]
+    out, lse = weighing.attention_lse(*cuda, mask.cuda(), 0.125, None)
+    assert calls and weighing._EFFICIENT_OK[0]
+    assert torch.allclose(out.cpu(), want_out, atol=3e-2), (out.cpu() - want_out).abs().max()
+    seen = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), seen)
+    assert torch.allclose(lse.cpu()[seen], want_lse[seen], atol=3e-2)
+
+
 def act_official(p: torch.Tensor, beta: float, tau: float) -> torch.Tensor:
     """ACT's five steps on one head's square (T, T) causal probabilities, written as loops."""
     t = p.shape[0]

@@ -113,13 +113,23 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
     if gqa and query.is_cuda and isinstance(mask, torch.Tensor):
         # SDPA's masked kernel (memory-efficient) takes no grouped heads: with enable_gqa it falls back to the math
         # path, which materialises (B, H, q, n) float32 scores (24 GiB for a batch of 8 at 6K x 4K). Repeating
-        # the KV heads costs (H / Hkv - 1) x the keys' bytes instead.
-        key, value = expand_kv(key, query.shape[1]), expand_kv(value, query.shape[1])
+        # the KV heads costs (H / Hkv - 1) x the keys' bytes instead. One KV head (Gemma-3-270M) is broadcast
+        # without a copy: left at one head, the fused kernels refused the unequal head counts and every masked
+        # call ran the math path in float32 (notes/gpu.md, fourteenth and fifteenth sessions).
+        key, value = all_heads(key, query.shape[1]), all_heads(value, query.shape[1])
         gqa = False
     with sdpa_kernel(_BACKENDS):
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa, is_causal=causal
         )
+
+
+def all_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """x (B, Hkv, n, D) -> (B, n_heads, n, D), query head h reading KV head h // G: a stride-0 view for one KV
+    head (``expand_kv`` keeps a single head as is, for masks that broadcast), repeated otherwise."""
+    if x.shape[1] == 1:
+        return x.expand(x.shape[0], n_heads, *x.shape[2:])
+    return expand_kv(x, n_heads)
 
 
 def causal_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.hf.attention import _FLASH_OK
+from attnkit.hf.attention import _FLASH_OK, all_heads
 from attnkit.reference import dense_attention, expand_kv
 
 ROWS = 1024  # query rows per float32 block: bounds the (B, H, rows, n) probabilities of a long prefill
@@ -40,6 +40,12 @@ def attention_lse(
             return res[0].float(), res[1].float()
         except RuntimeError:
             pass  # a layout the flash kernel refuses: the float32 path below
+    if (mask is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and softcap is None
+            and _EFFICIENT_OK[0]):
+        try:
+            return _efficient_lse(query, key, value, mask, scaling)
+        except RuntimeError:  # a shape or arch the memory-efficient kernel refuses: the float32 path from now on
+            _EFFICIENT_OK[0] = False
     if causal_prefix and mask is None:  # plain bottom-right causal, for the float32 path
         n = key.shape[2]
         qpos = torch.arange(n - q, n, device=query.device)
@@ -50,6 +56,34 @@ def attention_lse(
         out, _, lse = dense_attention(query[:, :, s : s + ROWS], key, value, m, scaling, softcap)
         outs.append(out)
         lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+_EFFICIENT_OK = [True]
+
+
+def _efficient_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                   scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_lse`` under a bool mask (B, Hkv|1, q|1, n) from SDPA's memory-efficient kernel, which returns
+    its log-sum-exp: padded batches (ZeroTuning and ACT calibrate on them) no longer take the float32 dense path.
+    The mask becomes an additive bias in ``ROWS``-query blocks, its rows 16-aligned as the kernel wants; rows with
+    nothing visible come out zero with lse -inf, as ``dense_attention`` gives them."""
+    b, h, q, d = query.shape
+    n = key.shape[2]
+    k, v = all_heads(key, h), all_heads(value, h)
+    outs, lses = [], []
+    for s in range(0, q, ROWS):
+        qs = query[:, :, s : s + ROWS]
+        m = mask if mask.shape[2] == 1 else mask[:, :, s : s + ROWS]
+        m = m.expand(b, m.shape[1], qs.shape[2], n)  # (B, 1 or Hkv, rows, n): the bias broadcasts over heads
+        empty = ~m.any(-1, keepdim=True)
+        bias = torch.zeros(*m.shape[:3], n + (-n % 16), dtype=query.dtype, device=query.device)[..., :n]
+        bias.masked_fill_(~(m | empty), float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qs, k, v, per_head(bias, h), True, scale=scaling)[:2]
+        empty = per_head(empty, h)  # (B, H, rows, 1)
+        outs.append(out.float().masked_fill(empty, 0.0))
+        lses.append(lse[:, :, : qs.shape[2]].float().masked_fill(empty.squeeze(-1), float("-inf")))
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
