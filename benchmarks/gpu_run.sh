@@ -106,6 +106,7 @@ for s in $stages; do
       (cd benchmarks && timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 decode_profile.py --context 131072 --compile \
         --methods tokenselect,quest/p64 --out "$OUT/profile_128k_ts.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_128k_ts.log" ;;
     zoo8192)  # issue 11: the MQAR frontier at Zoology's vocabulary (V 8192), resumable across calls through the tracked db;
+              # learning rates ATTNKIT_ZOO_LRS (default 1e-3,1e-2: at 1e-3 alone softmax d 64 stalled at 0.45; Zoology sweeps 1e-3..3e-2)
               # ATTNKIT_ZOO_SHARDS processes (default 6) share the GPU: one tiny model is launch-bound (~4 min a run alone)
       [ -f docs/results/zoo_v8192.db ] && cp docs/results/zoo_v8192.db "$OUT/zoo_v8192.db"
       python3 benchmarks/zoo_head_step.py 2>&1 | tee "$OUT/zoo_head_step.log"  # the head at labelled positions only
@@ -114,7 +115,7 @@ for s in $stages; do
         timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
           --checkpoints /root/zoo-checkpoints --vocab-size 8192 --train-examples 100000 --test-examples 3000 \
           --epochs 32 --batch-size 256 --mixers softmax,base_conv+based,base_conv+sliding_window --d-models 64,128,256 \
-          --shapes 256x16,256x64 --lrs 1e-3 --shard $i/$ZP --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
+          --shapes 256x16,256x64 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,1e-2} --shard $i/$ZP --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
       done
       wait
       tail -n 4 "$OUT"/zoo8192.shard*.log | tee "$OUT/zoo8192.log"; rm -f "$OUT"/zoo8192.shard*.log
