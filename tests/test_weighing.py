@@ -79,9 +79,11 @@ def test_attention_lse_in_row_blocks_and_implicit_causal_mask(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the memory-efficient kernel's path runs on CUDA")
-@pytest.mark.parametrize("hkv,mask_heads", [(1, 1), (2, 1), (2, 2)])
-def test_attention_lse_under_a_mask_takes_the_efficient_kernel_on_cuda(monkeypatch, hkv: int, mask_heads: int):
-    """Padded batches (ZeroTuning's and ACT's calibrations) in bf16 on CUDA: the memory-efficient kernel's output
+@pytest.mark.parametrize("hkv,mask_heads,dtype", [(1, 1, "bfloat16"), (2, 1, "bfloat16"), (2, 2, "bfloat16"),
+                                                   (2, 2, "float32")])
+def test_attention_lse_under_a_mask_takes_the_efficient_kernel_on_cuda(monkeypatch, hkv: int, mask_heads: int,
+                                                                        dtype: str):
+    """Padded batches (ZeroTuning's and ACT's calibrations) on CUDA: the memory-efficient kernel's output
     and log-sum-exp, in row blocks, with an empty row, an unaligned key count and a per-KV-head mask, against the
     float32 reference."""
     gen = torch.Generator().manual_seed(hkv + mask_heads)
@@ -98,13 +100,14 @@ def test_attention_lse_under_a_mask_takes_the_efficient_kernel_on_cuda(monkeypat
     calls = []
     real = weighing._efficient_lse
     monkeypatch.setattr(weighing, "_efficient_lse", lambda *a: calls.append(1) or real(*a))
-    cuda = [x.cuda().bfloat16() for x in (query, key, value)]
+    cuda = [x.cuda().to(getattr(torch, dtype)) for x in (query, key, value)]
+    tol = 3e-2 if dtype == "bfloat16" else 1e-4
     out, lse = weighing.attention_lse(*cuda, mask.cuda(), 0.125, None)
     assert calls and weighing._EFFICIENT_OK[0]
-    assert torch.allclose(out.cpu(), want_out, atol=3e-2), (out.cpu() - want_out).abs().max()
+    assert torch.allclose(out.cpu(), want_out, atol=tol), (out.cpu() - want_out).abs().max()
     seen = torch.isfinite(want_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), seen)
-    assert torch.allclose(lse.cpu()[seen], want_lse[seen], atol=3e-2)
+    assert torch.allclose(lse.cpu()[seen], want_lse[seen], atol=tol)
 
 
 def act_official(p: torch.Tensor, beta: float, tau: float) -> torch.Tensor:

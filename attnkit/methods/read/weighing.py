@@ -40,8 +40,7 @@ def attention_lse(
             return res[0].float(), res[1].float()
         except RuntimeError:
             pass  # a layout the flash kernel refuses: the float32 path below
-    if (mask is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and softcap is None
-            and _EFFICIENT_OK[0]):
+    if mask is not None and query.is_cuda and softcap is None and _EFFICIENT_OK[0]:
         try:
             return _efficient_lse(query, key, value, mask, scaling)
         except RuntimeError:  # a shape or arch the memory-efficient kernel refuses: the float32 path from now on
