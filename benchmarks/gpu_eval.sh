@@ -2,6 +2,7 @@
 # Accuracy sweeps on the lent GPU with the real SmolLM2-135M (issue 8's fidelity cells and ranking sweep).
 # Usage on the GPU machine: bash benchmarks/gpu_eval.sh [stage...]
 #   stages: site calib rank4k quarter8k ppl sinks sinks_gemma calib_gemma quarter16k_gemma rank16k_gemma sparse_gemma sparse_gemma_ppl
+#           dhsa_fixed_gemma
 #           memprobe_gemma
 # The model and data reach the machine in three calls (benchmarks/gpu_stage.sh stages them here: model chunks,
 # the gguf and wonderwords packages, data.tgz with the essays, SQuAD and HotpotQA files of
@@ -155,6 +156,12 @@ for s in ${*:-site calib rank4k}; do
         --prefill-chunk 16384 --methods full,dhsa --budgets 2048
       eval_ sparse_gemma3_gpu --model gemma3-270m --lengths 16384,8192 --tasks ruler --samples 20 --batch 4 \
         $(sparse_family) ;;
+    dhsa_fixed_gemma)  # issue 10's first target on one DHSA setting: the 128K speed rows run fixed 32-token chunks
+                       # (attention-mass boundaries cost a dense float32 pass of their own); RULER 16K with the same,
+                       # and `full` again beside it in its own database: the sliding layers' masked attention now
+                       # runs a fused kernel (it ran SDPA's float32 math path for sparse_gemma3_gpu's rows)
+      eval_ dhsa_fixed_gemma3_16k --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 4 \
+        --prefill-chunk 16384 --methods full,dhsa --budgets 2048 --set dhsa.boundaries=fixed --set dhsa.chunk=32 ;;
     sparse_gemma_ppl)
       # its own database: every position's NLL makes it 17 MB (committed xz-compressed)
       eval_ sparse_gemma3_gpu_ppl --model gemma3-270m --lengths 16384,8192 --tasks ppl --samples 20 $(sparse_family) ;;
