@@ -500,3 +500,28 @@ def test_flex_falls_back_to_the_uncompiled_kernel_when_inductor_refuses(monkeypa
     assert torch.allclose(out.float(), want, atol=1e-5 if DTYPE == torch.float32 else 2e-2)
     again = sp.flex_block_attention(query, key, value, blocks, blk, 0.25, compiled=True)  # no second try, no warning
     assert torch.equal(again, out)
+
+
+def test_dhsa_mass_kernels_equal_the_torch_sums():
+    """The Triton row log-sum-exp and far-column mass, and mass_ratios through them, against the torch path: on
+    CUDA in this process, on the CPU through the Triton interpreter in a subprocess (it must be set before triton
+    is imported)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        from mass_kernel_check import check
+
+        check("cuda")
+        check("cuda", torch.bfloat16)
+        return
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{here.parent}{os.pathsep}{here}"}
+    done = subprocess.run([sys.executable, str(here / "mass_kernel_check.py")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

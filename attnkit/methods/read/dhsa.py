@@ -3,6 +3,7 @@ representations pick, per query block, the key tokens every head of the layer at
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,17 +35,47 @@ def fixed_chunks(kpos: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def mass_ratios(query, key, value, qpos: torch.Tensor, kpos: torch.Tensor, scaling: float, w: int = 4,
-                eps: float = 1e-6, block: int = 256) -> torch.Tensor:
+                eps: float = 1e-6, block: int = 256, kernel: str = "auto") -> torch.Tensor:
     """(B, n) the official ``label_boundaries`` score of a boundary after each slot c: with M the head-averaged
     attention of this forward's queries, A_past = M's mass from rows after c + w into columns (c - w, c], A_fut
-    into (c, c + w]; ratio = (max + eps) / (min + eps); 0 where the window does not fit. Row blocks keep the
-    memory at block x n. query (B, H, q, D) = the last q slots; key/value (B, Hkv, n, D); qpos (B, q) and
-    kpos (B, n) positions (causal visibility)."""
+    into (c, c + w]; ratio = (max + eps) / (min + eps); 0 where the window does not fit. query (B, H, q, D) = the
+    last q slots; key/value (B, Hkv, n, D); qpos (B, q) and kpos (B, n) positions (causal visibility).
+
+    ``kernel``: "torch" sums M in row blocks of ``block`` (memory block x n; a float32 pass over every
+    probability: ~13 s at 128K on an H100), "triton" reads q and k only (attnkit/kernels/triton_mass.py), "auto"
+    takes triton on CUDA when ``ATTNKIT_MASS_KERNEL=triton`` (opt-in until its CUDA tests have run)."""
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel={kernel!r} is invalid; accepted: 'auto', 'torch', 'triton'")
+    d = query.shape[-1]
+    if kernel == "auto":
+        fits = query.is_cuda and d >= 16 and d & (d - 1) == 0 and os.environ.get("ATTNKIT_MASS_KERNEL") == "triton"
+        kernel = "triton" if fits else "torch"
+    if kernel == "triton":
+        far, band = _mass_triton(query, key, qpos, kpos, scaling, w)
+    else:
+        far, band = _mass_torch(query, key, qpos, kpos, scaling, w, block)
+    n = key.shape[2]
+    # after[c, j] = M's mass into column j from rows after c + w = far[j] (rows >= j + 2w) + band[j, t] for
+    # t > c + w - j: sums of non-negative terms only (a column total minus its band cancelled in float32)
+    suffix = band.flip(-1).cumsum(-1).flip(-1)  # suffix[j, t] = sum of band[j, t:]
+    suffix = torch.cat([suffix[..., 1:], torch.zeros_like(suffix[..., :1])], -1)  # sum of band[j, t + 1:]
+    ratio = torch.zeros((far.shape[0], n), device=key.device, dtype=torch.float64)
+    c = torch.arange(w - 1, n - w, device=key.device)
+    if len(c):
+        cols = c.unsqueeze(1) + torch.arange(-w + 1, w + 1, device=key.device)  # (nc, 2w): past w, then future w
+        after = far[:, cols] + suffix[:, cols, (c.unsqueeze(1) + w - cols).clamp(0, 2 * w - 1)]  # rows > c + w
+        past, fut = after[..., :w].sum(-1), after[..., w:].sum(-1)
+        ratio[:, c] = (torch.maximum(past, fut) + eps) / (torch.minimum(past, fut) + eps)
+    return ratio.float().masked_fill(kpos < 0, 0.0)
+
+
+def _mass_torch(query, key, qpos, kpos, scaling: float, w: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(far (B, n), band (B, n, 2w)) float64 from M in row blocks: far[j] = mass from rows at slots >= j + 2w,
+    band[j, t] = M[slot j + t, j]."""
     b, _, q, _ = query.shape
     n = key.shape[2]
-    # float64 sums: ``after`` below subtracts a band from a column total (cancellation in float32 on the GPU)
     col = torch.zeros((b, n), device=key.device, dtype=torch.float64)
-    band = torch.zeros((b, n, 2 * w), device=key.device, dtype=torch.float64)  # band[j, t] = M[slot j + t, j]
+    band = torch.zeros((b, n, 2 * w), device=key.device, dtype=torch.float64)
     key = key.float()  # once, not per row block
     for s in range(0, q, block):
         mask = causal_visibility(qpos[:, s : s + block], kpos)
@@ -58,15 +89,30 @@ def mass_ratios(query, key, value, qpos: torch.Tensor, kpos: torch.Tensor, scali
             j = rows - t
             ok = j >= 0
             band[:, j[ok], t] += m[:, ok.nonzero()[:, 0], j[ok]]
-    cum = band.cumsum(-1)  # cum[j, t] = sum of M[j .. j + t, j]
-    ratio = torch.zeros((b, n), device=key.device, dtype=torch.float64)
-    c = torch.arange(w - 1, n - w, device=key.device)
-    if len(c):
-        cols = c.unsqueeze(1) + torch.arange(-w + 1, w + 1, device=key.device)  # (nc, 2w): past w, then future w
-        after = col[:, cols] - cum[:, cols, (c.unsqueeze(1) + w - cols).clamp(0, 2 * w - 1)]  # rows > c + w
-        past, fut = after[..., :w].sum(-1), after[..., w:].sum(-1)
-        ratio[:, c] = (torch.maximum(past, fut) + eps) / (torch.minimum(past, fut) + eps)
-    return ratio.float().masked_fill(kpos < 0, 0.0)
+    return col - band.sum(-1), band  # float64: the subtraction is exact enough here
+
+
+def _mass_triton(query, key, qpos, kpos, scaling: float, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_mass_torch``'s two sums from q and k: far by the kernel, band from 2w shifted dot products."""
+    from attnkit.kernels.triton_mass import far_mass, row_lse
+
+    b, h, q, d = query.shape
+    n = key.shape[2]
+    lse = row_lse(query, key, qpos, kpos, scaling)  # (B, H, q)
+    far = far_mass(query, key, qpos, kpos, scaling, 2 * w, lse).mean(1).double()
+    hkv = key.shape[1]
+    band = torch.zeros((b, n, 2 * w), device=key.device, dtype=torch.float64)
+    for t in range(2 * w):
+        # key slots j whose row j + t is one of the q queries (query index j + t - (n - q)), 8K at a time
+        for lo in range(max(0, n - q - t), n - t, 8192):
+            j = torch.arange(lo, min(lo + 8192, n - t), device=key.device)
+            i = j + t - (n - q)
+            qi = query[:, :, i].float().view(b, hkv, h // hkv, len(j), d)
+            s = (qi * key[:, :, j].float().unsqueeze(2)).sum(-1).view(b, h, len(j)) * scaling
+            vis = (kpos[:, j] >= 0) & (kpos[:, j] <= qpos[:, i]) & (qpos[:, i] >= 0)  # (B, L)
+            p = torch.where(vis.unsqueeze(1), torch.exp(s - lse[:, :, i]), torch.zeros((), device=key.device))
+            band[:, j, t] = p.mean(1).double()
+    return far, band
 
 
 def mass_chunks(ratio: torch.Tensor, kpos: torch.Tensor, n_chunks: int, theta: float = 1.1, nms: int = 8,
