@@ -8,6 +8,8 @@ returns the log-sum-exp gives the biased output without a bias tensor.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from attnkit.hf.attention import _FLASH_OK, all_heads
@@ -43,8 +45,10 @@ def attention_lse(
     if mask is not None and query.is_cuda and softcap is None and _EFFICIENT_OK[0]:
         try:
             return _efficient_lse(query, key, value, mask, scaling)
-        except RuntimeError:  # a shape or arch the memory-efficient kernel refuses: the float32 path from now on
+        except RuntimeError as err:  # a shape or arch the kernel refuses: the float32 path from now on, said once
             _EFFICIENT_OK[0] = False
+            warnings.warn(f"attnkit: the memory-efficient kernel refused a masked attention_lse "
+                          f"({str(err).splitlines()[0][:120]}); using the float32 path", stacklevel=2)
     if causal_prefix and mask is None:  # plain bottom-right causal, for the float32 path
         n = key.shape[2]
         qpos = torch.arange(n - q, n, device=query.device)
@@ -74,7 +78,9 @@ def _efficient_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     for s in range(0, q, ROWS):
         qs = query[:, :, s : s + ROWS]
         m = mask if mask.shape[2] == 1 else mask[:, :, s : s + ROWS]
-        m = m.expand(b, m.shape[1], qs.shape[2], n)  # (B, 1 or Hkv, rows, n): the bias broadcasts over heads
+        m = m.expand(b, m.shape[1], qs.shape[2], n)  # (B, 1 or Hkv, rows, n): one head broadcasts as a view
+        if m.shape[1] != 1:  # a per-KV-head mask: the bias is built at the query heads' count, its rows padded
+            m = per_head(m, h)  # (repeating a padded bias copies it unpadded, which the kernel refused on the H200)
         empty = ~m.any(-1, keepdim=True)
         bias = torch.zeros(*m.shape[:3], n + (-n % 16), dtype=query.dtype, device=query.device)[..., :n]
         bias.masked_fill_(~(m | empty), float("-inf"))
