@@ -25,6 +25,29 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _batch_head(H):
+    """Grid axis 1 is b * H + h: (that index, b, h)."""
+    bh = tl.program_id(1)
+    return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
+def _tile(x_ptr, pos_ptr, base, offs, stride_row, pos_base, n, D: tl.constexpr):
+    """Rows ``offs`` (< n) of one (batch, head) matrix as an (len, D) tile, their positions (-1 past n) and mask."""
+    ok = offs < n
+    x = tl.load(x_ptr + base + offs[:, None] * stride_row + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
+    return x, tl.load(pos_ptr + pos_base + offs, mask=ok, other=-1), ok
+
+
+@triton.jit
+def _scores(q, k, scale_log2, IEEE: tl.constexpr):
+    """q.k^T in log2 units, (M, N) float32; float32 inputs keep full precision (no TF32)."""
+    if IEEE:
+        return tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+    return tl.dot(q, tl.trans(k)) * scale_log2
+
+
+@triton.jit
 def _row_lse_kernel(
     q_ptr, k_ptr, qpos_ptr, kpos_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -32,31 +55,17 @@ def _row_lse_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // G
+    bh, b, h = _batch_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    row_ok = offs_m < Q
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    qp = tl.load(qpos_ptr + b * Q + offs_m, mask=row_ok, other=-1)
+    q, qp, row_ok = _tile(q_ptr, qpos_ptr, b * stride_qb + h * stride_qh, offs_m, stride_qm, b * Q, Q, D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     hi = (pid_m + 1) * BLOCK_M + N - Q  # keys past the block's last slot are never visible (masked past N)
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=col_ok[:, None], other=0.0)
-        kp = tl.load(kpos_ptr + b * N + offs_n, mask=col_ok, other=-1)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-        vis = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None])
-        s = tl.where(vis, s, float("-inf"))
+        k, kp, _ = _tile(k_ptr, kpos_ptr, b * stride_kb + (h // G) * stride_kh, offs_n, stride_kn, b * N, N, D)
+        s = _scores(q, k, scale_log2, IEEE)
+        s = tl.where((kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
@@ -73,16 +82,9 @@ def _far_mass_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // G
+    bh, b, h = _batch_head(H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    col_ok = offs_n < N
-    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    kp = tl.load(kpos_ptr + b * N + offs_n, mask=col_ok, other=-1)
+    k, kp, col_ok = _tile(k_ptr, kpos_ptr, b * stride_kb + (h // G) * stride_kh, offs_n, stride_kn, b * N, N, D)
     acc = tl.zeros([BLOCK_N], tl.float32)
     # query i sits at slot i + N - Q; it counts for key j when that slot is >= j + FAR
     lo = pid_n * BLOCK_N + FAR - (N - Q)
@@ -91,19 +93,12 @@ def _far_mass_kernel(
     lo = (lo // BLOCK_M) * BLOCK_M
     for start in range(lo, Q, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < Q
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        qp = tl.load(qpos_ptr + b * Q + offs_m, mask=row_ok, other=-1)
+        q, qp, row_ok = _tile(q_ptr, qpos_ptr, b * stride_qb + h * stride_qh, offs_m, stride_qm, b * Q, Q, D)
         lse = tl.load(lse_ptr + bh.to(tl.int64) * Q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = _scores(q, k, scale_log2, IEEE)
         ok = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]) & row_ok[:, None]
         ok = ok & ((offs_m[:, None] + (N - Q)) >= (offs_n[None, :] + FAR))
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        acc += tl.sum(p, 0)
+        acc += tl.sum(tl.where(ok, tl.exp2(s - lse[:, None]), 0.0), 0)
     tl.store(out_ptr + bh.to(tl.int64) * N + offs_n, acc, mask=col_ok)
 
 
