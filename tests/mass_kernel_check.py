@@ -18,6 +18,8 @@ def check(device: str, dtype: torch.dtype = torch.float32) -> None:
     for q, d in ((150, 16), (90, 32)):
         query = (torch.randn(b, h, q, d, generator=gen) * 1.5).to(device, dtype)
         key = (torch.randn(b, hkv, n, d, generator=gen) * 1.5).to(device, dtype)
+        if q != n:  # queries as attention hands them over: a (B, q, H, D) tensor seen transposed
+            query = query.transpose(1, 2).contiguous().transpose(1, 2)
         kpos = torch.arange(n).repeat(b, 1)
         kpos[1] -= 7  # row 1: seven pad slots on the left
         kpos = kpos.where(kpos >= 0, torch.tensor(-1)).to(device)

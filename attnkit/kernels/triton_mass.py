@@ -12,7 +12,7 @@ blocks of 4 GiB scores), more than DHSA saves. Here two kernels read q and k onl
 
 Visibility is ``causal_visibility``'s: key j is seen by query i when 0 <= pos_j <= pos_i. Both kernels skip key
 or query blocks on the wrong side of the diagonal by slot, which needs positions that increase with the slot
-among real tokens (a prefill cache holding every token in order, left padding included); ``far_mass`` checks it.
+among real tokens (a prefill cache holding every token in order, left padding included); both check it.
 """
 
 from __future__ import annotations
@@ -106,6 +106,11 @@ def _blocks(head_dim: int) -> tuple[int, int]:
     return (64, 64) if head_dim > 128 else (128, 64)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels read it: any batch / head / row strides, unit stride along D (a copy only otherwise)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def check_order(kpos: torch.Tensor) -> None:
     """The kernels' slot-order shortcut holds: kpos (B, n) increases along the real slots, padding only on the
     left (one host sync)."""
@@ -122,7 +127,7 @@ def row_lse(query: torch.Tensor, key: torch.Tensor, qpos: torch.Tensor, kpos: to
     b, h, q, d = query.shape
     n = key.shape[2]
     check_order(kpos)
-    query, key = query.contiguous(), key.contiguous()
+    query, key = _rows(query), _rows(key)
     qpos, kpos = qpos.to(torch.int64).contiguous(), kpos.to(torch.int64).contiguous()
     out = torch.empty(b, h, q, device=query.device, dtype=torch.float32)
     bm, bn = _blocks(d)
@@ -142,7 +147,7 @@ def far_mass(query: torch.Tensor, key: torch.Tensor, qpos: torch.Tensor, kpos: t
     check_order(kpos)
     if lse is None:
         lse = row_lse(query, key, qpos, kpos, scaling)
-    query, key = query.contiguous(), key.contiguous()
+    query, key = _rows(query), _rows(key)
     qpos, kpos = qpos.to(torch.int64).contiguous(), kpos.to(torch.int64).contiguous()
     out = torch.empty(b, h, n, device=query.device, dtype=torch.float32)
     bm, bn = _blocks(d)
