@@ -108,10 +108,11 @@ for s in $stages; do
         --methods tokenselect,quest/p64 --out "$OUT/profile_128k_ts.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_128k_ts.log" ;;
     zoo8192)  # issue 11: the MQAR frontier at Zoology's vocabulary (V 8192), resumable across calls through the tracked db;
               # learning rates ATTNKIT_ZOO_LRS (default 1e-3,1e-2: at 1e-3 alone softmax d 64 stalled at 0.45; Zoology sweeps 1e-3..3e-2)
-              # ATTNKIT_ZOO_SHARDS processes (default 6) share the GPU: one tiny model is launch-bound (~4 min a run alone)
+              # ATTNKIT_ZOO_SHARDS processes (default 2) share the GPU: a run is launch-bound (~195 s alone) and 9 processes
+              # time-slicing the H200 finished none of theirs in 500 s (fifteenth session): bound the stage by whole runs
       [ -f docs/results/zoo_v8192.db ] && cp docs/results/zoo_v8192.db "$OUT/zoo_v8192.db"
       python3 benchmarks/zoo_head_step.py 2>&1 | tee "$OUT/zoo_head_step.log"  # the head at labelled positions only
-      ZP=${ATTNKIT_ZOO_SHARDS:-6}
+      ZP=${ATTNKIT_ZOO_SHARDS:-2}
       for i in $(seq 0 $((ZP - 1))); do
         timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
           --checkpoints /root/zoo-checkpoints --vocab-size 8192 --train-examples 100000 --test-examples 3000 \
