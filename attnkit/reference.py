@@ -19,6 +19,12 @@ def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.repeat_interleave(n_heads // heads, dim=1)
 
 
+def per_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hkv|1, ...) -> (B, H, ...): KV heads repeated for their query heads, a size-1 head dim expanded as a
+    stride-0 view (``expand_kv`` keeps it as is, for masks that broadcast)."""
+    return x.expand(x.shape[0], heads, *x.shape[2:]) if x.shape[1] == 1 else expand_kv(x, heads)
+
+
 def attention_probs(
     query: torch.Tensor,
     key: torch.Tensor,

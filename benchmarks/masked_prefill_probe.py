@@ -36,7 +36,7 @@ def main() -> None:
         q = torch.randn(b, h, n, d, device=dev, dtype=dt)
         k, v = (torch.randn(b, hkv, n, d, device=dev, dtype=dt) for _ in range(2))
         mask = window_mask(b, n, window, dev)
-        kk, vv = attention.all_heads(k, h), attention.all_heads(v, h)  # as attnkit hands them to SDPA
+        kk, vv = attention.per_head(k, h), attention.per_head(v, h)  # as attnkit hands them to SDPA
         params = torch.backends.cuda.SDPAParams(q, kk, vv, mask, 0.0, False, False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -587,7 +587,7 @@ def test_masked_sdpa_one_kv_head_takes_a_fused_kernel(monkeypatch, hkv: int) -> 
     want, _, _ = dense_attention(query.float(), key.float(), value.float(), mask, 0.125)
     assert seen == ([(h, False)] if ON_GPU else [(hkv, True)])
     assert torch.allclose(got.float(), want, atol=2e-2 if ON_GPU else 1e-5), (got.float() - want).abs().max()
-    one = attention.all_heads(key, h)
+    one = attention.per_head(key, h)
     assert one.shape == (b, h, n, d) and torch.equal(one[:, -1], key[:, -1 if hkv == 1 else 1])
 
 

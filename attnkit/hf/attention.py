@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from attnkit.reference import attention_probs, dense_attention, expand_kv
+from attnkit.reference import attention_probs, dense_attention, expand_kv, per_head
 
 NAME = "attnkit"
 #: id(text config) -> active Run; filled by attnkit.apply for the duration of its block
@@ -116,20 +116,12 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
         # the KV heads costs (H / Hkv - 1) x the keys' bytes instead. One KV head (Gemma-3-270M) is broadcast
         # without a copy: left at one head, the fused kernels refused the unequal head counts and every masked
         # call ran the math path in float32 (notes/gpu.md, fourteenth and fifteenth sessions).
-        key, value = all_heads(key, query.shape[1]), all_heads(value, query.shape[1])
+        key, value = per_head(key, query.shape[1]), per_head(value, query.shape[1])
         gqa = False
     with sdpa_kernel(_BACKENDS):
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa, is_causal=causal
         )
-
-
-def all_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """x (B, Hkv, n, D) -> (B, n_heads, n, D), query head h reading KV head h // G: a stride-0 view for one KV
-    head (``expand_kv`` keeps a single head as is, for masks that broadcast), repeated otherwise."""
-    if x.shape[1] == 1:
-        return x.expand(x.shape[0], n_heads, *x.shape[2:])
-    return expand_kv(x, n_heads)
 
 
 def causal_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:

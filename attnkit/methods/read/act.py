@@ -29,8 +29,7 @@ import torch
 
 from attnkit.hf.attention import attend_layer, only_real_queries
 from attnkit.methods.base import Method, check_float
-from attnkit.methods.read.weighing import per_head
-from attnkit.reference import dense_attention
+from attnkit.reference import dense_attention, per_head
 from attnkit.session import text_config
 
 

@@ -12,8 +12,8 @@ import warnings
 
 import torch
 
-from attnkit.hf.attention import _FLASH_OK, all_heads
-from attnkit.reference import dense_attention, expand_kv
+from attnkit.hf.attention import _FLASH_OK
+from attnkit.reference import dense_attention, per_head
 
 ROWS = 1024  # query rows per float32 block: bounds the (B, H, rows, n) probabilities of a long prefill
 
@@ -73,7 +73,7 @@ def _efficient_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     nothing visible come out zero with lse -inf, as ``dense_attention`` gives them."""
     b, h, q, d = query.shape
     n = key.shape[2]
-    k, v = all_heads(key, h), all_heads(value, h)
+    k, v = per_head(key, h), per_head(value, h)
     outs, lses = [], []
     for s in range(0, q, ROWS):
         qs = query[:, :, s : s + ROWS]
@@ -90,11 +90,6 @@ def _efficient_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         outs.append(out.float().masked_fill(empty, 0.0))
         lses.append(lse[:, :, : qs.shape[2]].float().masked_fill(empty.squeeze(-1), float("-inf")))
     return torch.cat(outs, 2), torch.cat(lses, 2)
-
-
-def per_head(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, Hkv|1, ...) -> (B, H, ...): KV heads repeated for their query heads (a size-1 head dim expanded too)."""
-    return x.expand(x.shape[0], heads, *x.shape[2:]) if x.shape[1] == 1 else expand_kv(x, heads)
 
 
 def initial_slot(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
