@@ -111,7 +111,8 @@ for s in $stages; do
               # ATTNKIT_ZOO_SHARDS processes (default 2) share the GPU: a run is launch-bound (~195 s alone) and 9 processes
               # time-slicing the H200 finished none of theirs in 500 s (fifteenth session): bound the stage by whole runs
       [ -f docs/results/zoo_v8192.db ] && cp docs/results/zoo_v8192.db "$OUT/zoo_v8192.db"
-      python3 benchmarks/zoo_head_step.py 2>&1 | tee "$OUT/zoo_head_step.log"  # the head at labelled positions only
+      ATTNKIT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_zoo_step.py 2>&1 | tail -3 | tee "$OUT/zoo_step.log"
+      timeout 120 python3 benchmarks/zoo_graph_step.py 2>&1 | tee -a "$OUT/zoo_step.log"  # eager vs CUDA-graph steps
       ZP=${ATTNKIT_ZOO_SHARDS:-2}
       for i in $(seq 0 $((ZP - 1))); do
         timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \

@@ -40,6 +40,8 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     shared = argparse.ArgumentParser(add_help=False, parents=[stored])
     shared.add_argument("--task", default="mqar", choices=["mqar"])
     shared.add_argument("--device", default="cpu")
+    shared.add_argument("--eager", action="store_true", help="on CUDA, launch each training step's kernels one by "
+                        "one instead of replaying the step from a CUDA graph")
     shared.add_argument("--n-layers", type=int, default=2, help="layers when one mixer name is given")
     for name in TRAIN_FIELDS:
         shared.add_argument("--" + name.replace("_", "-"), type=float if name in ("weight_decay", "early_stop",
@@ -101,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     (cfg,) = grid([args.mixer], [args.d_model], [(args.seq_len, args.kv_pairs)], [args.lr], **_base(args))
     with Store(args.db) as store:
-        row = train(cfg, store, args.checkpoints, args.device)
+        row = train(cfg, store, args.checkpoints, args.device, graph=False if args.eager else None)
     print(f"{row['mixers']} d_model {row['d_model']} T {row['seq_len']} N {row['num_kv_pairs']}: accuracy "
           f"{row['accuracy']:.4f} after {row['epochs']} epochs, state {row['state_size']:,} floats, "
           f"{row['params']:,} parameters, {row['wall_s']:.1f} s -> {args.db}")
@@ -115,7 +117,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     configs = grid([m for m in args.mixers.split(",") if m], [int(d) for d in args.d_models.split(",") if d], shapes,
                    [float(x) for x in args.lrs.split(",") if x], **_base(args))
     rows = run_sweep(configs, args.db, args.checkpoints, parse_shard(args.shard), args.executor, args.device,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, graph=False if args.eager else None)
     for r in rows:
         print(f"{r['mixers']:28} d{r['d_model']:<4} {r['seq_len']}x{r['num_kv_pairs']:<4} "
               f"acc {r['accuracy']:.3f} state {r['state_size']:>10,}")

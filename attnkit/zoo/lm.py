@@ -122,12 +122,15 @@ class TinyLM(nn.Module):
     def forward(self, ids: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) long -> (B, T, V) logits; with ``at`` (B, T) bool, the (N, V) logits of only the N positions it
         marks, in row-major order (MQAR labels a few query positions: the head over all T positions was most of a
-        step's work and memory at a vocabulary of 8,192)."""
+        step's work and memory at a vocabulary of 8,192); with ``at`` (B, K) long positions, the (B * K, V) logits
+        at those positions of each row (fixed shapes, no host sync: for CUDA graphs)."""
         h = self.embed_at(ids, 0)
         for block in self.blocks:
             h = block(h)
-        if at is not None:
+        if at is not None and at.dtype == torch.bool:
             h = h[at]
+        elif at is not None:
+            h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1])).flatten(0, 1)
         return self.head(self.norm(h))
 
     def init_state(self, batch: int) -> State:

@@ -74,14 +74,16 @@ def run_sweep(
     executor: str = "local",
     device: str = "cpu",
     progress: bool = True,
+    graph: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """Train this shard's runs (skipping stored ones); returns their result rows."""
+    """Train this shard's runs (skipping stored ones); returns their result rows. ``graph``: see
+    :func:`~attnkit.zoo.train.train`."""
     from attnkit.eval.store import Store
 
     index, count = shard
     mine = configs[index::count]
     if executor == "ray":
-        return _run_ray(mine, str(db), str(checkpoint_dir), device)
+        return _run_ray(mine, str(db), str(checkpoint_dir), device, graph)
     if executor != "local":
         raise ValueError(f"unknown executor '{executor}'; available: local, ray")
     rows = []
@@ -94,7 +96,8 @@ def run_sweep(
             bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="run", desc="zoo sweep", dynamic_ncols=True)
         for cfg in mine:
             stored = store.zoo_run(cfg.key())
-            rows.append(stored if stored is not None else train(cfg, store, checkpoint_dir, device, progress=False))
+            rows.append(stored if stored is not None else train(cfg, store, checkpoint_dir, device, progress=False,
+                                                                     graph=graph))
             if bar is not None and stored is None:
                 bar.update(1)
                 bar.set_postfix(last=f"{rows[-1]['mixers']} d{cfg.d_model} acc {rows[-1]['accuracy']:.3f}")
@@ -103,7 +106,8 @@ def run_sweep(
     return rows
 
 
-def _run_ray(configs: list[TrainConfig], db: str, checkpoint_dir: str, device: str) -> list[dict[str, Any]]:
+def _run_ray(configs: list[TrainConfig], db: str, checkpoint_dir: str, device: str,
+             graph: bool | None = None) -> list[dict[str, Any]]:
     from attnkit.eval.executors import require_ray
 
     ray = require_ray()
@@ -116,7 +120,7 @@ def _run_ray(configs: list[TrainConfig], db: str, checkpoint_dir: str, device: s
         from attnkit.eval.store import Store
 
         with Store(db) as store:
-            return train(TrainConfig(**fields), store, checkpoint_dir, device, progress=False)
+            return train(TrainConfig(**fields), store, checkpoint_dir, device, progress=False, graph=graph)
 
     try:
         return ray.get([one.remote(dataclasses.asdict(c)) for c in configs])

@@ -25,6 +25,7 @@ from attnkit.zoo.base import check_float, check_int
 from attnkit.zoo.lm import LMConfig, TinyLM
 from attnkit.zoo.mqar import mqar, mqar_accuracy
 from attnkit.zoo.registry import mixer_class
+from attnkit.zoo.step import TrainStep, label_positions
 
 TASKS = ("mqar",)
 
@@ -139,11 +140,13 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     max_epochs: int | None = None,
+    graph: bool | None = None,
 ) -> dict[str, Any]:
     """Train one run (or return its stored row); see the module docstring.
 
     ``max_epochs`` stops after that many epochs of this call (a checkpoint is left to resume from; nothing is
-    stored): used to split long runs and by the resume test. Returns the result row.
+    stored): used to split long runs and by the resume test. ``graph`` replays each full training step from one CUDA
+    graph (:mod:`attnkit.zoo.step`; None: on CUDA). Returns the result row.
     """
     key = cfg.key()
     if store is not None and (row := store.zoo_run(key)) is not None:
@@ -152,9 +155,14 @@ def train(
     model = TinyLM(cfg.lm_config()).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]  # no weight decay on norms and biases
+    cuda = str(device).startswith("cuda")
+    graph = cuda if graph is None else graph
+    if graph and not cuda:
+        raise ValueError(f"zoo train: graph=True needs a CUDA device, not {device!r}")
+    # on CUDA one fused kernel a step; in a CUDA graph its step counter and learning rate live on the device
+    lr = torch.tensor(cfg.lr, device=device) if graph else cfg.lr
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98),
-                            fused=str(device).startswith("cuda") or None)  # on CUDA one kernel a step
+                            lr=lr, betas=(0.9, 0.98), fused=cuda or None, capturable=graph)
     x_train, y_train = mqar(cfg.train_examples, cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs, cfg.power_a, seed=cfg.seed)
     x_test, y_test = mqar(cfg.test_examples, cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs, cfg.power_a,
                           seed=cfg.seed + 1_000_003)  # a disjoint stream of draws
@@ -172,7 +180,8 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.epochs, initial=meta["epoch"], unit="epoch", desc=f"zoo {label(cfg)}", dynamic_ncols=True)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    graph = graph and label_positions(y_train) is not None  # a graph needs equal label counts per row
+    step_fn = TrainStep(model, opt, x_train, y_train, cfg.batch_size, graph=graph)
     ran = 0
     while meta["epoch"] < cfg.epochs and meta["best"] < cfg.early_stop:
         if max_epochs is not None and ran >= max_epochs:
@@ -181,16 +190,9 @@ def train(
         order = torch.randperm(cfg.train_examples, generator=torch.Generator().manual_seed(cfg.seed * 9973 + meta["epoch"]))
         order = order.to(device)
         for i in range(steps_per_epoch):
-            step = meta["epoch"] * steps_per_epoch + i
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            y = y_train[idx]
-            at = y != -100  # logits at the labelled positions only: the same loss, a fraction of the head's work
-            loss = loss_fn(model(x_train[idx], at=at), y[at])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step_fn.set_lr(lr_at(meta["epoch"] * steps_per_epoch + i, total, cfg))
+            # logits at the labelled positions only: the same loss, a fraction of the head's work
+            loss = step_fn(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
         acc = evaluate(model, x_test, y_test, max(cfg.batch_size, 256))
         meta["epoch"] += 1
         meta["accuracy"], meta["best"] = acc, max(meta["best"], acc)

@@ -1,0 +1,97 @@
+"""One MQAR training step, eager or replayed from a CUDA graph.
+
+A zoo model is tiny: on a GPU its training step is a few hundred small kernels whose launches cost more than their
+work (4.0-4.5 ms a step on the H200 at any width, fifteenth session). Replaying the whole step (gather of the batch,
+forward, backward, fused AdamW) from one CUDA graph leaves the host three launches a step: the batch's row indices,
+the learning rate, the replay. The graph needs fixed shapes and no host synchronisation, so:
+
+- the labelled positions are gathered by index (each MQAR row has the same number of query positions) instead of a
+  boolean mask, whose count would be read back to the host;
+- the learning rate is a device tensor that the step fills in place (AdamW ``capturable=True``);
+- the first ``WARMUP`` steps run eagerly on a side stream, as CUDA graph capture requires; they are real training
+  steps, so the graph trains exactly the eager recipe;
+- an epoch's last, smaller batch runs eagerly through the same parameters and optimizer state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WARMUP = 3  # eager steps before the capture (allocator and cuBLAS workspaces settle)
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor | None:
+    """(n, T) labels with -100 off the query positions -> (n, N) positions of the N labels of each row, or None when
+    rows differ in their number of labels (then only the boolean-mask step applies)."""
+    at = labels != -100
+    counts = at.sum(1)
+    if len(counts) == 0 or not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+        return None
+    return at.nonzero()[:, 1].view(len(labels), int(counts[0]))  # row-major: the order of h[at]
+
+
+class TrainStep:
+    """Forward, loss, backward and optimizer step on the rows ``idx`` of a training set held on the device.
+
+    x : (n, T) long inputs.   y : (n, T) long labels, -100 off the labelled positions.
+    ``graph=True`` (CUDA only, and rows with equal label counts) replays full batches of ``batch_size`` rows from
+    one CUDA graph; the optimizer must then be AdamW with ``capturable=True`` and a tensor learning rate.
+    """
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 batch_size: int, graph: bool = False) -> None:
+        self.model, self.opt, self.x, self.y, self.batch_size = model, opt, x, y, batch_size
+        self.loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+        self.pos = label_positions(y)
+        self.y_at = None if self.pos is None else y.gather(1, self.pos)  # (n, N) the labels at those positions
+        if graph and (self.pos is None or x.device.type != "cuda"):
+            raise ValueError("zoo train: a CUDA-graph step needs a CUDA device and the same number of labels in every "
+                             f"row (device {x.device}, equal counts: {self.pos is not None})")
+        self.graph = graph
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._idx: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None
+        self._eager_steps = 0
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)  # in place: the captured optimizer reads this tensor
+            else:
+                group["lr"] = lr
+
+    def _step(self, idx: torch.Tensor, set_to_none: bool = True) -> torch.Tensor:
+        if self.pos is None:
+            y = self.y[idx]
+            at = y != -100
+            loss = self.loss_fn(self.model(self.x[idx], at=at), y[at])
+        else:
+            loss = self.loss_fn(self.model(self.x[idx], at=self.pos[idx]), self.y_at[idx].flatten())
+        self.opt.zero_grad(set_to_none=set_to_none)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx : (b,) long row indices on the device, b <= batch_size. Returns the batch's loss (0-d, on the device;
+        reading it synchronises, so read it once an epoch)."""
+        if not self.graph or len(idx) != self.batch_size:
+            return self._step(idx, set_to_none=self._graph is None)  # after capture: zero the graph's grads in place
+        if self._graph is None and self._eager_steps < WARMUP:
+            self._eager_steps += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self._step(idx)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self._graph is None:
+            self._idx = idx.clone()
+            self.opt.zero_grad(set_to_none=True)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._loss = self._step(self._idx, set_to_none=False)
+        self._idx.copy_(idx)
+        self._graph.replay()
+        return self._loss

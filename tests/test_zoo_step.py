@@ -1,0 +1,64 @@
+"""attnkit.zoo's training step: label positions gathered by index equal the boolean mask, and on CUDA the step
+replayed from a CUDA graph trains exactly like the eager step (warm-up, capture, an epoch's short last batch)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from attnkit.zoo.lm import LMConfig, TinyLM
+from attnkit.zoo.mqar import mqar
+from attnkit.zoo.step import TrainStep, label_positions
+
+
+def test_label_positions_gather_the_boolean_masks_logits():
+    torch.manual_seed(0)
+    model = TinyLM(LMConfig(vocab_size=64, d_model=32, mixers=["base_conv", "softmax"], n_layers=2))
+    x, y = mqar(8, 64, 32, 4, 0.01, seed=3)
+    pos = label_positions(y)
+    assert pos.shape == (8, 4) and bool((y.gather(1, pos) != -100).all())
+    at = y != -100
+    torch.testing.assert_close(model(x, at=pos), model(x, at=at), rtol=0, atol=0)
+
+
+def test_label_positions_refuse_rows_with_unequal_label_counts():
+    y = torch.full((2, 8), -100)
+    y[0, 3], y[1, 2], y[1, 5] = 1, 2, 3
+    assert label_positions(y) is None
+
+
+def test_a_graph_step_off_cuda_is_one_clear_error():
+    model = TinyLM(LMConfig(vocab_size=64, d_model=16, mixers="softmax", n_layers=1))
+    x, y = mqar(4, 64, 16, 2, 0.01, seed=1)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="CUDA-graph step needs a CUDA device"):
+        TrainStep(model, opt, x, y, 2, graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mixers", [["base_conv", "based"], ["base_conv", "sliding_window"], "softmax"])
+def test_the_graph_step_trains_like_the_eager_step(mixers):
+    torch.manual_seed(0)
+    eager_model = TinyLM(LMConfig(vocab_size=512, d_model=64, mixers=mixers, n_layers=2)).cuda()
+    graph_model = copy.deepcopy(eager_model)
+    x, y = (t.cuda() for t in mqar(200, 512, 64, 8, 0.01, seed=5))
+
+    def setup(model: TinyLM, graph: bool) -> TrainStep:
+        opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(3e-3, device="cuda"), fused=True, capturable=True)
+        return TrainStep(model, opt, x, y, 32, graph=graph)
+
+    steps = {False: setup(eager_model, False), True: setup(graph_model, True)}
+    gen = torch.Generator().manual_seed(0)
+    losses = {False: [], True: []}
+    for _ in range(2):  # two epochs of 7 steps, the 7th of 8 rows: warm-up, capture, replays, eager short batches
+        order = torch.randperm(200, generator=gen).cuda()
+        for i, start in enumerate(range(0, 200, 32)):
+            for graph, step in steps.items():
+                step.set_lr(3e-3 * (1 - i / 10))
+                losses[graph].append(step(order[start : start + 32]).item())
+    assert steps[True]._graph is not None and steps[False]._graph is None
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(graph_model.named_parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
