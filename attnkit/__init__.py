@@ -7,7 +7,7 @@ Importing attnkit changes nothing in transformers: methods are registered and in
 from attnkit.cache_io import CacheState, chat_turn, followup_text, load_cache, save_cache
 from attnkit.inference import Generation, generate, perplexity
 from attnkit.methods.driver import infiniretri
-from attnkit.models import load_model
+from attnkit.models import load_model, load_tokenizer
 from attnkit.reference import dense_attention
 from attnkit.registry import make_method, methods
 from attnkit.session import Run, apply
@@ -26,6 +26,7 @@ __all__ = [
     "generate",
     "infiniretri",
     "load_model",
+    "load_tokenizer",
     "make_method",
     "methods",
     "perplexity",

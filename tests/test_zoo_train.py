@@ -109,12 +109,19 @@ def test_mqar_ranking_on_cpu():
     acc = {}
     # (a window of 8 cannot reach keys 8+ tokens back whatever it learns: 4 epochs show it). MQAR is learnt in a
     # sudden transition whose epoch depends on the seed (BASED: 0.94, 0.94 and 0.05 after 10 epochs for seeds
-    # 1-3), so each mixer keeps the better of two seeds, as Zoology keeps the best of its learning rates.
-    for mixer, settings, epochs in [("softmax", {}, 10), ("based", {"based": {"conv_kernel": 0}}, 10),
-                                    ("sliding_window", {"sliding_window": {"window": 8}}, 4)]:
-        rows = [train(TrainConfig(mixers=["base_conv", mixer], mixer_settings=settings, epochs=epochs, seed=seed,
-                                  **shared), None, None, progress=False) for seed in (0, 1)]
-        acc[mixer] = (max(r["accuracy"] for r in rows), rows[0]["state_size"])
+    # 1-3), so each mixer keeps the better of up to two seeds, as Zoology keeps the best of its learning rates (the
+    # second seed trains only where the first fell short: the best is then already known to pass). The window,
+    # which cannot recall by construction, trains one seed.
+    for mixer, settings, epochs, seeds in [("softmax", {}, 10, (0, 1)),
+                                           ("based", {"based": {"conv_kernel": 0}}, 10, (0, 1)),
+                                           ("sliding_window", {"sliding_window": {"window": 8}}, 4, (0,))]:
+        rows = []
+        for seed in seeds:
+            rows.append(train(TrainConfig(mixers=["base_conv", mixer], mixer_settings=settings, epochs=epochs,
+                                          seed=seed, **shared), None, None, progress=False))
+            if rows[-1]["accuracy"] >= 0.9:
+                break
+        acc[mixer] = (max(r["accuracy"] for r in rows), rows[0]["state_size"], len(rows))
     assert acc["softmax"][0] >= 0.9, acc
     assert acc["based"][0] >= 0.8, acc
     assert acc["sliding_window"][0] <= 0.3, acc
