@@ -62,7 +62,8 @@ def save(folder: Path, model: torch.nn.Module, tokenizer) -> bool:
         return False
     try:
         config = model.config.to_dict()
-        config.pop("quantization_config", None)  # the weights are dequantised; transformers refuses to save a GGUF model
+        # the weights are dequantised; transformers refuses to save a model that keeps its GGUF quantisation entry
+        config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
