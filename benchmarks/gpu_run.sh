@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: prefill128dhsa maskprobe tests familytests familyc32 familyc128 prefillcudnn pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: mass128 zoostep prefill128dhsa maskprobe tests familytests familyc32 familyc128 prefillcudnn pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -60,6 +60,15 @@ for s in $stages; do
       timeout 120 python3 benchmarks/attention_kernels.py --lengths 131072 --masks dhsa,tca --kernels flex \
         --no-backward --seconds 80 --out /root/attention_kernels.csv 2>&1 | grep -v Warn | tail -6 | tee -a "$OUT/prefill_128k_dhsa.log"
       cp /root/attention_kernels.csv "$OUT"/ ;;
+    mass128)  # DHSA's defaults (mass boundaries, 64) at 128K against full, after the host-side mass_chunks; then where
+              # the mass labelling's time goes (Triton passes, band sums, host NMS) on random q / k
+      ATTNKIT_MASS_KERNEL=triton timeout ${ATTNKIT_STAGE_SECONDS:-170} python3 benchmarks/decode_latency.py --context 131072 \
+        --new-tokens 2 --prefill-chunk 131072 --skip-hf --skip-compile --warm --methods full,dhsa:boundaries=mass:chunk=64 \
+        --out "$OUT/prefill_128k_dhsa_mass.json" 2>&1 | grep -v Warn | tail -8 | tee "$OUT/prefill_128k_dhsa_mass.log"
+      timeout 90 python3 benchmarks/dhsa_mass_timing.py 2>&1 | grep -v Warn | tee -a "$OUT/prefill_128k_dhsa_mass.log" ;;
+    zoostep)  # issue 11: the CUDA-graph training step against eager (tests, then ms per step at the V 8192 settings)
+      ATTNKIT_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_zoo_step.py 2>&1 | tail -3 | tee "$OUT/zoo_step.log"
+      timeout 120 python3 benchmarks/zoo_graph_step.py 2>&1 | tee -a "$OUT/zoo_step.log" ;;
     prefillcudnn)  # cuDNN as the dense prefill kernel (opt-in): its bf16 test, then 128K time to first token with
                    # flash (full only, the baseline) and with cuDNN (full and the sparse methods) in this call
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout 120 python3 -m pytest -q -p no:cacheprovider \
@@ -111,8 +120,7 @@ for s in $stages; do
               # ATTNKIT_ZOO_SHARDS processes (default 2) share the GPU: a run is launch-bound (~195 s alone) and 9 processes
               # time-slicing the H200 finished none of theirs in 500 s (fifteenth session): bound the stage by whole runs
       [ -f docs/results/zoo_v8192.db ] && cp docs/results/zoo_v8192.db "$OUT/zoo_v8192.db"
-      ATTNKIT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_zoo_step.py 2>&1 | tail -3 | tee "$OUT/zoo_step.log"
-      timeout 120 python3 benchmarks/zoo_graph_step.py 2>&1 | tee -a "$OUT/zoo_step.log"  # eager vs CUDA-graph steps
+      python3 benchmarks/zoo_graph_step.py 2>&1 | tee "$OUT/zoo_step.log"  # eager vs CUDA-graph steps
       ZP=${ATTNKIT_ZOO_SHARDS:-2}
       for i in $(seq 0 $((ZP - 1))); do
         timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
