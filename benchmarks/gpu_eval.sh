@@ -92,6 +92,7 @@ for s in ${*:-site calib rank4k}; do
       for f in docs/results/*.db.gz docs/results/*.db.xz; do [ -f "$f" ] || continue; d="$DB/$(basename "${f%.*}")"
         [ -f "$d" ] || { python3 -c "import gzip, lzma, shutil, sys; o = lzma.open if sys.argv[1].endswith('.xz') else gzip.open; shutil.copyfileobj(o(sys.argv[1]), open(sys.argv[2], 'wb'))" "$f" "$d"; touch -r "$f" "$d"; }; done
       [ -f $DB/fasa_smollm2.json ] || cp -p docs/results/fasa_smollm2_bf16.json $DB/fasa_smollm2.json
+      [ -f $DB/fasa_gemma3.json ] || cp -p docs/results/fasa_gemma3.json $DB/fasa_gemma3.json  # quarter16k_gemma's fasa cells
       ls $SITE $DB | tee "$OUT/site.log"
       python3 -c "import transformers; print('transformers', transformers.__version__)" | tee -a "$OUT/site.log" ;;
     calib)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: mass128 zoostep prefill128dhsa maskprobe tests familytests familyc32 familyc128 prefillcudnn pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: mass128 zoostep zooprofile prefill128dhsa maskprobe tests familytests familyc32 familyc128 prefillcudnn pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -69,6 +69,8 @@ for s in $stages; do
     zoostep)  # issue 11: the CUDA-graph training step against eager (tests, then ms per step at the V 8192 settings)
       ATTNKIT_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_zoo_step.py 2>&1 | tail -3 | tee "$OUT/zoo_step.log"
       timeout 120 python3 benchmarks/zoo_graph_step.py 2>&1 | tee -a "$OUT/zoo_step.log" ;;
+    zooprofile)  # issue 11: the step's top kernels per mixer (the graph gained 1.01-1.03x: kernel work, not launches)
+      timeout 150 python3 benchmarks/zoo_step_profile.py 2>&1 | grep -v Warn | tee "$OUT/zoo_step_profile.log" ;;
     prefillcudnn)  # cuDNN as the dense prefill kernel (opt-in): its bf16 test, then 128K time to first token with
                    # flash (full only, the baseline) and with cuDNN (full and the sparse methods) in this call
       ATTNKIT_TEST_DEVICE=cuda ATTNKIT_TEST_DTYPE=bfloat16 timeout 120 python3 -m pytest -q -p no:cacheprovider \
@@ -117,8 +119,9 @@ for s in $stages; do
         --methods tokenselect,quest/p64 --out "$OUT/profile_128k_ts.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_128k_ts.log" ;;
     zoo8192)  # issue 11: the MQAR frontier at Zoology's vocabulary (V 8192), resumable across calls through the tracked db;
               # learning rates ATTNKIT_ZOO_LRS (default 1e-3,1e-2: at 1e-3 alone softmax d 64 stalled at 0.45; Zoology sweeps 1e-3..3e-2)
-              # ATTNKIT_ZOO_SHARDS processes (default 2) share the GPU: a run is launch-bound (~195 s alone) and 9 processes
-              # time-slicing the H200 finished none of theirs in 500 s (fifteenth session): bound the stage by whole runs
+              # ATTNKIT_ZOO_SHARDS processes (default 2) share the GPU: a run takes ~195 s alone (its batch-256 steps are
+              # 8-33 ms of kernel work; a CUDA graph gains 1.01-1.03x, sixteenth session) and 9 processes time-slicing
+              # the H200 finished none of theirs in 500 s (fifteenth session): bound the stage by whole runs
       [ -f docs/results/zoo_v8192.db ] && cp docs/results/zoo_v8192.db "$OUT/zoo_v8192.db"
       python3 benchmarks/zoo_graph_step.py 2>&1 | tee "$OUT/zoo_step.log"  # eager vs CUDA-graph steps
       ZP=${ATTNKIT_ZOO_SHARDS:-2}
