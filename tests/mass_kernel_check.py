@@ -15,7 +15,7 @@ from attnkit.reference import attention_probs
 def check(device: str, dtype: torch.dtype = torch.float32) -> None:
     gen = torch.Generator().manual_seed(0)
     b, h, hkv, n, w = 2, 4, 2, 150, 4
-    for q, d in ((150, 16), (90, 32)):
+    for q, d in ((150, 16), (90, 32), (40, 128), (40, 256)):  # 128: Llama-3.1-8B, 256: Gemma-3
         query = (torch.randn(b, h, q, d, generator=gen) * 1.5).to(device, dtype)
         key = (torch.randn(b, hkv, n, d, generator=gen) * 1.5).to(device, dtype)
         if q != n:  # queries as attention hands them over: a (B, q, H, D) tensor seen transposed

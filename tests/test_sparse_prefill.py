@@ -132,6 +132,26 @@ def test_dhsa_mass_ratios_match_a_direct_count():
         assert abs(got[0, c].item() - want.item()) < 1e-4 * want.item(), c
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton mass kernels are the default on CUDA only")
+def test_dhsa_mass_ratios_fall_back_to_the_torch_sums_when_the_kernel_fails(monkeypatch):
+    from attnkit.methods.read import dhsa
+
+    n = 64
+    query, key = rand(1, 2, n, 16).cuda(), rand(1, 1, n, 16, seed=1).cuda()
+    pos = torch.arange(n, device="cuda")[None]
+    want = dhsa.mass_ratios(query, key, None, pos, pos, 0.5, kernel="torch")
+    torch.testing.assert_close(dhsa.mass_ratios(query, key, None, pos, pos, 0.5), want, rtol=1e-3, atol=0)  # kernels
+
+    def broken(*args):
+        raise RuntimeError("out of shared memory")
+
+    monkeypatch.setattr(dhsa, "_mass_triton", broken)
+    with pytest.warns(UserWarning, match="Triton mass kernels failed .*out of shared memory"):
+        torch.testing.assert_close(dhsa.mass_ratios(query, key, None, pos, pos, 0.5), want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="out of shared memory"):  # asked for by name: no silent fallback
+        dhsa.mass_ratios(query, key, None, pos, pos, 0.5, kernel="triton")
+
+
 def test_dhsa_mass_chunks_keep_the_strongest_boundaries_apart():
     from attnkit.methods.read.dhsa import mass_chunks
 

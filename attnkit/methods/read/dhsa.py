@@ -3,7 +3,9 @@ representations pick, per query block, the key tokens every head of the layer at
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -42,17 +44,28 @@ def mass_ratios(query, key, value, qpos: torch.Tensor, kpos: torch.Tensor, scali
     last q slots; key/value (B, Hkv, n, D); qpos (B, q) and kpos (B, n) positions (causal visibility).
 
     ``kernel``: "torch" sums M in row blocks of ``block`` (memory block x n; a float32 pass over every
-    probability: ~13 s at 128K on an H100), "triton" reads q and k only (attnkit/kernels/triton_mass.py), "auto"
-    takes triton on CUDA when ``ATTNKIT_MASS_KERNEL=triton`` (opt-in until its CUDA tests have run)."""
+    probability: ~13 s at 128K on an H100), "triton" reads q and k only (attnkit/kernels/triton_mass.py: 0.63 s
+    at 128K on the H100), "auto" takes triton on CUDA where triton is installed and the head dim is a power of two
+    >= 16, and falls back to torch, warning once, if the kernel fails there; ``ATTNKIT_MASS_KERNEL=torch`` keeps
+    torch."""
     if kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"kernel={kernel!r} is invalid; accepted: 'auto', 'torch', 'triton'")
     d = query.shape[-1]
-    if kernel == "auto":
-        fits = query.is_cuda and d >= 16 and d & (d - 1) == 0 and os.environ.get("ATTNKIT_MASS_KERNEL") == "triton"
-        kernel = "triton" if fits else "torch"
+    auto = kernel == "auto"
+    if auto:
+        fits = query.is_cuda and d >= 16 and d & (d - 1) == 0 and os.environ.get("ATTNKIT_MASS_KERNEL") != "torch"
+        kernel = "triton" if fits and importlib.util.find_spec("triton") is not None else "torch"
+    far = None
     if kernel == "triton":
-        far, band = _mass_triton(query, key, qpos, kpos, scaling, w)
-    else:
+        try:
+            far, band = _mass_triton(query, key, qpos, kpos, scaling, w)
+        except Exception as exc:  # noqa: BLE001 - the exact torch sums take any failure of the kernel path
+            if not auto:
+                raise
+            if not isinstance(exc, ValueError):  # ValueError: slots out of position order, which torch handles
+                warnings.warn(f"attnkit: DHSA's Triton mass kernels failed ({type(exc).__name__}: {exc}); using "
+                              "the torch sums (ATTNKIT_MASS_KERNEL=torch skips the attempt)", stacklevel=2)
+    if far is None:
         far, band = _mass_torch(query, key, qpos, kpos, scaling, w, block)
     n = key.shape[2]
     # after[c, j] = M's mass into column j from rows after c + w = far[j] (rows >= j + 2w) + band[j, t] for
