@@ -5,9 +5,9 @@ dequantises every tensor: about 27 s for SmolLM2-135M and 75 s for Gemma-3-270M 
 ``load_model`` call. The first load here saves what transformers built (float32 weights as safetensors, the config
 without its GGUF quantisation entry, the generation config, the tokenizer) into
 ``$ATTNKIT_CACHE/converted/<key>/`` (default ``~/.cache/attnkit``); later loads read that folder in under a second,
-bit-identical (weights, logits, token ids: ``tests/test_models.py``). The key hashes the file's resolved path, size
-and modification time, the transformers version (its GGUF conversion and tokenizer rebuild change between
-releases) and :data:`FORMAT`. ``ATTNKIT_GGUF_CACHE=0`` turns the cache off; an unwritable cache falls back to the
+bit-identical (weights, logits, token ids: ``tests/test_models.py``). The key hashes the file's name, size and first and
+last MiB, the transformers version (its GGUF conversion and tokenizer rebuild change between releases) and
+:data:`FORMAT`. ``ATTNKIT_GGUF_CACHE=0`` turns the cache off; an unwritable cache falls back to the
 direct load.
 """
 
@@ -37,12 +37,22 @@ def enabled() -> bool:
     return os.environ.get("ATTNKIT_GGUF_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+SAMPLE = 1 << 20  # bytes hashed at each end of the file
+
+
 def folder_for(gguf: Path) -> Path:
-    """Where the converted copy of ``gguf`` lives (whether or not it exists yet)."""
+    """Where the converted copy of ``gguf`` lives (whether or not it exists yet). Keyed by content, not path, so
+    that clones and virtual environments holding the same package share one copy: the size and a hash of the first
+    and last MiB (the header with every metadata value, and the last tensors), read in milliseconds."""
     import transformers
 
-    stat = gguf.stat()
-    ident = json.dumps([str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__, FORMAT])
+    digest = hashlib.sha256()
+    size = gguf.stat().st_size
+    with gguf.open("rb") as f:
+        digest.update(f.read(SAMPLE))
+        f.seek(max(0, size - SAMPLE))
+        digest.update(f.read(SAMPLE))
+    ident = json.dumps([gguf.name, size, digest.hexdigest(), transformers.__version__, FORMAT])
     return cache_root() / "converted" / f"{gguf.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 

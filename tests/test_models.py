@@ -379,3 +379,17 @@ def test_an_unwritable_or_disabled_cache_loads_from_the_gguf(fake_conversion, tm
     monkeypatch.setenv("ATTNKIT_GGUF_CACHE", "0")
     models._load_gguf(gguf, torch.bfloat16)
     assert fake_conversion[-1] == torch.bfloat16 and len(fake_conversion) == 3
+
+
+def test_the_converted_copy_is_keyed_by_content_not_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path / "cache"))
+    data = bytes(range(256)) * (3 << 12)  # 3 MiB: a head, a middle and a tail
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(data)
+    assert gguf_cache.folder_for(a) == gguf_cache.folder_for(b)  # another clone or venv: the same copy
+    b.write_bytes(data[:-1] + b"\x00")  # the last tensor changed
+    assert gguf_cache.folder_for(a) != gguf_cache.folder_for(b)
+    b.write_bytes(b"\xff" + data[1:])  # a metadata value changed
+    assert gguf_cache.folder_for(a) != gguf_cache.folder_for(b)
