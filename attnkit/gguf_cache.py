@@ -102,6 +102,12 @@ def converted(gguf: Path, convert: Callable[[], tuple[torch.nn.Module, object]])
     folder = folder_for(gguf)
     if ready(folder):
         return folder
+    try:  # an unwritable cache is found before a conversion it could not keep
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder.parent, os.W_OK):
+            return None
+    except OSError:
+        return None
     model, tokenizer = convert()
     ok = save(folder, model, tokenizer)
     del model

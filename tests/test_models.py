@@ -375,10 +375,10 @@ def test_an_unwritable_or_disabled_cache_loads_from_the_gguf(fake_conversion, tm
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path / "file"))
     model, _ = models._load_gguf(gguf, torch.float32)
-    assert fake_conversion == [torch.float32, torch.float32]  # converted, could not save, loaded directly
+    assert fake_conversion == [torch.float32]  # loaded directly: no conversion it could not keep
     monkeypatch.setenv("ATTNKIT_GGUF_CACHE", "0")
     models._load_gguf(gguf, torch.bfloat16)
-    assert fake_conversion[-1] == torch.bfloat16 and len(fake_conversion) == 3
+    assert fake_conversion[-1] == torch.bfloat16 and len(fake_conversion) == 2
 
 
 def test_the_converted_copy_is_keyed_by_content_not_path(tmp_path, monkeypatch):
