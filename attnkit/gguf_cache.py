@@ -61,12 +61,12 @@ def ready(folder: Path) -> bool:
 
 
 def save(folder: Path, model: torch.nn.Module, tokenizer) -> bool:
-    """Write a converted model into ``folder`` through a temporary sibling renamed at the end (a concurrent or cut
-    conversion never leaves a half folder). Returns False, writing nothing, where the cache cannot be written."""
+    """Write a converted model into ``folder`` (whose parent exists) through a temporary sibling renamed at the end
+    (a concurrent or cut conversion never leaves a half folder). Returns False, writing nothing, where the cache
+    cannot be written."""
     from safetensors.torch import save_model
 
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".", suffix=".tmp"))
     except OSError:
         return False

@@ -133,8 +133,7 @@ def load_tokenizer(name_or_path: str = "smollm2-135m") -> PreTrainedTokenizerBas
     path = Path(source)
     try:
         with _quiet():
-            folder = gguf_cache.converted(path, lambda: _from_pretrained(str(path.parent), torch.float32,
-                                                                         gguf_file=path.name))
+            folder = _converted_copy(path)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(folder) if folder else str(path.parent),
                                                           **({} if folder else {"gguf_file": path.name}))
@@ -432,12 +431,17 @@ def _hub_unreachable() -> str | None:
     return None if outcome[0] is None else f"{host}:{port} unreachable: {outcome[0]}"
 
 
+def _converted_copy(path: Path) -> Path | None:
+    """The GGUF's converted folder (:func:`attnkit.gguf_cache.converted`), made by a float32 load on first use."""
+    return gguf_cache.converted(path, lambda: _from_pretrained(str(path.parent), torch.float32, gguf_file=path.name))
+
+
 def _load_gguf(path: Path, dtype: torch.dtype | str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """From the GGUF's converted copy on disk (:mod:`attnkit.gguf_cache`), converting it on first use."""
     direct = functools.partial(_from_pretrained, str(path.parent), gguf_file=path.name)
     try:
         with _quiet():
-            folder = gguf_cache.converted(path, lambda: direct(torch.float32))
+            folder = _converted_copy(path)
             if folder is None:  # the cache is off or unwritable
                 model, tokenizer = direct(dtype)
             else:
@@ -445,7 +449,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | str) -> tuple[PreTrainedModel, P
                     model, tokenizer = _from_pretrained(str(folder), dtype)
                 except Exception:  # noqa: BLE001 - any failure reading the copy means a damaged copy: convert again
                     gguf_cache.drop(folder)
-                    folder = gguf_cache.converted(path, lambda: direct(torch.float32))
+                    folder = _converted_copy(path)
                     model, tokenizer = _from_pretrained(str(folder), dtype) if folder else direct(dtype)
     except (OSError, ValueError, ImportError) as err:
         raise ModelLoadError(f"{path}: cannot load model ({_first_line(err)})") from err
