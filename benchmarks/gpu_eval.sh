@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy sweeps on the lent GPU with the real SmolLM2-135M (issue 8's fidelity cells and ranking sweep).
 # Usage on the GPU machine: bash benchmarks/gpu_eval.sh [stage...]
-#   stages: site calib rank4k quarter8k ppl sinks sinks_gemma calib_gemma quarter16k_gemma rank16k_gemma sparse_gemma sparse_gemma_ppl
+#   stages: site calib calibv rank4k quarter8k ppl sinks sinks_gemma calib_gemma quarter16k_gemma rank16k_gemma sparse_gemma sparse_gemma_ppl
 #           dhsa_fixed_gemma
 #           memprobe_gemma
 # The model and data reach the machine in three calls (benchmarks/gpu_stage.sh stages them here: model chunks,
@@ -61,7 +61,7 @@ sparse_family() {  # the sparse prefill family's arguments (Gemma profiles copie
 for s in ${*:-site calib rank4k}; do
   case $s in
     site)  # chunks staged by benchmarks/gpu_stage.sh arrive over several calls; join them once all are here
-      for d in .gpu-a .gpu-b .gpu-c; do [ -d $d ] && mkdir -p /root/m && cp -r $d/* /root/m/; done
+      for d in .gpu-[a-f]; do [ -d $d ] && mkdir -p /root/m && cp -r $d/* /root/m/; done
       for d in .gpu-g*; do [ -d $d ] && mkdir -p /root/g && cp -r $d/* /root/g/; done
       for f in site data.tgz data.txz choice.tgz; do [ -e /root/g/$f ] && mkdir -p /root/m && cp -r /root/g/$f /root/m/; done
       for w in /root/g/wheels/*.whl; do  # a newer transformers for Gemma (gpu_stage.sh says why), ahead on the path
@@ -128,6 +128,9 @@ for s in ${*:-site calib rank4k}; do
       eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 4 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
         --set fasa.profile=$DB/fasa_smollm2.json ;;
+    calibv)  # the head searches' cost per candidate at 1, 4, 8 and 16 candidates per forward (SmolLM2, float32)
+      timeout 240 python3 benchmarks/calib_variants_timing.py --model smollm2-135m --tasks sst2,boolq,arc_easy,hellaswag \
+        --out "$OUT/calib_variants.json" 2>&1 | grep -v Warn | tee "$OUT/calibv.log" ;;
     sinks|sinks_gemma)  # issue 9 item 4: ZeroTuning and ACT vs full on the choice tasks (calibration split ->
             # evaluation split), SmolLM2 (sinks) or Gemma-3 (sinks_gemma: stage it with ATTNKIT_STAGE_CHOICE=1),
             # ATTNKIT_SINKS_SHARDS processes on disjoint tasks (default 1: four shards made each calibration 7x slower

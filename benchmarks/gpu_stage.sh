@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Here (not on the GPU): stage SmolLM2-135M's GGUF, the gguf package and the RULER data files for the GPU machine
-# in three ignored folders (.gpu-a, .gpu-b, .gpu-c), each small enough to travel beside the repository in one call
-# (64 MiB per call, ../shared/GPU.md). Then, in three back-to-back device calls (the machine keeps /root while warm):
-#   carry [".gpu-a"]: bash benchmarks/gpu_eval.sh site     carry [".gpu-b"]: bash benchmarks/gpu_eval.sh site
-#   carry [".gpu-c"]: bash benchmarks/gpu_eval.sh site calib rank4k ...
+# in ignored folders (.gpu-a, .gpu-b, ...: as many as the model's chunks need, the data with the last chunk or in
+# one more), each small enough to travel beside the repository in one call (64 MiB per call, ../shared/GPU.md).
+# Then one back-to-back device call per folder (the machine keeps /root while warm):
+#   carry [".gpu-a"]: bash benchmarks/gpu_eval.sh site     carry [".gpu-b"]: bash benchmarks/gpu_eval.sh site ...
+#   carry [the last folder]: bash benchmarks/gpu_eval.sh site calib rank4k ...
 # `bash benchmarks/gpu_stage.sh gemma` stages Gemma-3-270M alone (gzipped, with a transformers wheel, the packages
 # and data) in as many folders .gpu-g1, .gpu-g2, ... as it needs (one call each, `bash benchmarks/gpu_eval.sh site`
 # in every one; the call that brings the last piece joins the file). No SmolLM2 folder is needed for Gemma's stages.
@@ -72,10 +73,20 @@ if [ "${1:-}" = gemma ]; then
   du -sh .gpu-g*; echo "repository: $REPO_MB MiB; $i calls"
   exit 0
 fi
-rm -rf .gpu-a .gpu-b .gpu-c /tmp/attnkit-stage && mkdir -p .gpu-a .gpu-b .gpu-c /tmp/attnkit-stage
+rm -rf .gpu-[a-f] /tmp/attnkit-stage && mkdir -p /tmp/attnkit-stage
 split -b "$PART" "$GGUF" /tmp/attnkit-stage/part.
+dirs=(.gpu-a .gpu-b .gpu-c .gpu-d .gpu-e .gpu-f)
 parts=(/tmp/attnkit-stage/part.*)
-[ ${#parts[@]} -le 3 ] || { echo "the model needs ${#parts[@]} chunks of $PART bytes; stage by hand"; exit 1; }
-mv "${parts[0]}" .gpu-a/; [ ${#parts[@]} -ge 2 ] && mv "${parts[1]}" .gpu-b/; [ ${#parts[@]} -ge 3 ] && mv "${parts[2]}" .gpu-c/
-stage_data .gpu-c
-du -sh .gpu-a .gpu-b .gpu-c; echo "repository: $REPO_MB MiB"
+[ ${#parts[@]} -lt ${#dirs[@]} ] || { echo "the model needs ${#parts[@]} chunks of $PART bytes; stage by hand"; exit 1; }
+for i in "${!parts[@]}"; do mkdir -p "${dirs[$i]}" && mv "${parts[$i]}" "${dirs[$i]}/"; done
+stage_data /tmp/attnkit-stage/data
+# each of the packages and data files goes into the first folder, from the last chunk's on, with room for it
+# (64 MiB a call with the repository)
+for f in /tmp/attnkit-stage/data/*; do
+  for i in $(seq $(( ${#parts[@]} - 1 )) $(( ${#dirs[@]} - 1 ))); do
+    d=${dirs[$i]}; mkdir -p "$d"
+    if [ $(( $(du -sb "$d" | cut -f1) + $(du -sb "$f" | cut -f1) )) -le "$PART" ]; then mv "$f" "$d/"; break; fi
+  done
+done
+[ -z "$(ls /tmp/attnkit-stage/data)" ] || { echo "the data do not fit ${#dirs[@]} folders"; exit 1; }
+du -sh .gpu-[a-f]; echo "repository: $REPO_MB MiB; one call per folder"

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, default=500, help="evaluation samples per task (fewer if the split is)")
     ap.add_argument("--mode", choices=["head", "layer"], default="head")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--variants", type=int, default=None,
+                    help="head-search candidates per forward (default: 8 on CUDA, 1 on the CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", type=Path, required=True)
@@ -113,17 +115,19 @@ def main(argv=None) -> int:
                 correct = score(model, tok, evals, args.batch, method="full")
             elif name.startswith("zerotuning"):
                 kind = "entropy" if name.endswith("entropy") else "accuracy"
-                prof = calibrate_zerotuning(model, tok, calib, kind, args.mode, progress=False)
+                prof = calibrate_zerotuning(model, tok, calib, kind, args.mode, progress=False,
+                                            variants=args.variants)
                 path = write_json(prof, profiles / f"{task}_{name}.json")
                 correct = score(model, tok, evals, args.batch, method="zerotuning", profile=str(path))
-                extra = {"heads": len(prof["gammas"]), "gamma": prof["gammas"][0][2] if prof["gammas"] else 1.0,
+                extra = {"variants": prof["variants"], "heads": len(prof["gammas"]),
+                         "gamma": prof["gammas"][0][2] if prof["gammas"] else 1.0,
                          "calib_accuracy": [prof["baseline_accuracy"], prof["calib_accuracy"]]}
             else:
-                prof = calibrate_act(model, tok, calib, progress=False)
+                prof = calibrate_act(model, tok, calib, progress=False, variants=args.variants)
                 path = write_json(prof, profiles / f"{task}_act.json")
                 correct = score(model, tok, evals, args.batch, method="act", profile=str(path))
-                extra = {"heads": len(prof["heads"]), "calib_accuracy": [prof["baseline_accuracy"],
-                                                                          prof["calib_accuracy"]]}
+                extra = {"variants": prof["variants"], "heads": len(prof["heads"]),
+                         "calib_accuracy": [prof["baseline_accuracy"], prof["calib_accuracy"]]}
             n, k = len(correct), sum(correct)
             lo, hi = wilson(k, n)
             runs[name] = {"accuracy": 100 * k / n, "ci95": [100 * lo, 100 * hi], "n": n, "correct": correct,

@@ -181,24 +181,34 @@ def test_zerotuning_profile_loads_per_head_gammas(tmp_path):
 
 
 class FakeScore:
-    """A scripted objective: +1 per head scaled in the direction ``want`` marks, -1 per head scaled against it."""
+    """A scripted objective: +1 per head scaled in the direction ``want`` marks, -1 per head scaled against it;
+    read from the method's state after each chunk is set, variant by variant."""
 
-    def __init__(self, method, want: torch.Tensor) -> None:
-        self.method, self.want = method, want
+    def __init__(self, method, want: torch.Tensor, variants: int) -> None:
+        self.method, self.want, self.variants = method, want, variants
 
-    def __call__(self):
-        table = getattr(self.method, "_table", None)
-        if table is None:  # ACT: its chosen heads
-            chosen = torch.zeros_like(self.want)
-            for layer, heads in self.method._by_layer.items():
-                chosen[layer, heads] = 1
-            value = float((chosen * self.want).sum())
-        else:
-            value = float((torch.sign(table) * self.want).sum() - (table.abs() > 1.2).sum() * 0.5)
-        return value, value
+    def many(self, candidates, set_chunk):
+        out = []
+        for i in range(0, len(candidates), self.variants):
+            chunk = candidates[i : i + self.variants]
+            set_chunk(chunk)
+            table = getattr(self.method, "_table", None)
+            for v in range(len(chunk)):
+                if table is None:  # ACT: the heads variant v uses
+                    chosen = torch.zeros_like(self.want)
+                    for layer, heads in self.method._by_layer.items():
+                        use = self.method._use.get(layer)
+                        chosen[layer, heads] = 1.0 if use is None else use[v].float()
+                    value = float((chosen * self.want).sum())
+                else:
+                    t = table[v]
+                    value = float((torch.sign(t) * self.want).sum() - (t.abs() > 1.2).sum() * 0.5)
+                out.append((value, value))
+        return out
 
 
-def test_the_head_searches_keep_the_heads_that_help(monkeypatch):
+@pytest.mark.parametrize("variants", [1, 3])
+def test_the_head_searches_keep_the_heads_that_help(monkeypatch, variants: int):
     model = tiny_llama()
     want = torch.zeros(3, 4)
     want[0, 1], want[2, 2], want[1, 0] = 1, 1, -1  # two up-effective heads, one down-effective
@@ -210,10 +220,10 @@ def test_the_head_searches_keep_the_heads_that_help(monkeypatch):
         return made["m"]
 
     monkeypatch.setattr(calibrate_heads.attnkit.registry, "make_method", make)
-    monkeypatch.setattr(calibrate_heads, "_Scorer", lambda *a: FakeScore(made["m"], want))
+    monkeypatch.setattr(calibrate_heads, "_Scorer", lambda *a: FakeScore(made["m"], want, variants))
     sample = Sample("t", 0, 64, "x", "", ("a",), 1, "choice_match",
                                         {"options": [" a", " b"], "label": 0, "scoring": "label_logit"})
-    prof = calibrate_heads.calibrate_zerotuning(model, None, [sample], progress=False)
+    prof = calibrate_heads.calibrate_zerotuning(model, None, [sample], progress=False, variants=variants)
     assert sorted(map(tuple, prof["up_effective"])) == [(0, 1), (2, 2)]
     assert prof["down_effective"] == [[1, 0]]
     assert sorted((l, h) for l, h, _ in prof["gammas"]) == [(0, 1), (2, 2)]
@@ -222,6 +232,40 @@ def test_the_head_searches_keep_the_heads_that_help(monkeypatch):
     model4 = tiny_gemma3()
     want4 = torch.zeros(4, 4)
     want4[2, 3] = 1
-    monkeypatch.setattr(calibrate_heads, "_Scorer", lambda *a: FakeScore(made["m"], want4))
-    prof = calibrate_heads.calibrate_act(model4, None, [sample], progress=False)
+    monkeypatch.setattr(calibrate_heads, "_Scorer", lambda *a: FakeScore(made["m"], want4, variants))
+    prof = calibrate_heads.calibrate_act(model4, None, [sample], progress=False, variants=variants)
     assert prof["heads"] == [[2, 3]]
+
+
+def test_candidates_in_one_forward_score_as_each_alone():
+    """score_choice_variants under V ZeroTuning gain tables / ACT head sets equals score_choices under each alone."""
+    from attnkit.eval.choice import score_choice_variants, score_choices
+    from test_choice_tasks import ByteTokenizer, _sample
+
+    model, tok = tiny_llama(), ByteTokenizer()
+    samples = [_sample(0, "Sentence: good film\nAnswer:", [" negative", " positive"], 1, "label_logit"),
+               _sample(1, "A longer sentence: it pads the other rows.\nAnswer:", [" no", " yes"], 0, "label_logit"),
+               _sample(2, "Question: why?\nAnswer:", [" because", " no", " it rains a lot"], 2, "loglik")]
+    g = torch.Generator().manual_seed(0)
+    tables = [torch.zeros(3, 4)] + [torch.where(torch.rand(3, 4, generator=g) < 0.5, 0.0,
+                                                torch.rand(3, 4, generator=g) * 4 - 0.8) for _ in range(2)]
+    zt = attnkit.registry.make_method("zerotuning")
+    act = attnkit.registry.make_method("act", tau=0.05)
+    sets = [[(1, 0)], [], [(1, 2), (2, 1), (0, 3)]]
+    for method, chunk, set_one, set_all in (
+            (zt, tables, zt.set_gains, lambda c: zt.set_gains(torch.stack(c))),
+            (act, sets, act.set_heads, act.set_head_variants)):
+        with torch.no_grad(), attnkit.apply(model, method):
+            alone = []
+            for c in chunk:
+                set_one(c)
+                alone.append(score_choices(model, tok, samples))
+            set_all(chunk)
+            together = score_choice_variants(model, tok, samples, len(chunk))
+        for a, t in zip(alone, together):
+            for ra, rt in zip(a, t):
+                assert max(abs(x - y) for x, y in zip(ra["scores"], rt["scores"])) < 1e-4
+        # the candidates differ, so a wrong variant-to-rows mapping would fail above
+        assert max(abs(x - y) for x, y in zip(alone[0][2]["scores"], alone[2][2]["scores"])) > 1e-3
+    with pytest.raises(ValueError, match="variants=0 is invalid"):
+        score_choice_variants(model, tok, samples, 0)

@@ -128,7 +128,6 @@ def _check(sample: Sample) -> None:
                          f"'label' in range and 'scoring' in {SCORINGS}); got {str(extra)[:200]}")
 
 
-@torch.inference_mode()
 def score_choices(model, tokenizer, samples: list[Sample], chat: bool = False,
                   prefill_chunk: int | None = None) -> list[dict]:
     """Score choice samples; one dict per sample, in order.
@@ -138,23 +137,38 @@ def score_choices(model, tokenizer, samples: list[Sample], chat: bool = False,
     length-normalised scores and their correctness; None for label_logit) and ``prompt_tokens``.
     ``chat`` wraps the prompt in the tokenizer's chat template (off by default: base-model prompts).
     """
+    return score_choice_variants(model, tokenizer, samples, 1, chat, prefill_chunk)[0]
+
+
+@torch.inference_mode()
+def score_choice_variants(model, tokenizer, samples: list[Sample], variants: int, chat: bool = False,
+                          prefill_chunk: int | None = None) -> list[list[dict]]:
+    """:func:`score_choices` of the same samples under ``variants`` settings of the active method at once: every
+    forward holds ``variants`` copies of its rows, copy v in the v-th block of the batch, where the method applies
+    its v-th setting (ZeroTuning's ``set_gains`` with a (V, L, H) table, ACT's ``set_head_variants``). Returns one
+    result list per variant. A head search scores several candidates per forward this way: a small model's short
+    forwards are launch-bound on a GPU."""
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk={prefill_chunk} is invalid; accepted: an integer >= 1 or None")
+    if not isinstance(variants, int) or variants < 1:
+        raise ValueError(f"variants={variants!r} is invalid; accepted: an integer >= 1")
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = 0 if pad_id is None else pad_id
     for s in samples:
         _check(s)
     prompts = [build_prompt(tokenizer, s, chat) for s in samples]
-    results: list[dict | None] = [None] * len(samples)
+    results: list[list[dict | None]] = [[None] * len(samples) for _ in range(variants)]
     firsts = [i for i, s in enumerate(samples) if s.extra["scoring"] == "label_logit"]
     if firsts:
-        logits = _last_logits(model, [prompts[i] for i in firsts], 1, pad_id, prefill_chunk)[:, -1]  # (B, V)
+        rows = [prompts[i] for i in firsts]
+        logits = _last_logits(model, rows * variants, 1, pad_id, prefill_chunk)[:, -1]  # (V * B, V)
         for row, i in enumerate(firsts):
             words = [tokenizer(o, add_special_tokens=False).input_ids[0] for o in samples[i].extra["options"]]
-            scores = logits[row, words].tolist()
-            pred = _argmax(scores)
-            results[i] = {"pred": pred, "correct": int(pred == samples[i].extra["label"]), "scores": scores,
-                          "correct_norm": None, "scores_norm": None, "prompt_tokens": len(prompts[i])}
+            for v in range(variants):
+                scores = logits[v * len(rows) + row, words].tolist()
+                pred = _argmax(scores)
+                results[v][i] = {"pred": pred, "correct": int(pred == samples[i].extra["label"]), "scores": scores,
+                                 "correct_norm": None, "scores_norm": None, "prompt_tokens": len(prompts[i])}
     jobs = []  # (sample index, option token lists, rows): every option row, or the prompt alone (one-token options)
     for i, s in enumerate(samples):
         if s.extra["scoring"] != "loglik":
@@ -174,13 +188,15 @@ def score_choices(model, tokenizer, samples: list[Sample], chat: bool = False,
     for batch in _row_batches(jobs, model.get_output_embeddings().weight.shape[0], max_rows):
         keep = max(_keep(options, rows) for _, options, rows in batch)
         rows = [r for *_, job_rows in batch for r in job_rows]
-        logp = F.log_softmax(_last_logits(model, rows, keep, pad_id, prefill_chunk), -1)  # (rows, keep, V)
-        for (i, _, _), scores in zip(batch, _option_logprobs(logp, batch)):
-            s = samples[i]
-            chars = [max(1, len(o) - o.startswith(" ")) for o in s.extra["options"]]
-            norm = [x / c for x, c in zip(scores, chars)]
-            pred, pred_norm, gold = _argmax(scores), _argmax(norm), s.extra["label"]
-            results[i] = {"pred": pred, "correct": int(pred == gold), "scores": scores,
-                          "correct_norm": int(pred_norm == gold), "scores_norm": norm,
-                          "prompt_tokens": len(prompts[i])}
+        logits = _last_logits(model, rows * variants, keep, pad_id, prefill_chunk)  # (V * rows, keep, V)
+        for v in range(variants):
+            logp = F.log_softmax(logits[v * len(rows) : (v + 1) * len(rows)], -1)  # (rows, keep, V)
+            for (i, _, _), scores in zip(batch, _option_logprobs(logp, batch)):
+                s = samples[i]
+                chars = [max(1, len(o) - o.startswith(" ")) for o in s.extra["options"]]
+                norm = [x / c for x, c in zip(scores, chars)]
+                pred, pred_norm, gold = _argmax(scores), _argmax(norm), s.extra["label"]
+                results[v][i] = {"pred": pred, "correct": int(pred == gold), "scores": scores,
+                                 "correct_norm": int(pred_norm == gold), "scores_norm": norm,
+                                 "prompt_tokens": len(prompts[i])}
     return results  # type: ignore[return-value]

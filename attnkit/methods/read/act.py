@@ -79,6 +79,7 @@ class ACT(Method):
             raise ValueError(f"{self.name}: profile and heads are strings (a JSON path; 'all' or '3:0,3:5')")
         self._pairs = self._parse_heads(self.heads) if self.heads and self.heads != "all" else None
         self._by_layer: dict[int, torch.Tensor] = {}
+        self._use: dict[int, torch.Tensor | None] = {}  # layer -> (V, heads) bool when head sets vary by row block
 
     def _parse_heads(self, spec: str) -> list[tuple[int, int]]:
         try:
@@ -125,10 +126,21 @@ class ACT(Method):
 
     def set_heads(self, pairs: list[tuple[int, int]]) -> None:
         """The calibrated (layer, query head) pairs; calibration changes them between forwards."""
-        by_layer: dict[int, list[int]] = {}
-        for l, h in pairs:
-            by_layer.setdefault(l, []).append(h)
-        self._by_layer = {l: torch.tensor(sorted(set(hs))) for l, hs in by_layer.items()}
+        self.set_head_variants([pairs])
+
+    def set_head_variants(self, variants: list[list[tuple[int, int]]]) -> None:
+        """V head sets in one forward: set v acts on the batch's v-th block of B / V rows (the head search scores V
+        candidates at once this way). Per layer: the union of the sets' heads, and (V, heads) which set uses which."""
+        by_layer: dict[int, set[int]] = {}
+        for pairs in variants:
+            for l, h in pairs:
+                by_layer.setdefault(l, set()).add(h)
+        self._by_layer = {l: torch.tensor(sorted(hs)) for l, hs in by_layer.items()}
+        self._use = {}
+        if len(variants) > 1:
+            for l, heads in self._by_layer.items():
+                use = torch.tensor([[(l, int(h)) in set(map(tuple, pairs)) for h in heads] for pairs in variants])
+                self._use[l] = use if not bool(use.all()) else None
 
     def attend(self, run, module, layer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         """query (B, H, q, D); key/value (B, Hkv, n, D) -> (B, H, q, D); reweighted on calibrated heads in prefill."""
@@ -148,6 +160,12 @@ class ACT(Method):
         initial = (layer.stored_pos() == 0).unsqueeze(2)  # (B, Hkv, 1, n)
         initial = per_head(initial, n_heads)[:, heads]
         factor = act_factor(real, seen, initial, self.beta, self.tau)
+        use = self._use.get(layer.layer_idx)
+        if use is not None:  # per-variant head sets: a head outside a row block's set keeps its probabilities there
+            if b % use.shape[0]:
+                raise ValueError(f"act: {use.shape[0]} head-set variants do not divide a batch of {b} rows")
+            use = use.to(query.device).repeat_interleave(b // use.shape[0], 0)[:, :, None, None]  # (B, heads, 1, 1)
+            factor = torch.where(use, factor, torch.ones_like(factor))
         new = probs[:, heads] * factor
         out[:, heads] = torch.matmul(new, per_head(value.float(), n_heads)[:, heads])
         if run.recorder is not None:

@@ -121,9 +121,9 @@ def bias_initial(
     """Output of the same attention with ``log(1 + gain_h)`` added to the initial token's logit, per query head.
 
     out (B, H, q, D) float32 and lse (B, H, q) of the unbiased attention; query (B, H, q, D); key/value
-    (B, Hkv, n, D); pos (B, Hkv, n); gain (H,) float32 = gamma - 1 (0: head untouched); mask (B|1, Hkv|1, q, n)
-    bool as the attention used it (None: all visible). Queries that do not see their row's initial token (not held,
-    or outside a sliding window) are left as they are. Returns (B, H, q, D) float32.
+    (B, Hkv, n, D); pos (B, Hkv, n); gain (H,), or (B, H) per row, float32 = gamma - 1 (0: head untouched); mask
+    (B|1, Hkv|1, q, n) bool as the attention used it (None: all visible). Queries that do not see their row's initial
+    token (not held, or outside a sliding window) are left as they are. Returns (B, H, q, D) float32.
     """
     heads = query.shape[1]
     idx, has = initial_slot(pos)
@@ -138,15 +138,17 @@ def bias_initial(
         full = mask.expand(b, mask.shape[1] if mask.shape[1] == hkv else hkv, q, n)
         seen = seen * torch.gather(full, 3, idx[:, :, None, None].expand(b, hkv, q, 1)).squeeze(3).float()
     p0 = torch.exp(s0 - lse) * per_head(seen, heads)  # (B, H, q); 0 where the initial token is not seen
-    g = gain.view(1, -1, 1) * p0
+    g = (gain.view(1, -1, 1) if gain.dim() == 1 else gain.unsqueeze(-1)) * p0
     return (out + g.unsqueeze(-1) * v0.unsqueeze(2)) / (1 + g).unsqueeze(-1)
 
 
 def initial_bias_tensor(pos: torch.Tensor, heads: int, q: int, gain: torch.Tensor) -> torch.Tensor:
-    """The (B, H, q, n) float logit bias that :func:`bias_initial` applies (for the recorder and the tests)."""
+    """The (B, H, q, n) float logit bias that :func:`bias_initial` applies (for the recorder and the tests);
+    gain (H,) or (B, H)."""
     idx, has = initial_slot(pos)
     b, hkv, n = pos.shape
     onehot = torch.zeros(b, hkv, n, device=pos.device)
     onehot.scatter_(2, idx.unsqueeze(-1), has.unsqueeze(-1).float())
-    log_gamma = torch.log1p(gain.to(pos.device)).view(1, -1, 1, 1)
+    log_gamma = torch.log1p(gain.to(pos.device))
+    log_gamma = log_gamma.view(1, -1, 1, 1) if gain.dim() == 1 else log_gamma[:, :, None, None]
     return (per_head(onehot.unsqueeze(2), heads) * log_gamma).expand(b, heads, q, n)

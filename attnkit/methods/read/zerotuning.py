@@ -111,22 +111,36 @@ class ZeroTuning(Method):
         self.set_gains(table)
 
     def set_gains(self, table: torch.Tensor) -> None:
-        """(L, H) gamma - 1 per layer and query head (0: untouched); calibration updates it between forwards."""
+        """gamma - 1 per layer and query head (0: untouched); calibration updates it between forwards.
+
+        table (L, H), or (V, L, H): V variants in one forward, variant v on the batch's v-th block of B / V rows
+        (the head searches score V candidates at once this way)."""
         self._table = table.float()
         self._gains = {}
 
     def gain(self, layer_idx: int, device: torch.device) -> torch.Tensor | None:
+        """(H,) or (V, H) gains of a layer on ``device``; None where every gain is 0."""
         g = self._gains.get((layer_idx, device))
         if g is None:
-            row = self._table[layer_idx]
+            row = self._table[..., layer_idx, :]
             g = self._gains[(layer_idx, device)] = row.to(device) if bool(row.ne(0).any()) else torch.empty(0)
         return g if g.numel() else None
+
+    @staticmethod
+    def per_row(gain: torch.Tensor, batch: int) -> torch.Tensor:
+        """(H,) -> itself; (V, H) -> (B, H), variant v on rows [v B / V, (v + 1) B / V)."""
+        if gain.dim() == 1:
+            return gain
+        if batch % gain.shape[0]:
+            raise ValueError(f"zerotuning: {gain.shape[0]} gain variants do not divide a batch of {batch} rows")
+        return gain.repeat_interleave(batch // gain.shape[0], 0)
 
     def attend(self, run, module, layer, query, key, value, scaling: float, softcap) -> torch.Tensor:
         """query (B, H, q, D); key/value (B, Hkv, n, D) -> (B, H, q, D), the initial token's logit + log(gamma_h)."""
         gain = self.gain(layer.layer_idx, query.device)
         if gain is None:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
+        gain = self.per_row(gain, query.shape[0])
         if layer.static:  # fixed-shape decode step: the valid slots of the span, float32 with its log-sum-exp
             span = layer.span
             key, value, pos = layer.keys[:, :, :span], layer.values[:, :, :span], layer.pos[:, :, :span]
