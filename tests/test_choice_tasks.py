@@ -225,12 +225,22 @@ def test_score_choices_equals_a_plain_forward_on_a_tiny_model():
     batches = scoring._row_batches
     for rows in (64, 4):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(scoring, "_row_batches", lambda jobs, vocab, _, n=rows: batches(jobs, vocab, n))
+            mp.setattr(scoring, "_row_batches", lambda jobs, vocab, _, n=rows, **kw: batches(jobs, vocab, n, **kw))
             check(score_choices(model, tok, samples), samples, model, tok, 1e-4)
     with attnkit.apply(model, "full"):
         check(score_choices(model, tok, samples, prefill_chunk=7), samples, model, tok, 1e-4)
     with pytest.raises(ValueError, match="not a choice sample"):
         score_choices(model, tok, [dataclasses.replace(samples[0], extra={})])
+
+
+def test_forwards_group_similar_lengths():
+    """The length groups minimise padded tokens plus a per-forward cost, within the row cap."""
+    assert scoring._groups([10, 10, 11, 100, 100], [1] * 5, 20, lambda a, b: True) == [(0, 3), (3, 5)]
+    assert scoring._groups([10, 10, 11, 100, 100], [1] * 5, 0.5, lambda a, b: True) == [(0, 2), (2, 3), (3, 5)]
+    # a huge per-forward cost: fewest forwards of at most two rows, then the fewest padded tokens
+    assert scoring._groups([10, 10, 11, 100, 100], [1] * 5, 1e9, lambda a, b: b - a <= 2) == [(0, 2), (2, 3), (3, 5)]
+    assert scoring._groups([5, 7], [3, 1], 1e9, lambda a, b: False) == [(0, 1), (1, 2)]  # a job alone always fits
+    assert scoring._groups([], [], 1.0, lambda a, b: True) == []
 
 
 def test_score_choices_equals_a_plain_forward_on_smollm2(smollm):
