@@ -4,8 +4,9 @@ Two scorings (``Sample.extra["scoring"]``, set by :mod:`attnkit.eval.tasks.choic
 
 - ``"label_logit"`` (classification, as ZeroTuning and ACT score it): one forward of the prompt; at the answer
   position, compare the logits of each label word's *first* token. Samples given together share left-padded
-  forwards of similar lengths (``_groups``: padded tokens against a per-forward cost). ZeroTuning's released evaluator generates one greedy token and string-matches it instead, and ACT
-  takes each word's *last* token after a log-softmax over the label tokens; with single-token, first-token-
+  forwards of similar lengths (``_groups``: padded tokens against a per-forward cost). ZeroTuning's released
+  evaluator generates one greedy token and string-matches it instead, and ACT takes each word's *last* token
+  after a log-softmax over the label tokens; with single-token, first-token-
   distinct label words (ours) all three pick the same label, except that a greedy token outside the label set
   counts as wrong in ZeroTuning.
 - ``"loglik"`` (multiple choice, as lm-evaluation-harness): the sum of the option tokens' log-probabilities
@@ -194,7 +195,7 @@ def score_choice_variants(model, tokenizer, samples: list[Sample], variants: int
     for start, end in _groups(lengths, [1] * len(firsts), overhead, lambda a, b: b - a <= 64):
         group = firsts[start:end]
         rows = [prompts[i] for i in group]
-        logits = _last_logits(model, rows * variants, 1, pad_id, prefill_chunk)[:, -1]  # (V * B, V)
+        logits = _last_logits(model, rows * variants, 1, pad_id, prefill_chunk)[:, -1]  # (variants x rows, vocab)
         for row, i in enumerate(group):
             words = [tokenizer(o, add_special_tokens=False).input_ids[0] for o in samples[i].extra["options"]]
             for v in range(variants):
@@ -221,9 +222,9 @@ def score_choice_variants(model, tokenizer, samples: list[Sample], variants: int
     for batch in _row_batches(jobs, model.get_output_embeddings().weight.shape[0], max_rows, overhead=overhead):
         keep = max(_keep(options, rows) for _, options, rows in batch)
         rows = [r for *_, job_rows in batch for r in job_rows]
-        logits = _last_logits(model, rows * variants, keep, pad_id, prefill_chunk)  # (V * rows, keep, V)
+        logits = _last_logits(model, rows * variants, keep, pad_id, prefill_chunk)  # (variants x rows, keep, vocab)
         for v in range(variants):
-            logp = F.log_softmax(logits[v * len(rows) : (v + 1) * len(rows)], -1)  # (rows, keep, V)
+            logp = F.log_softmax(logits[v * len(rows) : (v + 1) * len(rows)], -1)  # (rows, keep, vocab)
             for (i, _, _), scores in zip(batch, _option_logprobs(logp, batch)):
                 s = samples[i]
                 chars = [max(1, len(o) - o.startswith(" ")) for o in s.extra["options"]]

@@ -138,8 +138,9 @@ class ACT(Method):
         self._by_layer = {l: torch.tensor(sorted(hs)) for l, hs in by_layer.items()}
         self._use = {}
         if len(variants) > 1:
+            sets = [set(map(tuple, pairs)) for pairs in variants]
             for l, heads in self._by_layer.items():
-                use = torch.tensor([[(l, int(h)) in set(map(tuple, pairs)) for h in heads] for pairs in variants])
+                use = torch.tensor([[(l, int(h)) in chosen for h in heads] for chosen in sets])
                 self._use[l] = use if not bool(use.all()) else None
 
     def attend(self, run, module, layer, query, key, value, scaling: float, softcap) -> torch.Tensor:
