@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["head", "layer"], default="head",
                    help="zerotuning: probe each (layer, head) or each whole layer (default: %(default)s)")
     p.add_argument("--shots", type=_number(int, 0), default=0, help="zerotuning / act: demonstrations per prompt")
+    p.add_argument("--variants", type=_number(int, 1),
+                   help="zerotuning / act: candidates scored per forward (default: 8 on CUDA, 1 on the CPU; "
+                        "lower it if a forward of that many copies of the rows runs out of memory)")
     p.add_argument("--pairing", choices=["rope", "code"], default="rope",
                    help="frequency-chunk pairing: rope (i, i + D/2) or code (2i, 2i + 1) (default: %(default)s)")
     p.add_argument("--length", type=_number(int, 2), default=2500,
@@ -468,11 +471,12 @@ def calibrate_heads(args: argparse.Namespace) -> int:
     n = args.samples or 64
     samples = [s for t in tasks for s in choice_samples(t, tok, n, 0, split="calib", shots=args.shots)]
     if args.target == "zerotuning":
-        profile = calibrate_zerotuning(model, tok, samples, args.objective, args.mode, progress=True)
+        profile = calibrate_zerotuning(model, tok, samples, args.objective, args.mode, progress=True,
+                                       variants=args.variants)
         chosen = f"{len(profile['gammas'])} heads at gamma {profile['gammas'][0][2]}" if profile["gammas"] else \
             "no head (nothing beat the unmodified model)"
     else:
-        profile = calibrate_act(model, tok, samples, args.objective, progress=True)
+        profile = calibrate_act(model, tok, samples, args.objective, progress=True, variants=args.variants)
         chosen = f"{len(profile['heads'])} heads"
     profile.update(model=args.model, tasks=tasks, shots=args.shots, split="calib")
     path = write_json(profile, args.out)

@@ -291,3 +291,18 @@ def test_gpu_memory_fraction_caps_this_process_or_fails_clearly(capsys, monkeypa
     cli.limit_gpu_memory(0.3, "cuda", "local")
     cli.limit_gpu_memory(None, "cuda", "local")
     assert capped == [(0.2, 1), (0.3, 0)]
+
+
+def test_calibrate_zerotuning_takes_candidates_per_forward(capsys, monkeypatch, tmp_path):
+    from test_choice_tasks import ByteTokenizer
+
+    monkeypatch.setattr(cli, "load", lambda name, device, dtype: (tiny_llama(), ByteTokenizer()))
+    out_path = tmp_path / "zt.json"
+    code, out, err = run(capsys, "calibrate", "zerotuning", "--task", "sst2", "--samples", "2", "--variants", "5",
+                         "--device", "cpu", "-o", str(out_path))
+    assert code == 0, err
+    profile = json.loads(out_path.read_text())
+    assert profile["method"] == "zerotuning" and profile["variants"] == 5 and profile["samples"] == 2
+    with pytest.raises(SystemExit):  # argparse's usage error
+        cli.main(["calibrate", "act", "--variants", "0", "-o", str(out_path)])
+    assert "--variants" in capsys.readouterr().err
