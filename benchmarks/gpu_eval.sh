@@ -128,9 +128,10 @@ for s in ${*:-site calib rank4k}; do
       eval_ quarter_smollm2_8k --model smollm2-135m --lengths 8192 --tasks retrieval --samples 20 --batch 4 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
         --set fasa.profile=$DB/fasa_smollm2.json ;;
-    calibv)  # the head searches' cost per candidate at 1, 4, 8 and 16 candidates per forward (SmolLM2, float32)
+    calibv)  # the head searches' cost per candidate at 1 and 8 (ATTNKIT_CALIBV) candidates per forward (SmolLM2, float32)
       timeout 240 python3 benchmarks/calib_variants_timing.py --model smollm2-135m --tasks sst2,boolq,arc_easy,hellaswag \
-        --out "$OUT/calib_variants.json" 2>&1 | grep -v Warn | tee "$OUT/calibv.log" ;;
+        --variants ${ATTNKIT_CALIBV:-1,8} --one-forward --out "$OUT/calib_variants.json" 2>&1 | grep -v Warn \
+        | tee "$OUT/calibv.log" ;;
     sinks|sinks_gemma)  # issue 9 item 4: ZeroTuning and ACT vs full on the choice tasks (calibration split ->
             # evaluation split), SmolLM2 (sinks) or Gemma-3 (sinks_gemma: stage it with ATTNKIT_STAGE_CHOICE=1),
             # ATTNKIT_SINKS_SHARDS processes on disjoint tasks (default 1: four shards made each calibration 7x slower
