@@ -129,13 +129,15 @@ for s in ${*:-site calib rank4k}; do
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention --budgets 25% \
         --set fasa.profile=$DB/fasa_smollm2.json ;;
     calibv)  # the head searches' cost per candidate at 1 and 8 (ATTNKIT_CALIBV) candidates per forward (SmolLM2, float32)
-      timeout 240 python3 benchmarks/calib_variants_timing.py --model smollm2-135m --tasks sst2,boolq,arc_easy,hellaswag \
+      timeout 240 python3 benchmarks/calib_variants_timing.py --model smollm2-135m \
+        --tasks ${ATTNKIT_CALIBV_TASKS:-sst2,boolq,arc_easy,hellaswag} \
         --variants ${ATTNKIT_CALIBV:-1,8} --one-forward --out "$OUT/calib_variants.json" 2>&1 | grep -v Warn \
         | tee "$OUT/calibv.log" ;;
     sinks|sinks_gemma)  # issue 9 item 4: ZeroTuning and ACT vs full on the choice tasks (calibration split ->
             # evaluation split), SmolLM2 (sinks) or Gemma-3 (sinks_gemma: stage it with ATTNKIT_STAGE_CHOICE=1),
             # ATTNKIT_SINKS_SHARDS processes on disjoint tasks (default 1: four shards made each calibration 7x slower
-            # on the H200, a net loss; notes/gpu.md). Only the merged JSON and a tarball of the profiles come back.
+            # on the H200, a net loss; notes/gpu.md), ATTNKIT_SINKS_TASKS to pick the tasks (default: all, in order).
+            # Only the merged JSON and a tarball of the profiles come back.
       if [ $s = sinks ]; then M=smollm2-135m; N=sinks_smollm2; else M=gemma3-270m; N=sinks_gemma3; fi
       SP=${ATTNKIT_SINKS_SHARDS:-1}
       [ -f $DB/$N.json ] || cp -p docs/results/$N.json $DB/ 2>/dev/null
@@ -143,7 +145,7 @@ for s in ${*:-site calib rank4k}; do
       [ "$left" -gt 200 ] || { echo "$s: too little time left in this call ($left s)"; continue; }
       for i in $(seq 0 $((SP - 1))); do
         timeout "$left" python3 benchmarks/sinks_fidelity.py --model $M --calib 64 --eval 500 --batch 64 \
-          --out $DB/$N.json --seconds $((left - 150)) --shard $i/$SP > "$OUT/sinks.shard$i.log" 2>&1 &
+          ${ATTNKIT_SINKS_TASKS:+--tasks $ATTNKIT_SINKS_TASKS} --out $DB/$N.json --seconds $((left - 150)) --shard $i/$SP > "$OUT/sinks.shard$i.log" 2>&1 &
       done
       wait
       python3 benchmarks/sinks_fidelity.py --out $DB/$N.json --merge
