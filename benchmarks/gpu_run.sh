@@ -69,7 +69,8 @@ for s in $stages; do
     zoostep)  # issue 11: the CUDA-graph training step against eager (tests, then ms per step at the V 8192 settings)
       ATTNKIT_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_zoo_step.py 2>&1 | tail -3 | tee "$OUT/zoo_step.log"
       timeout 120 python3 benchmarks/zoo_graph_step.py 2>&1 | tee -a "$OUT/zoo_step.log" ;;
-    zooprofile)  # issue 11: the step's top kernels per mixer (the graph gained 1.01-1.03x: kernel work, not launches)
+    zooprofile)  # issue 11: ms per step, float32 against TF32 (ATTNKIT_ZOO_PRECISION=tf32 in zoo8192), then the
+                 # step's top kernels per mixer (the graph gained 1.01-1.03x: kernel work, not launches)
       timeout 150 python3 benchmarks/zoo_step_profile.py 2>&1 | grep -v Warn | tee "$OUT/zoo_step_profile.log" ;;
     prefillcudnn)  # cuDNN as the dense prefill kernel (opt-in): its bf16 test, then 128K time to first token with
                    # flash (full only, the baseline) and with cuDNN (full and the sparse methods) in this call
@@ -129,7 +130,8 @@ for s in $stages; do
         timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
           --checkpoints /root/zoo-checkpoints --vocab-size 8192 --train-examples 100000 --test-examples 3000 \
           --epochs 32 --batch-size 256 --mixers softmax,base_conv+based,base_conv+sliding_window --d-models 64,128,256 \
-          --shapes 256x16,256x64 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,1e-2} --shard $i/$ZP --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
+          --shapes 256x16,256x64 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,1e-2} --precision ${ATTNKIT_ZOO_PRECISION:-float32} \
+          --shard $i/$ZP --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
       done
       wait
       tail -n 4 "$OUT"/zoo8192.shard*.log | tee "$OUT/zoo8192.log"; rm -f "$OUT"/zoo8192.shard*.log

@@ -57,6 +57,7 @@ def test_a_corrupt_checkpoint_is_one_clear_error(tmp_path):
     (dict(lr=0.0), "lr=0.0 is invalid"),
     (dict(num_kv_pairs=9), "num_kv_pairs=9 is invalid"),
     (dict(mixers="sofmax"), "did you mean 'softmax'"),
+    (dict(precision="bf16"), "precision='bf16' is invalid; accepted: float32, tf32"),
 ])
 def test_bad_settings_fail_before_training(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -79,6 +80,29 @@ def test_sweep_shards_cover_the_grid_and_the_report_reads_it(tmp_path, capsys):
     assert "| 32x4 | softmax | 16 |" in (tmp_path / "rep" / "frontier.md").read_text()
 
 
+def test_tf32_runs_are_keyed_and_reported_apart(tmp_path, monkeypatch):
+    """The default precision leaves a run's key as it was before the field existed; a TF32 run has its own key,
+    sets the matmul precision only while it trains, and is its own line in the report."""
+    import hashlib
+    from dataclasses import asdict
+
+    cfg = tiny()
+    old = {k: v for k, v in asdict(cfg).items() if k != "precision"}
+    assert cfg.key() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+    assert tiny(precision="tf32").key() != cfg.key()
+    seen = []
+    real = torch.optim.AdamW
+    monkeypatch.setattr("attnkit.zoo.train.torch.optim.AdamW",
+                        lambda *a, **k: seen.append(torch.get_float32_matmul_precision()) or real(*a, **k))
+    before = torch.get_float32_matmul_precision()
+    with Store(tmp_path / "z.db") as store:
+        for precision in ("float32", "tf32"):
+            train(tiny(epochs=1, precision=precision), store, None, progress=False)
+        rows = store.zoo_runs()
+    assert seen == ["highest", "high"] and torch.get_float32_matmul_precision() == before
+    assert set(frontier(rows)[(32, 4)]) == {"base_conv+softmax", "base_conv+softmax (tf32)"}
+
+
 def test_cli_train_and_sweep(tmp_path, capsys):
     args = ["--vocab-size", "64", "--train-examples", "128", "--test-examples", "32", "--epochs", "1",
             "--db", str(tmp_path / "z.db"), "--checkpoints", str(tmp_path / "ck")]
@@ -86,8 +110,10 @@ def test_cli_train_and_sweep(tmp_path, capsys):
                  "--kv-pairs", "4", "--d-model", "16", *args]) == 0
     assert "base_conv+based d_model 16 T 32 N 4: accuracy" in capsys.readouterr().out
     assert main(["zoo", "sweep", "--mixers", "softmax", "--d-models", "16", "--shapes", "32x4", "--no-progress",
-                 *args]) == 0
+                 "--precision", "tf32", *args]) == 0
     assert "softmax" in capsys.readouterr().out
+    with Store(tmp_path / "z.db") as store:
+        assert [json.loads(r["config_json"])["precision"] for r in store.zoo_runs()] == ["float32", "tf32"]
     assert main(["zoo", "train", "--mixer", "sofmax", *args]) == 2
     assert "did you mean 'softmax'" in capsys.readouterr().err
     assert main(["zoo", "sweep", "--mixers", "softmax", "--shapes", "32by4", *args]) == 2

@@ -43,6 +43,9 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     shared.add_argument("--eager", action="store_true", help="on CUDA, launch each training step's kernels one by "
                         "one instead of replaying the step from a CUDA graph")
     shared.add_argument("--n-layers", type=int, default=2, help="layers when one mixer name is given")
+    shared.add_argument("--precision", choices=["float32", "tf32"], default="float32",
+                        help="float32: Zoology's; tf32: CUDA matmuls on TF32 tensor cores, faster, a stated deviation "
+                             "(stored in the run's config)")
     for name in TRAIN_FIELDS:
         shared.add_argument("--" + name.replace("_", "-"), type=float if name in ("weight_decay", "early_stop",
                                                                               "power_a") else int)
@@ -85,7 +88,8 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
 
 def _base(args: argparse.Namespace) -> dict[str, Any]:
     base = {name: getattr(args, name) for name in TRAIN_FIELDS if getattr(args, name) is not None}
-    return {**base, "task": args.task, "mixer_settings": _settings(args.settings), "n_layers": args.n_layers}
+    return {**base, "task": args.task, "mixer_settings": _settings(args.settings), "n_layers": args.n_layers,
+            "precision": args.precision}
 
 
 def cmd_mixers(args: argparse.Namespace) -> int:

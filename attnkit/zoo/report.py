@@ -1,7 +1,8 @@
 """The recall vs state-size frontier of stored zoo runs: a Markdown table and an SVG plot per MQAR shape.
 
 As Zoology reports it: for each model (mixers, width) and task shape (T, N), the best test accuracy over the
-runs stored for it (the learning-rate sweep, seeds), plotted against the state a decode step carries at T.
+runs stored for it (the learning-rate sweep, seeds), plotted against the state a decode step carries at T. Runs
+trained with TF32 matmuls are a separate line.
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ def frontier(rows: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, list
     """{(T, N): {mixers: [(state_size, best accuracy, d_model), ...] sorted by state}} over stored runs."""
     best: dict[tuple, tuple[int, float]] = {}
     for r in rows:
-        key = (r["seq_len"], r["num_kv_pairs"], r["mixers"], r["d_model"])
+        key = (r["seq_len"], r["num_kv_pairs"], mixers_label(r), r["d_model"])
         if key not in best or r["accuracy"] > best[key][1]:
             best[key] = (r["state_size"], r["accuracy"])
     out: dict[tuple[int, int], dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for (t, n, mixers, d), (state, acc) in best.items():
         out[(t, n)][mixers].append((state, acc, d))
     return {shape: {m: sorted(points) for m, points in sorted(per.items())} for shape, per in sorted(out.items())}
+
+
+def mixers_label(row: dict[str, Any]) -> str:
+    """The row's mixers, marked " (tf32)" for runs trained with TF32 matmuls: never pooled with float32 runs."""
+    precision = json.loads(row.get("config_json") or "{}").get("precision", "float32")
+    return row["mixers"] + ("" if precision == "float32" else f" ({precision})")
 
 
 def markdown(front: dict) -> str:

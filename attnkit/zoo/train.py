@@ -10,6 +10,7 @@ resumes from its last epoch checkpoint (safetensors: weights, optimizer moments,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ from attnkit.zoo.registry import mixer_class
 from attnkit.zoo.step import TrainStep, label_positions
 
 TASKS = ("mqar",)
+PRECISIONS = ("float32", "tf32")
 
 
 @dataclass
@@ -53,10 +55,15 @@ class TrainConfig:
     warmup: float = 0.02  # share of the steps with a linear warm-up
     early_stop: float = 0.99
     seed: int = 0
+    # "float32": Zoology's (full float32 matmuls); "tf32": CUDA matmuls on TF32 tensor cores (10-bit mantissa
+    # products, float32 sums), a stated deviation for speed; the CPU computes float32 either way
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"zoo train: task={self.task!r} is invalid; accepted: {', '.join(TASKS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"zoo train: precision={self.precision!r} is invalid; accepted: {', '.join(PRECISIONS)}")
         for name in ("train_examples", "test_examples", "epochs", "batch_size"):
             check_int("zoo train", name, getattr(self, name), 1)
         check_int("zoo train", "seed", self.seed, 0)
@@ -73,8 +80,12 @@ class TrainConfig:
                         mixer_settings=self.mixer_settings, mlp_ratio=self.mlp_ratio)
 
     def key(self) -> str:
-        """sha256 of the resolved config: the run's identity in the store and its checkpoint's name."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        """sha256 of the resolved config: the run's identity in the store and its checkpoint's name (the default
+        precision is left out, so runs stored before the field existed keep their keys)."""
+        fields = asdict(self)
+        if fields["precision"] == "float32":
+            del fields["precision"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -151,6 +162,23 @@ def train(
     key = cfg.key()
     if store is not None and (row := store.zoo_run(key)) is not None:
         return row
+    with matmul_precision(cfg.precision):
+        return _train(cfg, key, store, checkpoint_dir, device, progress, max_epochs, graph)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """float32 matmuls ("highest") or TF32 ("high") inside the block; the process's setting is restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progress: bool, max_epochs: int | None,
+           graph: bool | None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = TinyLM(cfg.lm_config()).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
