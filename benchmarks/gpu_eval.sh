@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy sweeps on the lent GPU with the real SmolLM2-135M (issue 8's fidelity cells and ranking sweep).
 # Usage on the GPU machine: bash benchmarks/gpu_eval.sh [stage...]
-#   stages: site calib calibv rank4k quarter8k ppl sinks sinks_gemma calib_gemma quarter16k_gemma rank16k_gemma sparse_gemma sparse_gemma_ppl
+#   stages: site calib calibv cellprobe_gemma rank4k quarter8k ppl sinks sinks_gemma calib_gemma quarter16k_gemma rank16k_gemma sparse_gemma sparse_gemma_ppl
 #           dhsa_fixed_gemma
 #           memprobe_gemma
 # The model and data reach the machine in three calls (benchmarks/gpu_stage.sh stages them here: model chunks,
@@ -106,6 +106,11 @@ for s in ${*:-site calib rank4k}; do
       eval_ rank_gemma3_16k --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 4 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
         --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_gemma3.json ;;
+    cellprobe_gemma)  # before the rest of rank16k_gemma: where a 16K cell's time goes (prefill at chunks of 512 and
+                      # 2048, decode, the GPU's busy time beside the wall time), one process, batch 4
+      timeout 200 python3 benchmarks/eval_cell_timing.py --model gemma3-270m --length 16384 --batch 4 \
+        --methods full,quest:128,snapkv:128,h2o:128,spatten:128 --chunks 512,2048 --new-tokens 16 \
+        --out "$OUT/eval_cell_timing_gemma3_16k.json" 2>&1 | grep -v Warn | tee "$OUT/cellprobe_gemma.log" ;;
     calib_gemma)  # committed: docs/results/fasa_gemma3.json (`attnkit calibrate fasa --model gemma3-270m`, CPU float32)
       [ -f $DB/fasa_gemma3.json ] || cp -p docs/results/fasa_gemma3.json $DB/ 2>/dev/null
       [ -f $DB/fasa_gemma3.json ] || python3 -m attnkit calibrate fasa --model gemma3-270m -o $DB/fasa_gemma3.json \
