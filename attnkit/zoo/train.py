@@ -55,8 +55,8 @@ class TrainConfig:
     warmup: float = 0.02  # share of the steps with a linear warm-up
     early_stop: float = 0.99
     seed: int = 0
-    # "float32": Zoology's (full float32 matmuls); "tf32": CUDA matmuls on TF32 tensor cores (10-bit mantissa
-    # products, float32 sums), a stated deviation for speed; the CPU computes float32 either way
+    # "float32": Zoology's (full float32 matmuls); "tf32": torch's "high" float32 matmul precision, TF32 tensor
+    # cores on CUDA (10-bit mantissa products, float32 sums), a stated deviation for speed; meant for the GPU
     precision: str = "float32"
 
     def __post_init__(self) -> None:
