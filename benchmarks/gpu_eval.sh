@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy sweeps on the lent GPU with the real SmolLM2-135M (issue 8's fidelity cells and ranking sweep).
 # Usage on the GPU machine: bash benchmarks/gpu_eval.sh [stage...]
-#   stages: site calib calibv cellprobe_gemma rank4k quarter8k ppl sinks sinks_gemma calib_gemma quarter16k_gemma rank16k_gemma sparse_gemma sparse_gemma_ppl
+#   stages: site calib calibv razor4k cellprobe_gemma rank4k quarter8k ppl sinks sinks_gemma calib_gemma quarter16k_gemma rank16k_gemma sparse_gemma sparse_gemma_ppl
 #           dhsa_fixed_gemma
 #           memprobe_gemma
 # The model and data reach the machine in three calls (benchmarks/gpu_stage.sh stages them here: model chunks,
@@ -106,6 +106,13 @@ for s in ${*:-site calib rank4k}; do
       eval_ rank_gemma3_16k --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 4 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
         --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_gemma3.json ;;
+    razor4k)  # issue 9 item 4: RazorAttention's KV reduction and RULER change on all 13 tasks at 4K, 20 samples (the
+              # README's CPU cells are 3 tasks x 10); head scores in float32 as on the CPU, budgets 4005 (the paper's
+              # window rule at 4K) and 517 (window 512)
+      [ -f $DB/razor_smollm2.json ] || python3 -m attnkit calibrate razorattention --model smollm2-135m --device cuda \
+        --dtype float32 -o $DB/razor_smollm2.json 2>&1 | grep -v Warn | tail -3 | tee "$OUT/razor_calib.log"
+      eval_ razor_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ruler --samples 20 --batch 10 \
+        --methods full,razorattention --budgets 4005,517 --set razorattention.profile=$DB/razor_smollm2.json ;;
     cellprobe_gemma)  # before the rest of rank16k_gemma: where a 16K cell's time goes (prefill at chunks of 512 and
                       # 2048, decode, the GPU's busy time beside the wall time), one process, batch 4
       timeout 200 python3 benchmarks/eval_cell_timing.py --model gemma3-270m --length 16384 --batch 4 \
