@@ -152,12 +152,16 @@ for s in ${*:-site calib rank4k}; do
             # Only the merged JSON and a tarball of the profiles come back.
       if [ $s = sinks ]; then M=smollm2-135m; N=sinks_smollm2; else M=gemma3-270m; N=sinks_gemma3; fi
       SP=${ATTNKIT_SINKS_SHARDS:-1}
+      # ATTNKIT_SINKS_THEN: tasks taken after ATTNKIT_SINKS_TASKS while time is left (Gemma's default: the
+      # classification tasks a CPU run reaches last, in the opposite order, so the two meet in the middle)
+      THEN=${ATTNKIT_SINKS_THEN-$([ $s = sinks_gemma ] && echo boolq,agnews,subj)}
+      TASKS=${ATTNKIT_SINKS_TASKS:+$ATTNKIT_SINKS_TASKS${THEN:+,$THEN}}
       [ -f $DB/$N.json ] || cp -p docs/results/$N.json $DB/ 2>/dev/null
       left=$(( DEADLINE - $(date +%s) ))
       [ "$left" -gt 200 ] || { echo "$s: too little time left in this call ($left s)"; continue; }
       for i in $(seq 0 $((SP - 1))); do
         timeout "$left" python3 benchmarks/sinks_fidelity.py --model $M --calib 64 --eval 500 --batch 64 \
-          ${ATTNKIT_SINKS_TASKS:+--tasks $ATTNKIT_SINKS_TASKS} --out $DB/$N.json --seconds $((left - 150)) --shard $i/$SP > "$OUT/sinks.shard$i.log" 2>&1 &
+          ${TASKS:+--tasks $TASKS} --out $DB/$N.json --seconds $((left - 150)) --shard $i/$SP > "$OUT/sinks.shard$i.log" 2>&1 &
       done
       wait
       python3 benchmarks/sinks_fidelity.py --out $DB/$N.json --merge

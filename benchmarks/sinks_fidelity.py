@@ -59,6 +59,28 @@ def merge(out: Path) -> int:
     return 0
 
 
+def merge_from(out: Path, others: list[Path]) -> int:
+    """Adds to ``out`` the tasks of other result files (another machine's run of the same model and settings), each
+    task whole from one file: the one holding more of its methods (``out`` on a tie), so a task's paired
+    differences and card are one run's. The taken tasks' calibration profiles are copied beside ``out``'s."""
+    done = json.loads(out.read_text())
+    for other in others:
+        part = json.loads(other.read_text())
+        keys = ("model", "dtype", "calib", "eval", "mode")
+        if [part.get(k) for k in keys] != [done.get(k) for k in keys]:
+            raise SystemExit(f"{other}: settings {[part.get(k) for k in keys]} differ from {out}'s "
+                             f"{[done.get(k) for k in keys]} ({', '.join(keys)})")
+        for task, runs in part["runs"].items():
+            if len(runs) > len(done["runs"].get(task, {})):
+                done["runs"][task] = runs
+                for prof in other.with_suffix("").glob(f"{task}_*.json"):
+                    (out.with_suffix("") / prof.name).parent.mkdir(parents=True, exist_ok=True)
+                    (out.with_suffix("") / prof.name).write_bytes(prof.read_bytes())
+    out.write_text(json.dumps(done) + "\n")
+    print(f"{out}: {sum(len(r) for r in done['runs'].values())} runs over {len(done['runs'])} tasks")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -78,12 +100,17 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", default="", help="I/N: run every N-th task not complete in --out, writing "
                                                "OUT.shardI.json (several processes share one GPU)")
     ap.add_argument("--merge", action="store_true", help="fold OUT.shard*.json into --out and exit")
+    ap.add_argument("--merge-from", type=Path, nargs="+", default=[],
+                    help="add these result files' tasks to --out (each task whole from the file holding more of "
+                         "its methods) and exit")
     args = ap.parse_args(argv)
     t0 = time.time()
     methods = [m for m in args.methods.split(",") if m]
     tasks = [t for t in args.tasks.split(",") if t]
     if args.merge:
         return merge(args.out)
+    if args.merge_from:
+        return merge_from(args.out, args.merge_from)
     if args.shard:
         i, n = (int(x) for x in args.shard.split("/"))
         main_runs = json.loads(args.out.read_text())["runs"] if args.out.is_file() else {}

@@ -43,3 +43,29 @@ def test_cells_and_family_means():
     table = mod.table({"runs": runs})
     assert "| mean change, multiple choice | | | - | - | +20.0 (gains on 1 of 1) |" in table
     assert table.index("| TREC |") < table.index("| PIQA |")  # the README's task order, not the file's
+
+
+def test_merge_from_takes_each_task_whole_from_the_file_with_more_methods(tmp_path):
+    spec = importlib.util.spec_from_file_location("sinks_fidelity", ROOT / "benchmarks" / "sinks_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    settings = {"model": "m", "dtype": "float32", "calib": 64, "eval": 500, "mode": "head"}
+    run = lambda dev: {"accuracy": 50.0, "device": dev}  # noqa: E731
+    ours = {**settings, "runs": {"mr": {"full": run("cpu"), "zerotuning": run("cpu")}, "cb": {"full": run("cpu")}}}
+    theirs = {**settings, "runs": {"mr": {"full": run("gpu")}, "cb": {"full": run("gpu"), "act": run("gpu")},
+                                   "piqa": {"full": run("gpu")}}}
+    (tmp_path / "ours.json").write_text(json.dumps(ours))
+    (tmp_path / "theirs.json").write_text(json.dumps(theirs))
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "cb_act.json").write_text("{}")
+    (tmp_path / "theirs" / "mr_act.json").write_text("{}")
+    assert mod.main(["--out", str(tmp_path / "ours.json"), "--merge-from", str(tmp_path / "theirs.json")]) == 0
+    runs = json.loads((tmp_path / "ours.json").read_text())["runs"]
+    assert {t: sorted(r) for t, r in runs.items()} == {"mr": ["full", "zerotuning"], "cb": ["act", "full"],
+                                                       "piqa": ["full"]}
+    assert runs["mr"]["full"]["device"] == "cpu" and runs["cb"]["full"]["device"] == "gpu"  # never mixed in a task
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["cb_act.json"]
+    theirs["eval"] = 100
+    (tmp_path / "theirs.json").write_text(json.dumps(theirs))
+    with pytest.raises(SystemExit, match=r"settings .* differ"):
+        mod.main(["--out", str(tmp_path / "ours.json"), "--merge-from", str(tmp_path / "theirs.json")])
