@@ -124,12 +124,15 @@ for s in $stages; do
               # 8-33 ms of kernel work; a CUDA graph gains 1.01-1.03x, sixteenth session) and 9 processes time-slicing
               # the H200 finished none of theirs in 500 s (fifteenth session): bound the stage by whole runs
       [ -f docs/results/zoo_v8192.db ] && cp docs/results/zoo_v8192.db "$OUT/zoo_v8192.db"
-      python3 benchmarks/zoo_graph_step.py 2>&1 | tee "$OUT/zoo_step.log"  # eager vs CUDA-graph steps
+      # eager vs CUDA-graph steps (measured: 1.01-1.03x), ~60 s of the call: only when asked
+      [ "${ATTNKIT_ZOO_GRAPH_STEP:-0}" = 1 ] && python3 benchmarks/zoo_graph_step.py 2>&1 | tee "$OUT/zoo_step.log"
+      # every model is a BaseConv layer then the mixer's, as Zoology's Hybrid configs (BASED without a conv of its own):
+      # without positions or the conv's token shift, softmax alone stalled at 0.45-0.55 on 256x16 (zoo_v8192.db)
       ZP=${ATTNKIT_ZOO_SHARDS:-2}
       for i in $(seq 0 $((ZP - 1))); do
         timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
           --checkpoints /root/zoo-checkpoints --vocab-size 8192 --train-examples 100000 --test-examples 3000 \
-          --epochs 32 --batch-size 256 --mixers softmax,base_conv+based,base_conv+sliding_window --d-models 64,128,256 \
+          --epochs 32 --batch-size 256 --mixers base_conv+softmax,base_conv+based,base_conv+sliding_window --set based.conv_kernel=0 --d-models 64,128,256 \
           --shapes 256x16,256x64 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,1e-2} --precision ${ATTNKIT_ZOO_PRECISION:-float32} \
           --shard $i/$ZP --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
       done

@@ -15,7 +15,7 @@ from attnkit.zoo.step import TrainStep
 
 assert torch.cuda.is_available(), "zoo_graph_step: needs a CUDA device"
 x, y = (t.cuda() for t in mqar(2048, 8192, 256, 64, 0.01, seed=1))
-for mixers in ("softmax", ["base_conv", "based"], ["base_conv", "sliding_window"]):
+for mixers in (["base_conv", "softmax"], ["base_conv", "based"], ["base_conv", "sliding_window"]):
     for d in (64, 128, 256):
         row = []
         for graph in (False, True):

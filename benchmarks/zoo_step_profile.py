@@ -19,12 +19,13 @@ from attnkit.zoo.train import matmul_precision
 
 assert torch.cuda.is_available(), "zoo_step_profile: needs a CUDA device"
 x, y = (t.cuda() for t in mqar(2048, 8192, 256, 64, 0.01, seed=1))
-MIXERS = ("softmax", ["base_conv", "based"], ["base_conv", "sliding_window"])
+MIXERS = (["base_conv", "softmax"], ["base_conv", "based"], ["base_conv", "sliding_window"])
 
 
 def build(mixers, d: int, graph: bool = True) -> TrainStep:
     torch.manual_seed(0)
-    model = TinyLM(LMConfig(vocab_size=8192, d_model=d, mixers=mixers, n_layers=2, mlp_ratio=0)).cuda()
+    model = TinyLM(LMConfig(vocab_size=8192, d_model=d, mixers=mixers, n_layers=2, mlp_ratio=0,
+                            mixer_settings={"based": {"conv_kernel": 0}})).cuda()  # as the sweep
     opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), fused=True, capturable=True)
     return TrainStep(model, opt, x, y, 256, graph=graph)
 

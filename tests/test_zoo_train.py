@@ -173,3 +173,13 @@ def test_logits_at_the_labelled_positions_give_the_full_loss_gradients_and_accur
     for g, h in zip(grads, torch.autograd.grad(part, list(model.parameters()))):
         assert torch.allclose(g, h, rtol=1e-10, atol=1e-14)
     assert evaluate(model, x, y, 4) == mqar_accuracy(model(x), y)
+
+
+def test_a_sweep_gives_each_run_only_its_own_mixers_settings():
+    settings = {"based": {"conv_kernel": 0}}
+    configs = grid(["base_conv+softmax", "base_conv+based"], [16], [(32, 4)], [1e-3], mixer_settings=settings)
+    assert [c.mixer_settings for c in configs] == [{}, {"based": {"conv_kernel": 0}}]
+    alone = grid(["base_conv+softmax"], [16], [(32, 4)], [1e-3])
+    assert configs[0] == alone[0]  # the same run, hence the same stored key, with or without BASED in the sweep
+    with pytest.raises(ValueError, match="settings for basde, which no run of the sweep has"):
+        grid(["based"], [16], [(32, 4)], [1e-3], mixer_settings={"basde": {"feature_dim": 8}})

@@ -52,11 +52,20 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 def grid(
     mixers: list[str], d_models: list[int], shapes: list[tuple[int, int]], lrs: list[float], **base: Any
 ) -> list[TrainConfig]:
-    """Every combination as a TrainConfig (``base``: the other TrainConfig fields), validated up front."""
+    """Every combination as a TrainConfig (``base``: the other TrainConfig fields), validated up front. Each run
+    keeps only the ``mixer_settings`` of the mixers it has, so its key (and the stored run it finds) does not depend
+    on which other mixers share the sweep."""
     layers = base.pop("n_layers", None)
+    settings = base.pop("mixer_settings", None) or {}
+    parsed = [parse_mixers(spec) for spec in mixers]
+    used = {name for mix in parsed for name in ([mix] if isinstance(mix, str) else mix)}
+    if unknown := sorted(set(settings) - used):
+        raise ValueError(f"zoo sweep: settings for {', '.join(unknown)}, which no run of the sweep has; "
+                         f"its mixers: {', '.join(sorted(used))}")
     configs = []
-    for spec in mixers:
-        mix = parse_mixers(spec)
+    for mix in parsed:
+        names = {mix} if isinstance(mix, str) else set(mix)
+        base["mixer_settings"] = {k: v for k, v in settings.items() if k in names}
         n_layers = len(mix) if isinstance(mix, list) else (layers or 2)
         for d in d_models:
             for seq_len, pairs in shapes:
