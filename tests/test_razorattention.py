@@ -3,6 +3,9 @@ freed, the window rule and the head sources (explicit, profile, computed at appl
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -199,3 +202,17 @@ def test_heads_outside_the_model_and_missing_profiles_are_refused(tmp_path):
         attnkit.apply(model, "razorattention", heads=[[0, 2]])
     with pytest.raises(ValueError, match="profile=.* is invalid"):
         attnkit.apply(model, "razorattention", profile=str(tmp_path / "missing.json"))
+
+
+def test_readme_mean_row_is_the_committed_databases():
+    """The README's RazorAttention means come from docs/results/razor_smollm2_4k.db (mean over tasks of the
+    per-task mean score), not from a hand-typed figure."""
+    root = Path(__file__).resolve().parent.parent
+    db = sqlite3.connect(root / "docs" / "results" / "razor_smollm2_4k.db")
+    rows = db.execute("select method || budget, avg(s) from (select method, budget, task, 100 * avg(score) s "
+                      "from results group by method, budget, task) group by method, budget").fetchall()
+    mean = dict(rows)
+    full, rule, small = mean["full"], mean["razorattention4005"], mean["razorattention517"]
+    row = (f"| mean of the 13 tasks | {full:.1f} | {rule:.1f} ({rule - full:+.1f}) | "
+           f"{small:.1f} ({small - full:+.1f}) |")
+    assert row in (root / "README.md").read_text(), row
