@@ -118,8 +118,9 @@ for s in $stages; do
     profile128ts)  # TokenSelect at 128K (0.77x full on the H100): kernel classes of its compiled step, Quest beside it
       (cd benchmarks && timeout ${ATTNKIT_STAGE_SECONDS:-300} python3 decode_profile.py --context 131072 --compile \
         --methods tokenselect,quest/p64 --out "$OUT/profile_128k_ts.json") 2>&1 | grep -v Warn | tail -16 | tee "$OUT/profile_128k_ts.log" ;;
-    zoo8192)  # issue 11: the MQAR frontier at Zoology's vocabulary (V 8192), resumable across calls through the tracked db;
-              # learning rates ATTNKIT_ZOO_LRS (default 1e-3,1e-2: at 1e-3 alone softmax d 64 stalled at 0.45; Zoology sweeps 1e-3..3e-2)
+    zoo8192)  # issue 11: the MQAR frontier in Zoology's setting (V 8192, its five training segments and seven test
+              # configs), resumable across calls through the tracked db; learning rates ATTNKIT_ZOO_LRS (default:
+              # Zoology's logspace(-3, -1.5, 4))
               # ATTNKIT_ZOO_SHARDS processes (default 2) share the GPU: a run takes ~195 s alone (its batch-256 steps are
               # 8-33 ms of kernel work; a CUDA graph gains 1.01-1.03x, sixteenth session) and 9 processes time-slicing
               # the H200 finished none of theirs in 500 s (fifteenth session): bound the stage by whole runs
@@ -131,9 +132,10 @@ for s in $stages; do
       ZP=${ATTNKIT_ZOO_SHARDS:-2}
       for i in $(seq 0 $((ZP - 1))); do
         timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
-          --checkpoints /root/zoo-checkpoints --vocab-size 8192 --train-examples 100000 --test-examples 3000 \
-          --epochs 32 --batch-size 256 --mixers base_conv+softmax,base_conv+based,base_conv+sliding_window --set based.conv_kernel=0 --d-models 64,128,256 \
-          --shapes 256x16,256x64 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,1e-2} --precision ${ATTNKIT_ZOO_PRECISION:-float32} \
+          --checkpoints /root/zoo-checkpoints --vocab-size 8192 --train-mix zoology --test-mix zoology \
+          --epochs 32 --batch-size 256 --mixers base_conv+softmax,base_conv+based,base_conv+sliding_window \
+          --set based.conv_kernel=0 --d-models 64,128,256 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,3.162e-3,1e-2,3.162e-2} \
+          --precision ${ATTNKIT_ZOO_PRECISION:-float32} \
           --shard $i/$ZP --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
       done
       wait

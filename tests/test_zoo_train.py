@@ -58,6 +58,9 @@ def test_a_corrupt_checkpoint_is_one_clear_error(tmp_path):
     (dict(num_kv_pairs=9), "num_kv_pairs=9 is invalid"),
     (dict(mixers="sofmax"), "did you mean 'softmax'"),
     (dict(precision="bf16"), "precision='bf16' is invalid; accepted: float32, tf32"),
+    (dict(train_mix="32x4"), "train_mix='32x4' is invalid at '32x4'; accepted: comma-separated SEQ_LENxKV_PAIRS"),
+    (dict(test_mix="32x4:10,16by2:5"), "test_mix=.* is invalid at '16by2:5'"),
+    (dict(train_mix="32x4:64,32x9:64"), "num_kv_pairs=9 is invalid"),  # each segment checked as MQAR
 ])
 def test_bad_settings_fail_before_training(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -87,7 +90,7 @@ def test_tf32_runs_are_keyed_and_reported_apart(tmp_path, monkeypatch):
     from dataclasses import asdict
 
     cfg = tiny()
-    old = {k: v for k, v in asdict(cfg).items() if k != "precision"}
+    old = {k: v for k, v in asdict(cfg).items() if k not in ("precision", "train_mix", "test_mix")}  # added since
     assert cfg.key() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
     assert tiny(precision="tf32").key() != cfg.key()
     seen = []
@@ -183,3 +186,78 @@ def test_a_sweep_gives_each_run_only_its_own_mixers_settings():
     assert configs[0] == alone[0]  # the same run, hence the same stored key, with or without BASED in the sweep
     with pytest.raises(ValueError, match="settings for basde, which no run of the sweep has"):
         grid(["based"], [16], [(32, 4)], [1e-3], mixer_settings={"basde": {"feature_dim": 8}})
+
+
+MIX = dict(train_mix="16x2:64,32x4:96", test_mix="16x2:32,32x4:32,48x8:32")  # V 64 > T
+
+
+def test_a_mixture_run_trains_on_each_segment_and_reports_each_test_config(tmp_path, monkeypatch):
+    """Zoology's data mixture: batches from every training segment (each its own shape), the headline accuracy
+    over all test configs' labelled positions, each config's accuracy and state size in slices_json, and the
+    report's frontier with one panel per test config."""
+    from attnkit.zoo.step import TrainStep
+
+    seen = []
+    real = TrainStep.__call__
+    monkeypatch.setattr(TrainStep, "__call__",
+                        lambda self, idx: seen.append(tuple(self.x.shape[1:])) or real(self, idx))
+    cfg = tiny(**MIX)
+    with Store(tmp_path / "z.db") as store:
+        row = train(cfg, store, None, progress=False)
+        stored = store.zoo_runs()
+    assert sorted(set(seen)) == [(16,), (32,)] and len(seen) == 3 * (2 + 3)  # 64/32 + 96/32 batches, 3 epochs
+    assert seen[:5] != [(16,)] * 2 + [(32,)] * 3  # the segments' batches interleaved
+    slices = json.loads(row["slices_json"])
+    assert list(slices) == ["16x2", "32x4", "48x8"]
+    labelled = {"16x2": 2, "32x4": 4, "48x8": 8}  # labels per row, 32 rows each
+    pooled = sum(slices[k][0] * n for k, n in labelled.items()) / sum(labelled.values())
+    assert abs(pooled - row["accuracy"]) < 1e-4
+    assert (row["seq_len"], row["num_kv_pairs"]) == (48, 8) and row["state_size"] == slices["48x8"][1]
+    assert slices["16x2"][1] < slices["48x8"][1]  # softmax's KV state grows with T
+    assert cfg.key() != tiny().key() and stored[0]["slices_json"] == row["slices_json"]
+    front = frontier(stored)
+    assert sorted(front) == [(16, 2), (32, 4), (48, 8)]
+
+
+def test_a_mixture_run_resumes_to_the_same_result(tmp_path):
+    whole = train(tiny(**MIX), None, tmp_path / "a", progress=False)
+    train(tiny(**MIX), None, tmp_path / "b", progress=False, max_epochs=2)
+    resumed = train(tiny(**MIX), None, tmp_path / "b", progress=False)
+    assert resumed["history_json"] == whole["history_json"] and resumed["slices_json"] == whole["slices_json"]
+
+
+def test_a_database_made_before_slices_json_gains_the_column(tmp_path):
+    import sqlite3
+
+    from attnkit.eval.schema import ZOO_SCHEMA
+
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    column = ZOO_SCHEMA[ZOO_SCHEMA.index("    slices_json") : ZOO_SCHEMA.index("    config_json")]
+    con.executescript(ZOO_SCHEMA.replace(column, ""))  # the table as it was made before the column
+    assert "slices_json" not in [r[1] for r in con.execute("PRAGMA table_info(zoo_runs)")]
+    con.close()
+    with Store(db) as store:
+        row = train(tiny(epochs=1), store, None, progress=False)
+        assert store.zoo_runs()[0]["slices_json"] == "{}" == row["slices_json"]
+
+
+def test_cli_sweep_with_the_zoology_mixture_and_its_errors(tmp_path, capsys):
+    import argparse
+
+    from attnkit.zoo.cli import _base
+    from attnkit.zoo.train import ZOOLOGY_TEST_MIX, ZOOLOGY_TRAIN_MIX
+
+    ns = argparse.Namespace(**{k: None for k in ("vocab_size", "train_examples", "test_examples", "epochs",
+                                                  "batch_size", "weight_decay", "early_stop", "seed", "mlp_ratio",
+                                                  "power_a")}, train_mix="zoology", test_mix="zoology", task="mqar",
+                            settings=[], n_layers=2, precision="float32")
+    base = _base(ns)
+    assert base["train_mix"] == ZOOLOGY_TRAIN_MIX and base["test_mix"] == ZOOLOGY_TEST_MIX
+    assert TrainConfig(**base).train_segments()[0] == (64, 4, 100_000)
+    args = ["--vocab-size", "64", "--test-examples", "16", "--epochs", "1", "--db", str(tmp_path / "z.db"),
+            "--checkpoints", str(tmp_path / "ck"), "--no-progress", "--mixers", "softmax", "--d-models", "16"]
+    assert main(["zoo", "sweep", *args, "--train-mix", "16x2:32,32x4:32"]) == 0
+    assert "softmax" in capsys.readouterr().out
+    assert main(["zoo", "sweep", *args, "--train-mix", "16x2:32", "--shapes", "32x4"]) == 2
+    assert "--shapes 32x4 and --train-mix exclude each other" in capsys.readouterr().err

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS zoo_runs (
     wall_s REAL NOT NULL,            -- training + evaluation time
     device TEXT NOT NULL,
     history_json TEXT NOT NULL,      -- test accuracy per epoch
+    slices_json TEXT NOT NULL DEFAULT '{}',  -- a mixture run: {"TxN": [accuracy at the best epoch, state size at T]}
     config_json TEXT NOT NULL,
     finished INTEGER NOT NULL,       -- 1: ran all epochs or reached the early-stop accuracy
     attnkit_version TEXT NOT NULL,

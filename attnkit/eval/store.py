@@ -55,7 +55,18 @@ class Store:
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = NORMAL")  # in WAL mode: durable across process crashes
         self.conn.executescript(SCHEMA + _FILE_HASHES + ZOO_SCHEMA)
+        self._add_missing_columns()
         self.columns = [r["name"] for r in self.conn.execute("PRAGMA table_info(results)")]
+
+    def _add_missing_columns(self) -> None:
+        """Columns added to zoo_runs after a database was made (``slices_json``), with their defaults."""
+        have = {r["name"] for r in self.conn.execute("PRAGMA table_info(zoo_runs)")}
+        if "slices_json" not in have:
+            try:
+                self.conn.execute("ALTER TABLE zoo_runs ADD COLUMN slices_json TEXT NOT NULL DEFAULT '{}'")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def close(self) -> None:

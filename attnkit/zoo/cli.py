@@ -49,6 +49,10 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     for name in TRAIN_FIELDS:
         shared.add_argument("--" + name.replace("_", "-"), type=float if name in ("weight_decay", "early_stop",
                                                                               "power_a") else int)
+    shared.add_argument("--train-mix", help="train on a data mixture: TxN:EXAMPLES,... segments, or 'zoology' "
+                        "(Zoology's five, T 64-256); replaces the shape and --train-examples")
+    shared.add_argument("--test-mix", help="test configs TxN:EXAMPLES,..., or 'zoology' (Zoology's seven, T "
+                        "64-1024; default: the training shapes)")
 
     p = zsub.add_parser("train", parents=[common, shared], help="train one model on MQAR; result into --db")
     p.add_argument("--mixer", required=True, help="one name for every layer, or NAME+NAME per layer")
@@ -61,7 +65,8 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     p = zsub.add_parser("sweep", parents=[common, shared], help="mixers x widths x (T, N) x learning rates")
     p.add_argument("--mixers", required=True, help="comma-separated specs, e.g. softmax,base_conv+based")
     p.add_argument("--d-models", default="64", help="comma-separated widths")
-    p.add_argument("--shapes", default="64x4", help="comma-separated SEQ_LENxKV_PAIRS, e.g. 64x4,256x16")
+    p.add_argument("--shapes", help="comma-separated SEQ_LENxKV_PAIRS, e.g. 64x4,256x16 (default: 64x4; not with "
+                   "--train-mix)")
     p.add_argument("--lrs", default="1e-3", help="comma-separated learning rates (the best run per model counts)")
     p.add_argument("--shard", help="I/N: run every N-th configuration from the I-th (several processes, one db)")
     p.add_argument("--executor", choices=["local", "ray"], default="local")
@@ -87,7 +92,12 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
 
 
 def _base(args: argparse.Namespace) -> dict[str, Any]:
+    from attnkit.zoo.train import ZOOLOGY_TEST_MIX, ZOOLOGY_TRAIN_MIX
+
     base = {name: getattr(args, name) for name in TRAIN_FIELDS if getattr(args, name) is not None}
+    for name, zoology in (("train_mix", ZOOLOGY_TRAIN_MIX), ("test_mix", ZOOLOGY_TEST_MIX)):
+        if (value := getattr(args, name)) is not None:
+            base[name] = zoology if value == "zoology" else value
     return {**base, "task": args.task, "mixer_settings": _settings(args.settings), "n_layers": args.n_layers,
             "precision": args.precision}
 
@@ -117,7 +127,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from attnkit.zoo.sweep import grid, parse_shape, parse_shard, run_sweep
 
-    shapes = [parse_shape(s) for s in args.shapes.split(",") if s]
+    if args.train_mix and args.shapes:
+        raise ValueError(f"zoo sweep: --shapes {args.shapes} and --train-mix exclude each other; a mixture run takes "
+                         "its shapes from --train-mix and --test-mix")
+    shapes = [parse_shape(s) for s in (args.shapes or "64x4").split(",") if s]
     configs = grid([m for m in args.mixers.split(",") if m], [int(d) for d in args.d_models.split(",") if d], shapes,
                    [float(x) for x in args.lrs.split(",") if x], **_base(args))
     rows = run_sweep(configs, args.db, args.checkpoints, parse_shard(args.shard), args.executor, args.device,

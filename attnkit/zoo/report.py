@@ -2,7 +2,8 @@
 
 As Zoology reports it: for each model (mixers, width) and task shape (T, N), the best test accuracy over the
 runs stored for it (the learning-rate sweep, seeds), plotted against the state a decode step carries at T. Runs
-trained with TF32 matmuls are a separate line.
+trained with TF32 matmuls are a separate line. A run trained on a data mixture contributes one point per test
+config (its ``slices_json``), as Zoology slices its validation accuracy.
 """
 
 from __future__ import annotations
@@ -17,13 +18,26 @@ def frontier(rows: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, list
     """{(T, N): {mixers: [(state_size, best accuracy, d_model), ...] sorted by state}} over stored runs."""
     best: dict[tuple, tuple[int, float]] = {}
     for r in rows:
-        key = (r["seq_len"], r["num_kv_pairs"], mixers_label(r), r["d_model"])
-        if key not in best or r["accuracy"] > best[key][1]:
-            best[key] = (r["state_size"], r["accuracy"])
+        for t, n, state, acc in points(r):
+            key = (t, n, mixers_label(r), r["d_model"])
+            if key not in best or acc > best[key][1]:
+                best[key] = (state, acc)
     out: dict[tuple[int, int], dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for (t, n, mixers, d), (state, acc) in best.items():
         out[(t, n)][mixers].append((state, acc, d))
     return {shape: {m: sorted(points) for m, points in sorted(per.items())} for shape, per in sorted(out.items())}
+
+
+def points(row: dict[str, Any]) -> list[tuple[int, int, int, float]]:
+    """[(T, N, state size, accuracy)]: a mixture run's test configs, else the run's one shape."""
+    slices = json.loads(row.get("slices_json") or "{}")
+    if not slices:
+        return [(row["seq_len"], row["num_kv_pairs"], row["state_size"], row["accuracy"])]
+    out = []
+    for shape, (acc, state) in slices.items():
+        t, n = shape.split("x")
+        out.append((int(t), int(n), int(state), float(acc)))
+    return out
 
 
 def mixers_label(row: dict[str, Any]) -> str:

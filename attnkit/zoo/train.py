@@ -30,6 +30,27 @@ from attnkit.zoo.step import TrainStep, label_positions
 
 TASKS = ("mqar",)
 PRECISIONS = ("float32", "tf32")
+# Zoology's MQAR data (zoology/experiments/mqar_example_configs/original_mqar_configs.py and the BASED figure 2
+# configs): one model trained on five segments, tested on seven configs, V 8192
+ZOOLOGY_TRAIN_MIX = "64x4:100000,128x8:20000,256x16:20000,256x32:20000,256x64:20000"
+ZOOLOGY_TEST_MIX = "64x4:1000,64x8:1000,64x16:1000,128x32:1000,256x64:1000,512x128:1000,1024x256:1000"
+
+
+def parse_mix(name: str, spec: str) -> list[tuple[int, int, int]]:
+    """``"64x4:100000,128x8:20000"`` -> [(T, N, examples), ...]; empty -> []."""
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        shape, _, n = part.partition(":")
+        t, _, k = shape.lower().partition("x")
+        try:
+            seg = (int(t), int(k), int(n))
+        except ValueError:
+            seg = (0, 0, 0)
+        if min(seg) < 1:
+            raise ValueError(f"zoo train: {name}={spec!r} is invalid at {part!r}; accepted: comma-separated "
+                             "SEQ_LENxKV_PAIRS:EXAMPLES segments of positive integers, e.g. 64x4:100000,256x16:20000")
+        out.append(seg)
+    return out
 
 
 @dataclass
@@ -58,6 +79,11 @@ class TrainConfig:
     # "float32": Zoology's (full float32 matmuls); "tf32": torch's "high" float32 matmul precision, TF32 tensor
     # cores on CUDA (10-bit mantissa products, float32 sums), a stated deviation for speed; meant for the GPU
     precision: str = "float32"
+    # a data mixture as Zoology trains (ZOOLOGY_TRAIN_MIX / ZOOLOGY_TEST_MIX): "TxN:EXAMPLES,..." segments, each
+    # training batch drawn from one segment; then seq_len, num_kv_pairs and train_examples are not used. Empty
+    # train_mix: one segment, seq_len x num_kv_pairs; empty test_mix: the training shapes, test_examples each
+    train_mix: str = ""
+    test_mix: str = ""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -73,7 +99,18 @@ class TrainConfig:
         check_float("zoo train", "early_stop", self.early_stop, 0.0, 1.0, open_lo=True)
         for name in self.lm_config().layer_mixers():  # validates the model settings and the mixer names
             mixer_class(name)
-        mqar(1, self.vocab_size, self.seq_len, self.num_kv_pairs, self.power_a)  # validates the task settings
+        for t, n, _ in self.train_segments() + self.test_segments():  # validates the task settings
+            mqar(1, self.vocab_size, t, n, self.power_a)
+
+    def train_segments(self) -> list[tuple[int, int, int]]:
+        """[(T, N, examples), ...] the training data is drawn from."""
+        return parse_mix("train_mix", self.train_mix) or [(self.seq_len, self.num_kv_pairs, self.train_examples)]
+
+    def test_segments(self) -> list[tuple[int, int, int]]:
+        """[(T, N, examples), ...] scored after every epoch."""
+        if self.test_mix:
+            return parse_mix("test_mix", self.test_mix)
+        return [(t, n, self.test_examples) for t, n, _ in self.train_segments()]
 
     def lm_config(self) -> LMConfig:
         return LMConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, mixers=self.mixers,
@@ -85,6 +122,9 @@ class TrainConfig:
         fields = asdict(self)
         if fields["precision"] == "float32":
             del fields["precision"]
+        for name in ("train_mix", "test_mix"):
+            if not fields[name]:
+                del fields[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -94,6 +134,15 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if step < warm:
         return cfg.lr * (step + 1) / warm
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def evaluate_all(model: TinyLM, tests: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int
+                 ) -> tuple[float, list[float]]:
+    """Accuracy over several test sets (each (B, T_j)) as one pool of labelled positions, as Zoology's
+    ``valid/accuracy``, and the accuracy of each set."""
+    accs = [evaluate(model, x, y, batch_size) for x, y in tests]
+    labelled = [int((y != -100).sum()) for _, y in tests]
+    return sum(a * n for a, n in zip(accs, labelled)) / sum(labelled), accs
 
 
 @torch.no_grad()
@@ -191,38 +240,51 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     lr = torch.tensor(cfg.lr, device=device) if graph else cfg.lr
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), fused=cuda or None, capturable=graph)
-    x_train, y_train = mqar(cfg.train_examples, cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs, cfg.power_a, seed=cfg.seed)
-    x_test, y_test = mqar(cfg.test_examples, cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs, cfg.power_a,
-                          seed=cfg.seed + 1_000_003)  # a disjoint stream of draws
+    # segment i's draws from seed + 7919 i, test set j's from a disjoint stream (one segment: the seeds as before)
+    segments, test_shapes = cfg.train_segments(), cfg.test_segments()
+    train_sets = [mqar(n, cfg.vocab_size, t, k, cfg.power_a, seed=cfg.seed + 7919 * i)
+                  for i, (t, k, n) in enumerate(segments)]
+    tests = [mqar(n, cfg.vocab_size, t, k, cfg.power_a, seed=cfg.seed + 1_000_003 + 7919 * j)
+             for j, (t, k, n) in enumerate(test_shapes)]
     # the whole set on the device once: a per-step host-to-device copy from pageable memory synchronises every
     # step, which serialises a launch-bound tiny model's kernels with the Python that launches them
-    x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
-    steps_per_epoch = math.ceil(cfg.train_examples / cfg.batch_size)
+    train_sets = [(x.to(device), y.to(device)) for x, y in train_sets]
+    tests = [(x.to(device), y.to(device)) for x, y in tests]
+    batches = [math.ceil(n / cfg.batch_size) for _, _, n in segments]
+    steps_per_epoch = sum(batches)
     total = steps_per_epoch * cfg.epochs
-    meta = {"epoch": 0, "best": 0.0, "accuracy": 0.0, "wall_s": 0.0, "history": []}
+    meta = {"epoch": 0, "best": 0.0, "accuracy": 0.0, "wall_s": 0.0, "history": [], "slices": []}
     ckpt = Path(checkpoint_dir) / f"{key[:20]}.safetensors" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         meta = load_checkpoint(ckpt, model, opt)
+        meta.setdefault("slices", [])  # a checkpoint written before mixtures existed
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.epochs, initial=meta["epoch"], unit="epoch", desc=f"zoo {label(cfg)}", dynamic_ncols=True)
-    graph = graph and label_positions(y_train) is not None  # a graph needs equal label counts per row
-    step_fn = TrainStep(model, opt, x_train, y_train, cfg.batch_size, graph=graph)
+    graph = graph and all(label_positions(y) is not None for _, y in train_sets)  # equal label counts per row
+    # one step (one CUDA graph) per segment shape, all on the one optimizer
+    step_fns = [TrainStep(model, opt, x, y, cfg.batch_size, graph=graph) for x, y in train_sets]
     ran = 0
     while meta["epoch"] < cfg.epochs and meta["best"] < cfg.early_stop:
         if max_epochs is not None and ran >= max_epochs:
             break
         start = time.perf_counter()
-        order = torch.randperm(cfg.train_examples, generator=torch.Generator().manual_seed(cfg.seed * 9973 + meta["epoch"]))
-        order = order.to(device)
-        for i in range(steps_per_epoch):
-            step_fn.set_lr(lr_at(meta["epoch"] * steps_per_epoch + i, total, cfg))
+        seed = cfg.seed * 9973 + meta["epoch"]
+        orders = [torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104729 * i)).to(device)
+                  for i, (_, _, n) in enumerate(segments)]
+        plan = [(i, b) for i, count in enumerate(batches) for b in range(count)]
+        if len(segments) > 1:  # the segments' batches interleaved in a seeded order
+            plan = [plan[j] for j in torch.randperm(len(plan), generator=torch.Generator().manual_seed(seed + 1))]
+        for k, (i, b) in enumerate(plan):
+            step_fns[i].set_lr(lr_at(meta["epoch"] * steps_per_epoch + k, total, cfg))
             # logits at the labelled positions only: the same loss, a fraction of the head's work
-            loss = step_fn(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
-        acc = evaluate(model, x_test, y_test, max(cfg.batch_size, 256))
+            loss = step_fns[i](orders[i][b * cfg.batch_size : (b + 1) * cfg.batch_size])
+        acc, per_test = evaluate_all(model, tests, max(cfg.batch_size, 256))
         meta["epoch"] += 1
+        if acc > meta["best"] or not meta["slices"]:
+            meta["slices"] = [round(a, 5) for a in per_test]  # each test set's accuracy at the best epoch
         meta["accuracy"], meta["best"] = acc, max(meta["best"], acc)
         meta["wall_s"] += time.perf_counter() - start
         meta["history"].append(round(acc, 5))
@@ -236,11 +298,15 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     if bar is not None:
         bar.close()
     finished = meta["epoch"] >= cfg.epochs or meta["best"] >= cfg.early_stop
+    # a mixture run's row names its largest test config, and each test config's result is in slices_json
+    seq_len, pairs = max((t, k) for t, k, _ in test_shapes) if cfg.train_mix else (cfg.seq_len, cfg.num_kv_pairs)
+    slices = {f"{t}x{k}": [a, model.state_size(t)] for (t, k, _), a in zip(test_shapes, meta.get("slices", []))}
     row = {
         "run_key": key, "mixers": label(cfg), "task": cfg.task, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
-        "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len, "num_kv_pairs": cfg.num_kv_pairs, "seed": cfg.seed,
+        "vocab_size": cfg.vocab_size, "seq_len": seq_len, "num_kv_pairs": pairs, "seed": cfg.seed,
         "accuracy": meta["best"], "final_accuracy": meta["accuracy"], "epochs": meta["epoch"],
-        "state_size": model.state_size(cfg.seq_len), "params": sum(p.numel() for p in model.parameters()),
+        "state_size": model.state_size(seq_len), "params": sum(p.numel() for p in model.parameters()),
+        "slices_json": json.dumps(slices if cfg.train_mix or cfg.test_mix else {}),
         "wall_s": meta["wall_s"], "device": device, "history_json": json.dumps(meta["history"]),
         "config_json": json.dumps(asdict(cfg), sort_keys=True), "finished": int(finished),
     }
