@@ -261,3 +261,14 @@ def test_cli_sweep_with_the_zoology_mixture_and_its_errors(tmp_path, capsys):
     assert "softmax" in capsys.readouterr().out
     assert main(["zoo", "sweep", *args, "--train-mix", "16x2:32", "--shapes", "32x4"]) == 2
     assert "--shapes 32x4 and --train-mix exclude each other" in capsys.readouterr().err
+
+
+def test_the_committed_runs_keep_their_keys():
+    """Fields added to TrainConfig leave the keys of runs stored before them unchanged (a changed key would train
+    every stored run again)."""
+    import sqlite3
+    from pathlib import Path
+
+    db = Path(__file__).resolve().parent.parent / "docs" / "results" / "zoo_v8192.db"
+    rows = sqlite3.connect(db).execute("SELECT run_key, config_json FROM zoo_runs").fetchall()
+    assert rows and all(TrainConfig(**json.loads(cfg)).key() == key for key, cfg in rows)
