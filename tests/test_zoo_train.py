@@ -60,7 +60,8 @@ def test_a_corrupt_checkpoint_is_one_clear_error(tmp_path):
     (dict(precision="bf16"), "precision='bf16' is invalid; accepted: float32, tf32"),
     (dict(train_mix="32x4"), "train_mix='32x4' is invalid at '32x4'; accepted: comma-separated SEQ_LENxKV_PAIRS"),
     (dict(test_mix="32x4:10,16by2:5"), "test_mix=.* is invalid at '16by2:5'"),
-    (dict(train_mix="32x4:64,32x9:64"), "num_kv_pairs=9 is invalid"),  # each segment checked as MQAR
+    (dict(train_mix="32x4:64,32x9:64"), "the MQAR shape 32x9 of train_mix / test_mix: .*num_kv_pairs=9 is invalid"),
+    (dict(test_mix="64x4:10"), "shape 64x4 .*vocab_size=64 is invalid; accepted: an integer >= 65"),  # V > T
 ])
 def test_bad_settings_fail_before_training(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -100,7 +100,12 @@ class TrainConfig:
         for name in self.lm_config().layer_mixers():  # validates the model settings and the mixer names
             mixer_class(name)
         for t, n, _ in self.train_segments() + self.test_segments():  # validates the task settings
-            mqar(1, self.vocab_size, t, n, self.power_a)
+            try:
+                mqar(1, self.vocab_size, t, n, self.power_a)
+            except ValueError as exc:
+                if not (self.train_mix or self.test_mix):
+                    raise
+                raise ValueError(f"zoo train: the MQAR shape {t}x{n} of train_mix / test_mix: {exc}") from None
 
     def train_segments(self) -> list[tuple[int, int, int]]:
         """[(T, N, examples), ...] the training data is drawn from."""
