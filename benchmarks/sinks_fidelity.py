@@ -74,7 +74,7 @@ def merge_from(out: Path, others: list[Path]) -> int:
             if len(runs) > len(done["runs"].get(task, {})):
                 done["runs"][task] = runs
                 for prof in other.with_suffix("").glob(f"{task}_*.json"):
-                    (out.with_suffix("") / prof.name).parent.mkdir(parents=True, exist_ok=True)
+                    out.with_suffix("").mkdir(parents=True, exist_ok=True)
                     (out.with_suffix("") / prof.name).write_bytes(prof.read_bytes())
     out.write_text(json.dumps(done) + "\n")
     print(f"{out}: {sum(len(r) for r in done['runs'].values())} runs over {len(done['runs'])} tasks")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,8 +230,6 @@ def test_a_mixture_run_resumes_to_the_same_result(tmp_path):
 
 
 def test_a_database_made_before_slices_json_gains_the_column(tmp_path):
-    import sqlite3
-
     from attnkit.eval.schema import ZOO_SCHEMA
 
     db = tmp_path / "old.db"
@@ -246,12 +246,10 @@ def test_a_database_made_before_slices_json_gains_the_column(tmp_path):
 def test_cli_sweep_with_the_zoology_mixture_and_its_errors(tmp_path, capsys):
     import argparse
 
-    from attnkit.zoo.cli import _base
+    from attnkit.zoo.cli import TRAIN_FIELDS, _base
     from attnkit.zoo.train import ZOOLOGY_TEST_MIX, ZOOLOGY_TRAIN_MIX
 
-    ns = argparse.Namespace(**{k: None for k in ("vocab_size", "train_examples", "test_examples", "epochs",
-                                                  "batch_size", "weight_decay", "early_stop", "seed", "mlp_ratio",
-                                                  "power_a")}, train_mix="zoology", test_mix="zoology", task="mqar",
+    ns = argparse.Namespace(**dict.fromkeys(TRAIN_FIELDS), train_mix="zoology", test_mix="zoology", task="mqar",
                             settings=[], n_layers=2, precision="float32")
     base = _base(ns)
     assert base["train_mix"] == ZOOLOGY_TRAIN_MIX and base["test_mix"] == ZOOLOGY_TEST_MIX
@@ -267,9 +265,6 @@ def test_cli_sweep_with_the_zoology_mixture_and_its_errors(tmp_path, capsys):
 def test_the_committed_runs_keep_their_keys():
     """Fields added to TrainConfig leave the keys of runs stored before them unchanged (a changed key would train
     every stored run again)."""
-    import sqlite3
-    from pathlib import Path
-
     db = Path(__file__).resolve().parent.parent / "docs" / "results" / "zoo_v8192.db"
     rows = sqlite3.connect(db).execute("SELECT run_key, config_json FROM zoo_runs").fetchall()
     assert rows and all(TrainConfig(**json.loads(cfg)).key() == key for key, cfg in rows)

@@ -307,7 +307,7 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     finished = meta["epoch"] >= cfg.epochs or meta["best"] >= cfg.early_stop
     # a mixture run's row names its largest test config, and each test config's result is in slices_json
     seq_len, pairs = max((t, k) for t, k, _ in test_shapes) if cfg.train_mix else (cfg.seq_len, cfg.num_kv_pairs)
-    slices = {f"{t}x{k}": [a, model.state_size(t)] for (t, k, _), a in zip(test_shapes, meta.get("slices", []))}
+    slices = {f"{t}x{k}": [a, model.state_size(t)] for (t, k, _), a in zip(test_shapes, meta["slices"])}
     row = {
         "run_key": key, "mixers": label(cfg), "task": cfg.task, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
         "vocab_size": cfg.vocab_size, "seq_len": seq_len, "num_kv_pairs": pairs, "seed": cfg.seed,
