@@ -69,6 +69,10 @@ for s in $stages; do
     zoostep)  # issue 11: the CUDA-graph training step against eager (tests, then ms per step at the V 8192 settings)
       ATTNKIT_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_zoo_step.py 2>&1 | tail -3 | tee "$OUT/zoo_step.log"
       timeout 120 python3 benchmarks/zoo_graph_step.py 2>&1 | tee -a "$OUT/zoo_step.log" ;;
+    zooconc)  # issue 11: runs side by side in one process on their own streams (zoo sweep --concurrent): the CUDA test
+              # against runs one by one, then steps per second for 1, 2, 4, 8 runs at the V 8192 settings
+      ATTNKIT_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_zoo_step.py 2>&1 | tail -3 | tee "$OUT/zoo_conc.log"
+      timeout 240 python3 benchmarks/zoo_concurrent.py 2>&1 | grep -v Warn | tee -a "$OUT/zoo_conc.log" ;;
     zooprofile)  # issue 11: ms per step, float32 against TF32 (ATTNKIT_ZOO_PRECISION=tf32 in zoo8192), then the
                  # step's top kernels per mixer (the graph gained 1.01-1.03x: kernel work, not launches)
       timeout 150 python3 benchmarks/zoo_step_profile.py 2>&1 | grep -v Warn | tee "$OUT/zoo_step_profile.log" ;;
@@ -129,6 +133,7 @@ for s in $stages; do
       [ "${ATTNKIT_ZOO_GRAPH_STEP:-0}" = 1 ] && python3 benchmarks/zoo_graph_step.py 2>&1 | tee "$OUT/zoo_step.log"
       # every model is a BaseConv layer then the mixer's, as Zoology's Hybrid configs (BASED without a conv of its own):
       # without positions or the conv's token shift, softmax alone stalled at 0.45-0.55 on 256x16 (zoo_v8192.db)
+      # ATTNKIT_ZOO_CONCURRENT runs side by side in each shard's process, on streams of their own (zooconc measures it)
       ZP=${ATTNKIT_ZOO_SHARDS:-2}
       for i in $(seq 0 $((ZP - 1))); do
         timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
@@ -136,7 +141,7 @@ for s in $stages; do
           --epochs 32 --batch-size 256 --mixers base_conv+softmax,base_conv+based,base_conv+sliding_window \
           --set based.conv_kernel=0 --d-models 64,128,256 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,3.162e-3,1e-2,3.162e-2} \
           --precision ${ATTNKIT_ZOO_PRECISION:-float32} \
-          --shard $i/$ZP --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
+          --shard $i/$ZP --concurrent ${ATTNKIT_ZOO_CONCURRENT:-1} --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
       done
       wait
       tail -n 4 "$OUT"/zoo8192.shard*.log | tee "$OUT/zoo8192.log"; rm -f "$OUT"/zoo8192.shard*.log

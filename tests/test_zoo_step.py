@@ -76,3 +76,19 @@ def test_a_mixture_run_with_one_graph_per_segment_trains_like_the_eager_run():
     graph = train(cfg, None, None, device="cuda", progress=False, graph=True)
     torch.testing.assert_close(torch.tensor(json.loads(graph["history_json"])),
                                torch.tensor(json.loads(eager["history_json"])), rtol=0, atol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_runs_side_by_side_on_their_own_streams_train_like_runs_one_by_one(tmp_path):
+    """``zoo sweep --concurrent``: captures from several threads at once (each on its own stream) replay the same
+    training as the sequential sweep."""
+    from attnkit.zoo.sweep import grid, run_sweep
+
+    configs = grid(["base_conv+softmax", "base_conv+based"], [64], [(64, 8)], [3e-3, 1e-2], vocab_size=512,
+                   train_examples=640, test_examples=128, batch_size=32, epochs=2)
+    one = run_sweep(configs, tmp_path / "a.db", tmp_path / "a", device="cuda", progress=False)
+    side = run_sweep(configs, tmp_path / "b.db", tmp_path / "b", device="cuda", progress=False, concurrent=4)
+    assert [r["run_key"] for r in side] == [c.key() for c in configs]
+    for a, b in zip(one, side):
+        torch.testing.assert_close(torch.tensor(json.loads(b["history_json"])),
+                                   torch.tensor(json.loads(a["history_json"])), rtol=0, atol=2e-3)

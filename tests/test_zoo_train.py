@@ -86,6 +86,28 @@ def test_sweep_shards_cover_the_grid_and_the_report_reads_it(tmp_path, capsys):
     assert "| 32x4 | softmax | 16 |" in (tmp_path / "rep" / "frontier.md").read_text()
 
 
+def test_runs_trained_side_by_side_equal_the_same_runs_trained_one_by_one(tmp_path):
+    """``concurrent`` threads each build their model under the seed lock: every run's weights, history and accuracy
+    are those of the sequential sweep, and the rows come back in the grid's order."""
+    configs = grid(["base_conv+softmax", "softmax"], [16, 32], [(32, 4)], [3e-3, 1e-2], **{
+        k: v for k, v in TINY.items() if k not in ("seq_len", "num_kv_pairs", "d_model", "lr")}, epochs=2)
+    one = run_sweep(configs, tmp_path / "a.db", tmp_path / "a", progress=False)
+    side = run_sweep(configs, tmp_path / "b.db", tmp_path / "b", progress=False, concurrent=3)
+    assert [r["run_key"] for r in side] == [c.key() for c in configs]
+    for a, b in zip(one, side):
+        assert a["history_json"] == b["history_json"] and a["accuracy"] == b["accuracy"] and b["finished"]
+    with Store(tmp_path / "b.db") as store:
+        assert len(store.zoo_runs()) == len(configs)
+    again = run_sweep(configs, tmp_path / "b.db", tmp_path / "b", progress=False, concurrent=2)  # all stored
+    assert [r["run_key"] for r in again] == [c.key() for c in configs]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_a_bad_concurrency_is_one_clear_error(tmp_path, bad):
+    with pytest.raises(ValueError, match=f"concurrent={bad!r} is invalid; accepted: an integer >= 1"):
+        run_sweep([tiny()], tmp_path / "z.db", tmp_path, progress=False, concurrent=bad)
+
+
 def test_tf32_runs_are_keyed_and_reported_apart(tmp_path, monkeypatch):
     """The default precision leaves a run's key as it was before the field existed; a TF32 run has its own key,
     sets the matmul precision only while it trains, and is its own line in the report."""

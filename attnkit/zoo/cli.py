@@ -69,6 +69,8 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
                    "--train-mix)")
     p.add_argument("--lrs", default="1e-3", help="comma-separated learning rates (the best run per model counts)")
     p.add_argument("--shard", help="I/N: run every N-th configuration from the I-th (several processes, one db)")
+    p.add_argument("--concurrent", type=int, default=1, help="runs trained side by side in this process, each on a "
+                   "CUDA stream of its own (their small kernels overlap; processes only time-slice a GPU)")
     p.add_argument("--executor", choices=["local", "ray"], default="local")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)
@@ -134,7 +136,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     configs = grid([m for m in args.mixers.split(",") if m], [int(d) for d in args.d_models.split(",") if d], shapes,
                    [float(x) for x in args.lrs.split(",") if x], **_base(args))
     rows = run_sweep(configs, args.db, args.checkpoints, parse_shard(args.shard), args.executor, args.device,
-                     progress=not args.no_progress, graph=False if args.eager else None)
+                     progress=not args.no_progress, graph=False if args.eager else None,
+                     concurrent=args.concurrent)
     for r in rows:
         print(f"{r['mixers']:28} d{r['d_model']:<4} {r['seq_len']}x{r['num_kv_pairs']:<4} "
               f"acc {r['accuracy']:.3f} state {r['state_size']:>10,}")

@@ -15,10 +15,14 @@ the learning rate, the replay. The graph needs fixed shapes and no host synchron
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
 WARMUP = 3  # eager steps before the capture (allocator and cuBLAS workspaces settle)
+# one capture at a time in this process: runs trained side by side in threads (``zoo sweep --concurrent``)
+_CAPTURE = threading.Lock()
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor | None:
@@ -90,7 +94,9 @@ class TrainStep:
             self._idx = idx.clone()
             self.opt.zero_grad(set_to_none=True)
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
+            # a capture stream of its own (torch's default one is shared by every graph) and thread-local capture
+            # checks: other threads' runs may allocate and launch while this one captures
+            with _CAPTURE, torch.cuda.graph(self._graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
                 self._loss = self._step(self._idx, set_to_none=False)
         self._idx.copy_(idx)
         self._graph.replay()

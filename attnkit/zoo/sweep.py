@@ -9,11 +9,15 @@ trained again. Zoology reports, per model, the best accuracy over a learning-rat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from attnkit.zoo.train import TrainConfig, train
+import torch
+
+from attnkit.zoo.train import TrainConfig, matmul_precision, train
 
 
 def parse_mixers(spec: str) -> str | list[str]:
@@ -84,35 +88,62 @@ def run_sweep(
     device: str = "cpu",
     progress: bool = True,
     graph: bool | None = None,
+    concurrent: int = 1,
 ) -> list[dict[str, Any]]:
     """Train this shard's runs (skipping stored ones); returns their result rows. ``graph``: see
-    :func:`~attnkit.zoo.train.train`."""
+    :func:`~attnkit.zoo.train.train`.
+
+    ``concurrent`` runs train side by side in threads of this process, each on a CUDA stream of its own: a zoo
+    model's kernels are too small to fill a GPU, and kernels of one process's streams overlap where separate
+    processes only time-slice (benchmarks/zoo_concurrent.py). Each run computes what it computes alone; wall
+    times are then shared ones.
+    """
     from attnkit.eval.store import Store
 
+    check_concurrent(concurrent)
     index, count = shard
     mine = configs[index::count]
     if executor == "ray":
         return _run_ray(mine, str(db), str(checkpoint_dir), device, graph)
     if executor != "local":
         raise ValueError(f"unknown executor '{executor}'; available: local, ray")
-    rows = []
     with Store(db) as store:
-        todo = [c for c in mine if store.zoo_run(c.key()) is None]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        stored = {c.key(): row for c in mine if (row := store.zoo_run(c.key())) is not None}
+    todo = [c for c in mine if c.key() not in stored]
+    if len({c.precision for c in todo}) > 1:  # the matmul precision is the process's: one for runs side by side
+        raise ValueError("zoo sweep: runs of one sweep share one precision; got "
+                         f"{', '.join(sorted({c.precision for c in todo}))}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="run", desc="zoo sweep", dynamic_ncols=True)
-        for cfg in mine:
-            stored = store.zoo_run(cfg.key())
-            rows.append(stored if stored is not None else train(cfg, store, checkpoint_dir, device, progress=False,
-                                                                     graph=graph))
-            if bar is not None and stored is None:
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="run", desc="zoo sweep", dynamic_ncols=True)
+
+    def one(cfg: TrainConfig) -> dict[str, Any]:
+        stream = torch.cuda.Stream() if concurrent > 1 and str(device).startswith("cuda") else None
+        with Store(db) as own, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            row = train(cfg, own, checkpoint_dir, device, progress=False, graph=graph)
+        if stream is not None:
+            stream.synchronize()
+        return row
+
+    done: dict[str, dict[str, Any]] = {}
+    with matmul_precision(todo[0].precision if todo else "float32"), ThreadPoolExecutor(concurrent) as pool:
+        futures = {pool.submit(one, cfg): cfg for cfg in todo}
+        for future in as_completed(futures):
+            cfg, row = futures[future], future.result()
+            done[cfg.key()] = row
+            if bar is not None:
                 bar.update(1)
-                bar.set_postfix(last=f"{rows[-1]['mixers']} d{cfg.d_model} acc {rows[-1]['accuracy']:.3f}")
-        if bar is not None:
-            bar.close()
-    return rows
+                bar.set_postfix(last=f"{row['mixers']} d{cfg.d_model} acc {row['accuracy']:.3f}")
+    if bar is not None:
+        bar.close()
+    return [stored.get(c.key()) or done[c.key()] for c in mine]
+
+
+def check_concurrent(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"zoo sweep: concurrent={value!r} is invalid; accepted: an integer >= 1 (runs side by side)")
 
 
 def _run_ray(configs: list[TrainConfig], db: str, checkpoint_dir: str, device: str,

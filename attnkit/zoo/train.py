@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -233,10 +234,15 @@ def matmul_precision(precision: str):
         torch.set_float32_matmul_precision(before)
 
 
+# the global RNG seeds a model's initial weights: runs built side by side in threads take turns
+_INIT = threading.Lock()
+
+
 def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progress: bool, max_epochs: int | None,
            graph: bool | None) -> dict[str, Any]:
-    torch.manual_seed(cfg.seed)
-    model = TinyLM(cfg.lm_config()).to(device)
+    with _INIT:
+        torch.manual_seed(cfg.seed)
+        model = TinyLM(cfg.lm_config()).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]  # no weight decay on norms and biases
     cuda = str(device).startswith("cuda")
