@@ -1,7 +1,7 @@
 """Where an `attnkit eval` cell's time goes: one padded batch's prefill at several ``--prefill-chunk`` sizes and its
-decode, per method, and on CUDA the GPU's busy time during the prefill (the sum of its kernels' times) beside the
-wall time. Busy far below wall means the host bounds the cell: fewer, larger chunks or more shards per GPU help;
-busy near wall means the GPU does, and neither does.
+decode, per method (rows of unequal lengths, left-padded as the eval's), and on CUDA the GPU's busy time during the
+prefill (the sum of its kernels' times) beside the wall time. Busy far below wall means the host bounds the cell:
+fewer, larger chunks or more shards per GPU help; busy near wall means the GPU does, and neither does.
 
 Planned for issue 8's ranking sweep on Gemma-3 at 16K (`gpu_eval.sh rank16k_gemma`), whose rows cost ~0.27 s each
 on an H100 at `--prefill-chunk 512` with four shards. Random token ids stand in for the prompts (the cost does not
@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     model, tok = load(args.model, args.device, args.dtype or ("bfloat16" if cuda else "float32"))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (args.batch, args.length), generator=gen).tolist()
+    # rows a few tokens apart, as RULER's prompts are: the batch is left-padded and takes the eval's masked path
+    ids = [r[: args.length - 37 * i] for i, r in enumerate(ids)]
     rows = []
     for name, budget in parse_methods(args.methods):
         cls = method_class(name)
