@@ -102,8 +102,10 @@ for s in ${*:-site calib rank4k}; do
       eval_ rank_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ruler --samples 20 --batch 20 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
         --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_smollm2.json ;;
-    rank16k_gemma)  # item 4 on Gemma-3-270M at 16K (its sliding layers keep their window under every method)
-      eval_ rank_gemma3_16k --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 4 \
+    rank16k_gemma)  # item 4 on Gemma-3-270M at 16K (its sliding layers keep their window under every method); prefill
+                    # chunks of 2,048 tokens: a Gemma chunk forward is ~7,500 host-side aten calls whatever its length
+                    # (twentieth session), so 32 chunks of 512 made each prefill host-bound (0.27 s a row at 512)
+      eval_ rank_gemma3_16k --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 4 --prefill-chunk 2048 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
         --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_gemma3.json ;;
     razor4k)  # issue 9 item 4: RazorAttention's KV reduction and RULER change on all 13 tasks at 4K, 20 samples (the
