@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,22 @@ def test_runs_trained_side_by_side_equal_the_same_runs_trained_one_by_one(tmp_pa
         assert len(store.zoo_runs()) == len(configs)
     again = run_sweep(configs, tmp_path / "b.db", tmp_path / "b", progress=False, concurrent=2)  # all stored
     assert [r["run_key"] for r in again] == [c.key() for c in configs]
+
+
+def test_a_failed_run_stops_the_sweep_without_starting_the_rest(tmp_path, monkeypatch):
+    configs = grid(["softmax"], [16], [(32, 4)], [1e-3, 2e-3, 3e-3, 4e-3, 5e-3], **{
+        k: v for k, v in TINY.items() if k not in ("seq_len", "num_kv_pairs", "d_model", "lr")}, epochs=1)
+    started = []
+
+    def fake(cfg, *args, **kwargs):
+        started.append(cfg.lr)
+        time.sleep(0.3)  # both workers are busy when the first failure arrives
+        raise RuntimeError(f"run lr {cfg.lr} failed")
+
+    monkeypatch.setattr("attnkit.zoo.sweep.train", fake)
+    with pytest.raises(RuntimeError, match="failed"):
+        run_sweep(configs, tmp_path / "z.db", tmp_path, progress=False, concurrent=2)
+    assert len(started) < len(configs)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])

@@ -130,12 +130,17 @@ def run_sweep(
     done: dict[str, dict[str, Any]] = {}
     with matmul_precision(todo[0].precision if todo else "float32"), ThreadPoolExecutor(concurrent) as pool:
         futures = {pool.submit(one, cfg): cfg for cfg in todo}
-        for future in as_completed(futures):
-            cfg, row = futures[future], future.result()
-            done[cfg.key()] = row
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(last=f"{row['mixers']} d{cfg.d_model} acc {row['accuracy']:.3f}")
+        try:
+            for future in as_completed(futures):
+                cfg, row = futures[future], future.result()
+                done[cfg.key()] = row
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(last=f"{row['mixers']} d{cfg.d_model} acc {row['accuracy']:.3f}")
+        except BaseException:  # a failed run (or ^C): start no more; the ones running finish their runs
+            for future in futures:
+                future.cancel()
+            raise
     if bar is not None:
         bar.close()
     return [stored.get(c.key()) or done[c.key()] for c in mine]
