@@ -103,8 +103,8 @@ for s in ${*:-site calib rank4k}; do
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
         --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_smollm2.json ;;
     rank16k_gemma)  # item 4 on Gemma-3-270M at 16K (its sliding layers keep their window under every method); prefill
-                    # chunks of 2,048 tokens: a Gemma chunk forward makes ~7,500 host-side aten calls at 512 tokens and
-                    # ~9,700 at 2,048 (twentieth session), so 32 chunks of 512 left each prefill host-bound (0.27 s a row)
+                    # chunks of 2,048 tokens (a third of 512's host-side calls, yet 4.61 rows/s on 12 shards against
+                    # 4.46 at 512 on 8: the shared card bounds it, twentieth session); 8 shards (12 ran out of memory)
       eval_ rank_gemma3_16k --model gemma3-270m --lengths 16384 --tasks ruler --samples 20 --batch 4 --prefill-chunk 2048 \
         --methods full,quest,tokenselect,tidaldecode,fasa,recycled_attention,snapkv,pyramidkv,h2o,spatten,streaming_llm,window \
         --budgets 128,256,512,1024,2048 --set fasa.profile=$DB/fasa_gemma3.json ;;
