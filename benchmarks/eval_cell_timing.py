@@ -34,15 +34,25 @@ def parse_methods(text: str) -> list[tuple[str, int | None]]:
     return out
 
 
-def busy_ms(fn) -> float:
-    """Milliseconds of CUDA kernel time while ``fn`` runs (torch.profiler's device events)."""
+def busy_ms(fn, top: int = 0) -> tuple[float, list[dict]]:
+    """Milliseconds of CUDA kernel time while ``fn`` runs (torch.profiler's device events), and the ``top`` kernels
+    by their summed time: [{"kernel", "ms", "calls"}, ...]."""
+    from collections import defaultdict
+
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    per = defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        per[e.name][0] += e.time_range.elapsed_us() / 1e3
+        per[e.name][1] += 1
+    ranked = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+    return (sum(e.time_range.elapsed_us() for e in kernels) / 1e3,
+            [{"kernel": k[:90], "ms": round(ms, 2), "calls": n} for k, (ms, n) in ranked])
 
 
 def main(argv=None) -> int:
@@ -53,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="full,quest:128,snapkv:128,h2o:128")
     ap.add_argument("--chunks", default="512,2048")
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--top", type=int, default=12, help="the prefill's top CUDA kernels by time, per row")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU (as attnkit eval)")
     ap.add_argument("--out", type=Path)
@@ -80,9 +91,10 @@ def main(argv=None) -> int:
                        "wall_s": round(wall, 4)}
                 if cuda:
                     t1 = time.perf_counter()
-                    busy = busy_ms(lambda: attnkit.generate(model, tok, ids, max_new_tokens=1, prefill_chunk=chunk,
-                                                            stop_at_eos=False))
-                    row.update(prefill_busy_ms=round(busy, 2), profiled_prefill_s=round(time.perf_counter() - t1, 4))
+                    busy, top = busy_ms(lambda: attnkit.generate(model, tok, ids, max_new_tokens=1,
+                                                                 prefill_chunk=chunk, stop_at_eos=False), args.top)
+                    row.update(prefill_busy_ms=round(busy, 2), profiled_prefill_s=round(time.perf_counter() - t1, 4),
+                               top_kernels=top)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.out:

@@ -115,8 +115,8 @@ for s in ${*:-site calib rank4k}; do
         --dtype float32 -o $DB/razor_smollm2.json 2>&1 | grep -v Warn | tail -3 | tee "$OUT/razor_calib.log"
       eval_ razor_smollm2_4k --model smollm2-135m --lengths 4096 --tasks ruler --samples 20 --batch 10 \
         --methods full,razorattention --budgets 4005,517 --set razorattention.profile=$DB/razor_smollm2.json ;;
-    cellprobe_gemma)  # before the rest of rank16k_gemma: where a 16K cell's time goes (prefill at chunks of 512 and
-                      # 2048, decode, the GPU's busy time beside the wall time), one process, batch 4
+    cellprobe_gemma)  # where a 16K cell's time goes (prefill at chunks of 512 and 2048, decode, the GPU's busy time
+                      # beside the wall time, the prefill's top kernels), one process, a left-padded batch of 4
       timeout 200 python3 benchmarks/eval_cell_timing.py --model gemma3-270m --length 16384 --batch 4 \
         --methods full,quest:128,snapkv:128,h2o:128,spatten:128 --chunks 512,2048 --new-tokens 16 \
         --out "$OUT/eval_cell_timing_gemma3_16k.json" 2>&1 | grep -v Warn | tee "$OUT/cellprobe_gemma.log" ;;
