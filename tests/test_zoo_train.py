@@ -119,6 +119,11 @@ def test_a_failed_run_stops_the_sweep_without_starting_the_rest(tmp_path, monkey
     assert len(started) < len(configs)
 
 
+def test_runs_side_by_side_need_one_precision(tmp_path):
+    with pytest.raises(ValueError, match="concurrent=2 with precisions float32, tf32; accepted: one precision"):
+        run_sweep([tiny(), tiny(precision="tf32")], tmp_path / "z.db", tmp_path, progress=False, concurrent=2)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_a_bad_concurrency_is_one_clear_error(tmp_path, bad):
     with pytest.raises(ValueError, match=f"concurrent={bad!r} is invalid; accepted: an integer >= 1"):
