@@ -133,7 +133,7 @@ for s in $stages; do
       [ "${ATTNKIT_ZOO_GRAPH_STEP:-0}" = 1 ] && python3 benchmarks/zoo_graph_step.py 2>&1 | tee "$OUT/zoo_step.log"
       # every model is a BaseConv layer then the mixer's, as Zoology's Hybrid configs (BASED without a conv of its own):
       # without positions or the conv's token shift, softmax alone stalled at 0.45-0.55 on 256x16 (zoo_v8192.db)
-      # ATTNKIT_ZOO_CONCURRENT runs side by side in each shard's process, on streams of their own (zooconc measures it)
+      # ATTNKIT_ZOO_CONCURRENT runs side by side in each shard's process, on streams of their own (1.1-1.24x, zooconc)
       ZP=${ATTNKIT_ZOO_SHARDS:-2}
       for i in $(seq 0 $((ZP - 1))); do
         timeout ${ATTNKIT_STAGE_SECONDS:-540} python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \

@@ -1,8 +1,8 @@
 """Training steps per second of K zoo runs side by side in one process (`attnkit zoo sweep --concurrent K`), each
 a thread replaying its CUDA-graph step on a stream of its own, against one run alone, at the V 8192 sweep's settings
-(batch 256, T 256, 64 pairs, no MLP, float32). A zoo model's kernels leave most of the GPU idle; separate
-processes only time-slice it (fifteenth session: 9 processes finished none of their runs in 500 s), while one
-process's streams overlap.
+(batch 256, T 256, 64 pairs, no MLP, float32). Separate processes only time-slice a GPU (fifteenth session: 9
+processes finished none of their runs in 500 s), while one process's streams can overlap; how much depends on how
+much of the card one run's kernels leave idle. On an H100: 1.10-1.24x for 4-8 runs (twentieth session).
 
     python benchmarks/zoo_concurrent.py        (needs CUDA; figures in notes/gpu.md)
 """

@@ -80,8 +80,8 @@ def test_a_mixture_run_with_one_graph_per_segment_trains_like_the_eager_run():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_runs_side_by_side_on_their_own_streams_train_like_runs_one_by_one(tmp_path):
-    """``zoo sweep --concurrent``: captures from several threads at once (each on its own stream) replay the same
-    training as the sequential sweep."""
+    """``zoo sweep --concurrent``: runs in several threads, each on its own stream, their graph captures taking
+    turns, train like the sequential sweep."""
     from attnkit.zoo.sweep import grid, run_sweep
 
     configs = grid(["base_conv+softmax", "base_conv+based"], [64], [(64, 8)], [3e-3, 1e-2], vocab_size=512,
