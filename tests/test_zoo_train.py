@@ -88,8 +88,8 @@ def test_sweep_shards_cover_the_grid_and_the_report_reads_it(tmp_path, capsys):
 
 
 def test_runs_trained_side_by_side_equal_the_same_runs_trained_one_by_one(tmp_path):
-    """``concurrent`` threads each build their model under the seed lock: every run's weights, history and accuracy
-    are those of the sequential sweep, and the rows come back in the grid's order."""
+    """``concurrent`` threads each build their model under the seed lock: every run's history and accuracy are
+    those of the sequential sweep, and the rows come back in the grid's order."""
     configs = grid(["base_conv+softmax", "softmax"], [16, 32], [(32, 4)], [3e-3, 1e-2], **{
         k: v for k, v in TINY.items() if k not in ("seq_len", "num_kv_pairs", "d_model", "lr")}, epochs=2)
     one = run_sweep(configs, tmp_path / "a.db", tmp_path / "a", progress=False)
