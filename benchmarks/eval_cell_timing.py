@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--methods", default="full,quest:128,snapkv:128,h2o:128")
     ap.add_argument("--chunks", default="512,2048")
+    ap.add_argument("--band", default="1", help="ATTNKIT_BAND_PREFILL values to compare, e.g. 0,1 (the masked "
+                    "prefill against the varlen flash one)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--top", type=int, default=12, help="the prefill's top CUDA kernels by time, per row")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,12 +84,14 @@ def main(argv=None) -> int:
         with torch.no_grad(), attnkit.apply(model, method=method):
             attnkit.generate(model, tok, [r[:300] for r in ids], max_new_tokens=2, prefill_chunk=128,
                              stop_at_eos=False)  # warm-up: kernels, graphs, allocator
-            for chunk in (int(c) for c in args.chunks.split(",")):
+            for chunk, flag in ((int(c), f) for c in args.chunks.split(",") for f in args.band.split(",")):
+                os.environ["ATTNKIT_BAND_PREFILL"] = flag
                 t0 = time.perf_counter()
                 out = attnkit.generate(model, tok, ids, max_new_tokens=args.new_tokens, prefill_chunk=chunk,
                                        stop_at_eos=False)[0]
                 wall = time.perf_counter() - t0
-                row = {"method": name, "budget": budget, "chunk": chunk, "prefill_s": round(out.prefill_s, 4),
+                row = {"method": name, "budget": budget, "chunk": chunk, "band": flag,
+                       "prefill_s": round(out.prefill_s, 4),
                        "decode_ms_per_token": round(1e3 * out.decode_s / max(1, out.decode_steps), 3),
                        "wall_s": round(wall, 4)}
                 if cuda:

@@ -117,8 +117,9 @@ for s in ${*:-site calib rank4k}; do
         --methods full,razorattention --budgets 4005,517 --set razorattention.profile=$DB/razor_smollm2.json ;;
     cellprobe_gemma)  # where a 16K cell's time goes (prefill at chunks of 512 and 2048, decode, the GPU's busy time
                       # beside the wall time, the prefill's top kernels), one process, a left-padded batch of 4
-      timeout 200 python3 benchmarks/eval_cell_timing.py --model gemma3-270m --length 16384 --batch 4 \
-        --methods full,quest:128,snapkv:128,h2o:128,spatten:128 --chunks 512,2048 --new-tokens 16 \
+      # --band 0,1: the masked prefill against the varlen flash one (attnkit.hf.band, twenty-first session)
+      timeout 240 python3 benchmarks/eval_cell_timing.py --model gemma3-270m --length 16384 --batch 4 \
+        --methods full,quest:128,snapkv:128,h2o:128 --chunks 2048 --band 0,1 --new-tokens 16 \
         --out "$OUT/eval_cell_timing_gemma3_16k.json" 2>&1 | grep -v Warn | tee "$OUT/cellprobe_gemma.log" ;;
     calib_gemma)  # committed: docs/results/fasa_gemma3.json (`attnkit calibrate fasa --model gemma3-270m`, CPU float32)
       [ -f $DB/fasa_gemma3.json ] || cp -p docs/results/fasa_gemma3.json $DB/ 2>/dev/null

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from attnkit.hf import band
 from attnkit.reference import attention_probs, dense_attention, expand_kv, per_head
 
 NAME = "attnkit"
@@ -206,7 +207,10 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
     # A prefill chunk over a cache that holds every earlier token in order is plain bottom-right causal: give SDPA
     # that bias instead of a (q, n) bool mask, which would push it to a slower masked kernel (and, at 128K, build
     # a mask of gigabytes). The last few queries' probabilities ("last:<w>", SnapKV) come from a small (w, n) pass.
-    plain_causal = (q > 1 and wants != "all" and softcap is None and run.recorder is None and layer.holds_prefix())
+    fusable = q > 1 and wants != "all" and softcap is None and run.recorder is None
+    plain_causal = fusable and layer.holds_prefix()
+    # A padded batch or a sliding window: a per-row causal band, one varlen flash call instead of masked chunks
+    in_band, window = layer.band() if fusable and not plain_causal and band.usable(query) else (False, None)
     # the whole (q, n) mask only where a dense pass or the recorder needs it; SDPA builds it chunk by chunk
     whole = not plain_causal and (wants == "all" or softcap is not None or run.recorder is not None)
     mask = layer.mask() if whole else None
@@ -224,7 +228,9 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
         if wants:
             layer.observe(only_real_queries(layer, probs))
     else:
-        out = sdpa(query, key, value, mask, scaling) if whole else layer_sdpa(layer, query, key, value, scaling)
+        out = band_prefill(layer, query, key, value, scaling, window) if in_band else None
+        if out is None:
+            out = sdpa(query, key, value, mask, scaling) if whole else layer_sdpa(layer, query, key, value, scaling)
         if wants:  # "last:<w>": probabilities of the chunk's last w queries only
             w = min(int(wants.split(":")[1]), query.shape[2])
             sub_mask = mask[:, :, -w:] if whole else layer.mask(None if w == q else slice(q - w, q))
@@ -234,6 +240,17 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
         run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask, scaling=scaling, out=out))
     layer.compact()
     return out
+
+
+def band_prefill(layer, query, key, value, scaling: float, window: int | None) -> torch.Tensor | None:
+    """A prefill chunk (B, H, q, D) over a layer whose ``band()`` holds, by :mod:`attnkit.hf.band`'s flash call;
+    pad queries' rows zeroed (finite, as the masked path's). None where the kernel is refused."""
+    pads = (layer.stored_pos()[:, 0] < 0).sum(-1)  # (B,) left-padding slots per row (every head alike)
+    out = band.run_flash(query, key, value, pads, scaling, window)
+    if out is None or not layer.padded:
+        return out
+    real = layer.qpos.view(query.shape[0], 1, -1, 1) >= 0
+    return torch.where(real, out, 0)
 
 
 def only_real_queries(layer, probs: torch.Tensor) -> torch.Tensor:

@@ -341,6 +341,15 @@ class KVLayer(CacheLayerMixin):
             self.n == self.seen and self.shared_layout and not self.padded and type(self).visible is KVLayer.visible
         )
 
+    def band(self) -> tuple[bool, int | None]:
+        """(True, w) when each row holds, after its left padding, a contiguous run of its newest tokens in position
+        order and a query sees exactly the held real tokens at most ``w`` positions before it (w None: every one
+        before it). The mask is then a per-row bottom-right causal band that a flash kernel applies without one
+        (attnkit.hf.band; host ints only). Layers that evict, add a visibility rule or store positions their own
+        way say False; one that has evicted nothing holds the same slots in every head."""
+        plain = all(getattr(type(self), f) is getattr(KVLayer, f) for f in ("visible", "mask", "stored_pos"))
+        return plain and self.n == self.seen, None
+
     def observe(self, probs: torch.Tensor) -> None:
         """Receive (B, H, q', n) attention probabilities of the queries named by :attr:`wants_probs`."""
 
@@ -504,6 +513,11 @@ class WindowLayer(KVLayer):
     @property
     def is_sliding(self) -> bool:  # transformers uses this to pick mask sizes for hybrid caches
         return self.sinks == 0
+
+    def band(self) -> tuple[bool, int | None]:
+        # without sinks the held tokens stay one contiguous run per row (compaction keeps the newest)
+        plain = all(getattr(type(self), f) is getattr(WindowLayer, f) for f in ("visible", "mask", "stored_pos"))
+        return plain and self.sinks == 0 and self.shared_layout, self.window
 
     def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         near = kpos >= qpos - self.window  # (qpos - kpos) would build an int64 (B, 1, q, n): 20 GiB at 16K x 10 rows
