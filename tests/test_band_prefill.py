@@ -70,6 +70,14 @@ def test_streaming_sinks_keep_the_masked_path(monkeypatch):
         padded_logits(model, [[5] * 40, [6] * 25], chunk=16, steps=1)
 
 
+def test_the_switch_takes_0_or_1_and_names_a_bad_value(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_BAND_PREFILL", "0")
+    assert not band.enabled()
+    monkeypatch.setenv("ATTNKIT_BAND_PREFILL", "yes")
+    with pytest.raises(ValueError, match="ATTNKIT_BAND_PREFILL='yes' is invalid; accepted: 0 or 1"):
+        band.enabled()
+
+
 def test_one_kv_head_is_viewed_in_place_and_more_are_copied():
     buf = torch.randn(3, 1, 50, 8)
     flat, rs = band.flat_tokens(buf[:, :, :20])
