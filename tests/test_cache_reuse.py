@@ -100,12 +100,12 @@ def test_mt_bench_two_turns_as_a_chat(smollm, method, settings, tmp_path):
     q = mtbench_questions()[0]
     messages = [{"role": "user", "content": q["turns"][0]}]
     with torch.no_grad(), attnkit.apply(model, method, **settings):
-        first = attnkit.generate(model, tok, q["turns"][0], chat=True, max_new_tokens=24, eos_check_every=1)
+        first = attnkit.generate(model, tok, q["turns"][0], chat=True, max_new_tokens=12, eos_check_every=1)
         path = attnkit.save_cache(first, tmp_path / "turn1.safetensors")
-        second = attnkit.chat_turn(model, tok, first.state, messages, first.tokens, q["turns"][1], max_new_tokens=16)
+        second = attnkit.chat_turn(model, tok, first.state, messages, first.tokens, q["turns"][1], max_new_tokens=8)
     with torch.no_grad(), attnkit.apply(model, method, **settings):
         loaded = attnkit.load_cache(model, path)
-        again = attnkit.chat_turn(model, tok, loaded, messages, first.tokens, q["turns"][1], max_new_tokens=16)
+        again = attnkit.chat_turn(model, tok, loaded, messages, first.tokens, q["turns"][1], max_new_tokens=8)
     assert second.tokens == again.tokens and second.text.strip()
     if method == "full":  # the continuation is the dense model over the whole conversation's tokens
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -114,5 +114,5 @@ def test_mt_bench_two_turns_as_a_chat(smollm, method, settings, tmp_path):
         tail = tok(text, add_special_tokens=False).input_ids
         tail = tail[1:] if first.state.pending == [tok.eos_token_id] and tail[:1] == [tok.eos_token_id] else tail
         with torch.no_grad():
-            fresh = attnkit.generate(model, tok, head + tail, max_new_tokens=16, eos_check_every=1)
+            fresh = attnkit.generate(model, tok, head + tail, max_new_tokens=8, eos_check_every=1)
         assert fresh.tokens == second.tokens
