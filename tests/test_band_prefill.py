@@ -24,6 +24,7 @@ LENGTHS = (45, 20, 61)  # ragged: 16 and 41 pads; chunks of 16 put whole-pad and
 def padded_logits(model, rows, chunk: int, steps: int = 4) -> torch.Tensor:
     """Chunked prefill of the left-padded rows, then ``steps`` greedy decode steps: (B, 1 + steps, V) logits."""
     ids, mask = left_pad([torch.tensor([r]) for r in rows], 0)
+    mask = torch.ones_like(ids) if mask is None else mask  # rows of equal length: no padding
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     cache = attnkit.inference.new_cache(model)
     out = [forward_chunks(model, ids, cache, chunk, attention_mask=mask, position_ids=pos)]
@@ -58,6 +59,21 @@ def test_band_prefill_equals_the_masked_path(monkeypatch, make, method):
     assert calls, f"{method}: no prefill chunk took the band path"
     if make is tiny_gemma3:
         assert 7 in calls, "the sliding layers (window 8 -> 7 before each query) did not take the band path"
+    torch.testing.assert_close(fused, masked, atol=2e-5, rtol=1e-4)
+
+
+def test_an_unpadded_batch_takes_the_band_on_sliding_layers_only(monkeypatch):
+    """Without padding the dense layers keep the plain causal kernel; the sliding ones take the band."""
+    model = tiny_gemma3()
+    g = torch.Generator().manual_seed(6)
+    rows = [torch.randint(3, 256, (40,), generator=g).tolist() for _ in range(2)]
+    with torch.no_grad(), attnkit.apply(model, "full"):
+        masked = padded_logits(model, rows, chunk=16)
+        calls = []
+        monkeypatch.setattr(band, "usable", lambda query: True)
+        monkeypatch.setattr(band, "flash_kernel", lambda *a: calls.append(a[-1]) or band.reference_kernel(*a))
+        fused = padded_logits(model, rows, chunk=16)
+    assert calls and set(calls) == {7}
     torch.testing.assert_close(fused, masked, atol=2e-5, rtol=1e-4)
 
 
