@@ -3,9 +3,11 @@
 The reference generator runs offline on the SmolLM2 tokenizer (``--tokenizer_type hf``) for each of the 13 tasks
 at 4096 tokens (and cwe also at 2048, its short-context variant), 2 samples, seed 42, with RULER's "base" model
 template (task template + answer prefix), as RULER's ``prepare.py`` builds it. NLTK's punkt is replaced by
-attnkit's regex splitter (``tests/ruler_stub``). Its outputs are cached under pytest's cache folder, keyed by
-everything they depend on (RULER's scripts, the stand-ins, the splitter, the tokenizer, the arguments); set
-``ATTNKIT_RULER_FRESH=1`` to regenerate.
+attnkit's regex splitter (``tests/ruler_stub``). Its outputs are cached, keyed by everything they depend on
+(RULER's scripts, the stand-ins, the splitter, the tokenizer, the arguments): in ``tests/ruler_reference/<key>.json.gz``
+(committed, so a clean clone skips the generator's ~70 s) and under pytest's cache folder. A change to any input
+gives a new key, and the generator runs again; commit its output with ``gzip -9 -c .pytest_cache/d/ruler_reference/
+<key> > tests/ruler_reference/<key>.json.gz``. Set ``ATTNKIT_RULER_FRESH=1`` to regenerate regardless.
 
 For every task:
 * each reference example is parsed with patterns built from RULER's own text (its ``constants.py`` templates and
@@ -18,6 +20,7 @@ For every task:
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -42,6 +45,7 @@ from attnkit.eval.tasks.sentences import split_sentences
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LENGTH, N, SEED = 4096, 2, 42
 STUB = Path(__file__).parent / "ruler_stub"
+COMMITTED = Path(__file__).parent / "ruler_reference"
 SPEC = importlib.util.find_spec("long_context_eval")
 if SPEC is None or not SPEC.submodule_search_locations:
     pytest.skip("nvidia-long-context-eval (RULER's reference generator) not installed", allow_module_level=True)
@@ -114,10 +118,15 @@ def _cache_key(tokenizer_path: Path) -> str:
 def reference(tokenizer_dir, request, tmp_path_factory):
     """{job: [{"input", "outputs", "length", "index"}, ...]} from RULER's generator (or the cache)."""
     _, tok_path = tokenizer_dir
+    key = _cache_key(tok_path)
     cache_root = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
-    cache = Path(cache_root.mkdir("ruler_reference")) / _cache_key(tok_path) if cache_root else None
-    if cache is not None and cache.is_file() and not os.environ.get("ATTNKIT_RULER_FRESH"):
-        return json.loads(cache.read_text())
+    cache = Path(cache_root.mkdir("ruler_reference")) / key if cache_root else None
+    committed = COMMITTED / f"{key}.json.gz"
+    if not os.environ.get("ATTNKIT_RULER_FRESH"):
+        if committed.is_file():
+            return json.loads(gzip.decompress(committed.read_bytes()))
+        if cache is not None and cache.is_file():
+            return json.loads(cache.read_text())
     work = tmp_path_factory.mktemp("ruler_reference")
     out = work / "out"
     jobs = [
