@@ -37,12 +37,12 @@ def usable(query: torch.Tensor) -> bool:
             and query.shape[-1] <= 256 and query.shape[-1] % 8 == 0)
 
 
-def flat_tokens(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def flat_tokens(x: torch.Tensor, in_place: bool = True) -> tuple[torch.Tensor, int]:
     """(B, Hkv, n, D) -> ((T, Hkv, D) tokens of all rows, the row stride in tokens). One KV head whose rows are
-    slices of a (B, 1, capacity, D) buffer is viewed in place (row b starts at token b * capacity); otherwise the
-    rows are copied back to back (row stride n)."""
+    slices of a (B, 1, capacity, D) buffer is viewed in place (row b starts at token b * capacity); otherwise, or
+    with ``in_place=False``, the rows are copied back to back (row stride n)."""
     b, h, n, d = x.shape
-    if h == 1 and x.stride(3) == 1 and x.stride(2) == d and x.stride(0) % d == 0:
+    if in_place and h == 1 and x.stride(3) == 1 and x.stride(2) == d and x.stride(0) % d == 0:
         rs = x.stride(0) // d
         return x.as_strided(((b - 1) * rs + n, 1, d), (d, x.stride(1), 1)), rs
     return x.transpose(1, 2).reshape(b * n, h, d), n
@@ -60,9 +60,8 @@ def band_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     n = key.shape[2]
     kf, rs = flat_tokens(key)
     vf, rs_v = flat_tokens(value)
-    if rs_v != rs:  # keys and values laid out alike in every attnkit layer; a copy keeps this exact otherwise
-        kf, rs = key.transpose(1, 2).reshape(b * n, -1, d), n
-        vf = value.transpose(1, 2).reshape(b * n, -1, d)
+    if rs_v != rs:  # one viewed in place, the other not (attnkit layers lay them out alike): copy both
+        (kf, rs), (vf, _) = flat_tokens(key, in_place=False), flat_tokens(value, in_place=False)
     qf = query.transpose(1, 2).reshape(b * q, h, d)
     dev = query.device
     rows = torch.arange(b + 1, device=dev, dtype=torch.int32)
