@@ -57,11 +57,6 @@ def table(con: sqlite3.Connection, shares_at: tuple[int, int] = (256, 1024)) -> 
         value = f"{mean(key, RULER):.1f}"
         return value if n == full_n else f"{value} (n={n})"
 
-    methods = sorted({m for m, _ in cells if m != "full"},
-                     key=lambda m: -(mean((m, BUDGETS[-1]), RULER) or -1.0))
-    out = [f"| method | {' | '.join(map(str, BUDGETS))} | retrieval vs dense at {shares_at[0]} / {shares_at[1]} |",
-           "| --- |" + " ---: |" * (len(BUDGETS) + 1),
-           f"| full (dense) | {cell(('full', None))} |" + " |" * (len(BUDGETS) - 1) + " 1.00 |"]
     def share(key) -> str:
         s = mean(key, retrieval)
         if s is None or not dense_retrieval:
@@ -69,6 +64,11 @@ def table(con: sqlite3.Connection, shares_at: tuple[int, int] = (256, 1024)) -> 
         whole = all(cells[key].get(t, (0, 0))[1] == cells[("full", None)][t][1] for t in retrieval)
         return f"{s / dense_retrieval:.2f}" + ("" if whole else " (partial)")
 
+    methods = sorted({m for m, _ in cells if m != "full"},
+                     key=lambda m: -(mean((m, BUDGETS[-1]), RULER) or -1.0))
+    out = [f"| method | {' | '.join(map(str, BUDGETS))} | retrieval vs dense at {shares_at[0]} / {shares_at[1]} |",
+           "| --- |" + " ---: |" * (len(BUDGETS) + 1),
+           f"| full (dense) | {cell(('full', None))} |" + " |" * (len(BUDGETS) - 1) + " 1.00 |"]
     for m in methods:
         text = " / ".join(share((m, b)) for b in shares_at)
         out.append(f"| {m} | " + " | ".join(cell((m, b)) for b in BUDGETS) + f" | {text} |")
