@@ -211,8 +211,8 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
     plain_causal = fusable and layer.holds_prefix()
     # A padded batch or a sliding window: a per-row causal band, one varlen flash call instead of masked chunks
     in_band, window = layer.band() if fusable and not plain_causal and band.usable(query) else (False, None)
-    # the whole (q, n) mask only where a dense pass or the recorder needs it; SDPA builds it chunk by chunk
-    whole = not plain_causal and (wants == "all" or softcap is not None or run.recorder is not None)
+    # the whole (q, n) mask only for the recorder; the other paths build it query block by query block
+    whole = not plain_causal and run.recorder is not None
     mask = layer.mask() if whole else None
     if plain_causal:
         out = causal_prefill(query, key, value, scaling)
@@ -223,9 +223,10 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
             probs, _ = attention_probs(query[:, :, -w:], key, sub_mask, scaling)
             layer.observe(probs)  # holds_prefix: no padding, so every query is real
     elif wants == "all" or softcap is not None:
-        out, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)
-        out = out.to(query.dtype)
-        if wants:
+        out = dense_rows(layer, query, key, value, mask, scaling, softcap)
+        if wants and wants != "all":  # "last:<w>" under a softcap: the last w queries' probabilities only
+            w = min(int(wants.split(":")[1]), q)
+            probs, _ = attention_probs(query[:, :, -w:], key, layer.mask(slice(q - w, q)), scaling, softcap)
             layer.observe(only_real_queries(layer, probs))
     else:
         out = band_prefill(layer, query, key, value, scaling, window) if in_band else None
@@ -242,6 +243,33 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
     return out
 
 
+def dense_rows(layer, query, key, value, mask: torch.Tensor | None, scaling: float,
+               softcap: float | None) -> torch.Tensor:
+    """Eager float32 attention (a softcap, or a layer that scores with every query's probabilities) in query
+    blocks whose (B, H, rows, n) scores stay under MASKED_SCORE_BYTES, each with its own rows of the layer's mask
+    (``mask``: the whole one, where the recorder built it). With wants_probs "all", each block's probabilities go
+    to ``observe`` as they are made. Whole, they are H x q x n x 4 bytes per batch row, and the scores before
+    the softmax as much again: 1.5 GiB each for H2O with a 4,096-token budget on a 32-head model in 2,048-query
+    chunks (n = budget + chunk), 4 GiB for a softcapped 16-head Gemma-2 reading 8K in one chunk; on the tests'
+    tiny Llama, H2O at budget 8,192 over 16K in 4K chunks peaked at 2,848 MiB whole, 1,381 MiB in blocks
+    (benchmarks/row_blocks_memory.py, CPU). query (B, H, q, D); key/value (B, Hkv, n, D) -> (B, H, q, D) in the
+    query's dtype."""
+    q = query.shape[2]
+    step = masked_chunk_rows(query, key)
+    observe = layer.wants_probs == "all"
+    outs = []
+    for s in range(0, q, step):
+        rows = slice(s, min(s + step, q))
+        whole = rows.stop - s == q
+        block_mask = (mask if whole else mask[:, :, rows]) if mask is not None else layer.mask(None if whole else rows)
+        out, probs, _ = dense_attention(query[:, :, rows], key, value, block_mask, scaling, softcap)
+        outs.append(out.to(query.dtype))
+        if observe:
+            layer.observe(only_real_queries(layer, probs, rows), rows)
+        del probs
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 def band_prefill(layer, query, key, value, scaling: float, window: int | None) -> torch.Tensor | None:
     """A prefill chunk (B, H, q, D) over a layer whose ``band()`` holds, by :mod:`attnkit.hf.band`'s flash call;
     pad queries' rows zeroed (finite, as the masked path's). None where the kernel is refused."""
@@ -253,9 +281,10 @@ def band_prefill(layer, query, key, value, scaling: float, window: int | None) -
     return torch.where(real, out, 0)
 
 
-def only_real_queries(layer, probs: torch.Tensor) -> torch.Tensor:
-    """Zero the (B, H, q', n) probabilities of pad queries, which see everything and must score nothing."""
-    real = layer.real_queries(probs.shape[2])
+def only_real_queries(layer, probs: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """Zero the (B, H, q', n) probabilities of pad queries, which see everything and must score nothing; they
+    belong to the chunk's last q' queries, or to its ``rows``."""
+    real = layer.real_queries(None, rows) if rows is not None else layer.real_queries(probs.shape[2])
     return probs if real is None else probs * real
 
 

@@ -321,11 +321,13 @@ class KVLayer(CacheLayerMixin):
             m = m | (qq < 0)
         return m
 
-    def real_queries(self, last: int | None = None) -> torch.Tensor | None:
-        """(B, 1, q', 1) float 1/0 weights of the chunk's (last ``last``) queries, None when none is padding."""
+    def real_queries(self, last: int | None = None, rows: slice | None = None) -> torch.Tensor | None:
+        """(B, 1, q', 1) float 1/0 weights of the chunk's queries (its last ``last``, or its ``rows``), None when
+        none is padding."""
         if not self.padded:
             return None
         qpos = self.qpos if last is None else self.qpos[:, -last:]
+        qpos = qpos if rows is None else qpos[:, rows]
         return (qpos >= 0).to(torch.float32).view(qpos.shape[0], 1, -1, 1)
 
     #: True when every batch row and KV head holds the same positions (no per-head eviction)
@@ -350,8 +352,10 @@ class KVLayer(CacheLayerMixin):
         plain = all(getattr(type(self), f) is getattr(KVLayer, f) for f in ("visible", "mask", "stored_pos"))
         return plain and self.n == self.seen, None
 
-    def observe(self, probs: torch.Tensor) -> None:
-        """Receive (B, H, q', n) attention probabilities of the queries named by :attr:`wants_probs`."""
+    def observe(self, probs: torch.Tensor, rows: slice | None = None) -> None:
+        """Receive (B, H, q', n) attention probabilities of the queries named by :attr:`wants_probs`. With "all",
+        a long chunk comes in query-row blocks (``rows``: which of the chunk's queries; one call per block, so
+        no (B, H, q, n) tensor is ever whole): what a layer accumulates must not depend on the blocking."""
 
     def compact(self) -> None:
         """Evict down to the method's budget after this forward's attention (no-op: keep everything)."""

@@ -41,7 +41,7 @@ class RecycledLayer(KVLayer):
     def wants_probs(self) -> str | None:  # the prompt's last query chooses the first recycled cache
         return "last:1" if self.qpos is not None and self.qpos.shape[1] > 1 else None
 
-    def observe(self, probs: torch.Tensor) -> None:
+    def observe(self, probs: torch.Tensor, rows: slice | None = None) -> None:
         self.recycled = self.choose(probs[:, :, -1])
         self.set_step(0)
 

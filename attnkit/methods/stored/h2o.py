@@ -31,7 +31,7 @@ class H2OLayer(KVLayer):
         super().lazy_initialization(key_states, value_states)
         self.acc = torch.zeros(self.pos.shape, dtype=torch.float32, device=self.device)
 
-    def observe(self, probs: torch.Tensor) -> None:
+    def observe(self, probs: torch.Tensor, rows: slice | None = None) -> None:  # a sum over queries: blocks add up
         b, h, _, n = probs.shape
         per_kv = probs.sum(2).view(b, self.keys.shape[1], -1, n).sum(2)  # (B, Hkv, n)
         self.acc[:, :, :n] += per_kv

@@ -28,7 +28,7 @@ class SnapKVLayer(KVLayer):
         q = self.qpos.shape[1]
         return f"last:{self.cfg.window}" if q > 1 and self.n > self.cfg.budget else None
 
-    def observe(self, probs: torch.Tensor) -> None:
+    def observe(self, probs: torch.Tensor, rows: slice | None = None) -> None:
         b, h, w, n = probs.shape
         self.scores = probs.sum(2).view(b, self.keys.shape[1], -1, n).mean(2)  # (B, Hkv, n)
         self.obs_window = w

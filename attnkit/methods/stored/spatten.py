@@ -126,16 +126,16 @@ class SpAttenLayer(KVLayer):
             self.drop_dead()
         return super().update(key_states, value_states, *args, **kwargs)
 
-    def observe(self, probs: torch.Tensor) -> None:
+    def observe(self, probs: torch.Tensor, rows: slice | None = None) -> None:
         self.shared.ensure(probs.shape[0], int(self.seen) + 1, probs.device)
-        self.add_scores(probs, self.stored_pos()[:, 0])  # the layout is shared by the KV heads of a row
+        self.add_scores(probs, self.stored_pos()[:, 0], rows)  # the layout is shared by the KV heads of a row
 
-    def add_scores(self, probs: torch.Tensor, pos: torch.Tensor) -> None:
-        """Add probabilities (B, H, q, n) to the shared score of the positions pos (B, n) of the slots they read,
-        and to their count the query-heads that could see them."""
+    def add_scores(self, probs: torch.Tensor, pos: torch.Tensor, rows: slice | None = None) -> None:
+        """Add probabilities (B, H, q, n) of the chunk's queries (or of its query ``rows``) to the shared score of
+        the positions pos (B, n) of the slots they read, and to their count the query-heads that could see them."""
         b, h, q, _ = probs.shape
         received = probs.sum((1, 2))  # (B, n): over heads and queries
-        qpos = self.qpos.view(b, 1, q)
+        qpos = (self.qpos if rows is None else self.qpos[:, rows]).reshape(b, 1, q)
         seen_by = ((qpos >= pos.unsqueeze(-1)) & (qpos >= 0)).sum(-1).float() * h  # query-heads that saw each slot
         at = pos.clamp_min(0)
         valid = (pos >= 0).float()
@@ -288,47 +288,62 @@ class SpAtten(Method):
         return {"spatten": out} if out else {}
 
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
-        from attnkit.hf.attention import attend_layer, only_real_queries
+        from attnkit.hf.attention import attend_layer, masked_chunk_rows, only_real_queries
 
         plain = self.value_threshold == 0.0 and self.head_keep == 1.0 and not self.msb_bits
         if not isinstance(layer, SpAttenLayer) or plain or layer.static:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
-        mask = layer.mask()
-        if self.msb_bits:
-            probs, refetch, v_full, v_msb = self.progressive(layer, query, key, value, mask, scaling, softcap)
+        q, h = query.shape[2], query.shape[1]
+        mask = layer.mask() if run.recorder is not None else None  # the recorder's; otherwise built per block
+        if self.msb_bits:  # K and V with all bits and with the MSBs only, quantized once for every block
+            keys = quantize_split(key, self.msb_bits, self.lsb_bits)
+            v_full, v_msb = (expand_kv(v, h).float() for v in quantize_split(value, self.msb_bits, self.lsb_bits))
         else:
-            probs, _ = attention_probs(query, key, mask, scaling, softcap)
-        kept, negligible = value_pruned(probs, self.value_threshold)
-        if self.msb_bits:  # a row reads the V it fetched: MSBs only, or all bits where it refetched
-            out = torch.where(refetch, torch.matmul(kept, v_full), torch.matmul(kept, v_msb)).to(query.dtype)
-        else:
-            out = torch.matmul(kept, expand_kv(value, query.shape[1]).float()).to(query.dtype)
-        if self.head_keep < 1.0:
+            v_full = expand_kv(value, h).float()
+        outs, pruned = [], []
+        step = masked_chunk_rows(query, key)  # (B, H, rows, n) float32 blocks under MASKED_SCORE_BYTES
+        for s in range(0, q, step):
+            rows = slice(s, min(s + step, q))
+            whole = rows.stop - s == q
+            block_mask = layer.mask(None if whole else rows) if mask is None else mask[:, :, rows]
+            if self.msb_bits:
+                probs, refetch = self.progressive(layer, query[:, :, rows], keys, block_mask, scaling, softcap, rows)
+            else:
+                probs, _ = attention_probs(query[:, :, rows], key, block_mask, scaling, softcap)
+            kept, negligible = value_pruned(probs, self.value_threshold)
+            if self.msb_bits:  # a row reads the V it fetched: MSBs only, or all bits where it refetched
+                outs.append(torch.where(refetch, torch.matmul(kept, v_full), torch.matmul(kept, v_msb)).to(query.dtype))
+            else:
+                outs.append(torch.matmul(kept, v_full).to(query.dtype))
+            layer.observe(only_real_queries(layer, probs, rows), rows)
+            if run.recorder is not None:
+                pruned.append(negligible)
+            del probs, kept, negligible
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        if self.head_keep < 1.0:  # after every block: the heads' importance is the whole chunk's
             out = layer.prune_heads(out)
-        layer.observe(only_real_queries(layer, probs))
         if run.recorder is not None:  # no reference mask reproduces unrenormalised pruning: record what was kept
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask,
-                              scaling=scaling, out=out, value_pruned=negligible))
+                              scaling=scaling, out=out, value_pruned=torch.cat(pruned, dim=2)))
         layer.compact()
         return out
 
-    def progressive(self, layer: SpAttenLayer, query, key, value, mask, scaling, softcap):
-        """Progressive quantization, simulated -> (probs (B, H, q, n), refetch (B, H, q, 1) bool, V with all bits
-        and V's MSBs, each (B, H, n, D) float32): a row's probabilities come from the MSB-only keys unless their
-        max is below the threshold, then from the keys with all bits (the LSBs fetched)."""
-        full_k, msb_k = quantize_split(key, self.msb_bits, self.lsb_bits)
-        full_v, msb_v = quantize_split(value, self.msb_bits, self.lsb_bits)
+    def progressive(self, layer: SpAttenLayer, query, keys, mask, scaling, softcap, rows: slice):
+        """Progressive quantization, simulated, for the chunk's query ``rows`` (query (B, H, q', D); keys: K with
+        all bits and K's MSBs, (B, Hkv, n, D)) -> (probs (B, H, q', n), refetch (B, H, q', 1) bool): a row's
+        probabilities come from the MSB-only keys unless their max is below the threshold, then from the keys
+        with all bits (the LSBs fetched)."""
+        full_k, msb_k = keys
         coarse, _ = attention_probs(query, msb_k, mask, scaling, softcap)
         fine, _ = attention_probs(query, full_k, mask, scaling, softcap)
-        refetch = coarse.amax(-1, keepdim=True) < self.quant_threshold  # (B, H, q, 1)
-        real = layer.real_queries(query.shape[2])
+        refetch = coarse.amax(-1, keepdim=True) < self.quant_threshold  # (B, H, q', 1)
+        real = layer.real_queries(None, rows)
         counted = refetch if real is None else refetch & real.bool().view(real.shape[0], 1, -1, 1)
         sh = layer.shared
         b, h, q = query.shape[:3]
         sh.rows += int(b * h * q if real is None else h * real.sum())
         sh.refetched += int(counted.sum())
-        probs = torch.where(refetch, fine, coarse)
-        return probs, refetch, expand_kv(full_v, h).float(), expand_kv(msb_v, h).float()
+        return torch.where(refetch, fine, coarse), refetch
 
 
 def value_pruned(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
