@@ -52,4 +52,5 @@ $(VENV)-old/.installed: pyproject.toml
 # The seams (cache layers, attention function, generate) against the oldest supported transformers; the ragged-batch
 # fixed-shape steps (the slowest, and independent of the transformers version) run on the newest only.
 test-old: $(VENV)-old/.installed
-	$(VENV)-old/bin/python -m pytest -q tests/test_methods.py tests/test_api.py tests/test_static_decode.py tests/test_row_blocks.py -k "not ragged"
+	$(VENV)-old/bin/python -m pytest -q tests/test_methods.py tests/test_api.py tests/test_static_decode.py \
+		tests/test_row_blocks.py -k "not ragged"
