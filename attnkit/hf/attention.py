@@ -243,6 +243,18 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
     return out
 
 
+def row_blocks(layer, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None):
+    """(rows, mask) per block of a chunk's queries whose (B, H, rows, n) float32 scores stay under
+    MASKED_SCORE_BYTES: each block's rows of ``mask`` where the recorder built it whole, else of the layer's mask
+    (the layer's whole mask, possibly None, when one block takes every query).
+    query (B, H, q, D); key (B, Hkv, n, D)."""
+    q = query.shape[2]
+    step = masked_chunk_rows(query, key)
+    for s in range(0, q, step):
+        rows = slice(s, min(s + step, q))
+        yield rows, mask[:, :, rows] if mask is not None else layer.mask(None if step >= q else rows)
+
+
 def dense_rows(layer, query, key, value, mask: torch.Tensor | None, scaling: float,
                softcap: float | None) -> torch.Tensor:
     """Eager float32 attention (a softcap, or a layer that scores with every query's probabilities) in query
@@ -254,14 +266,9 @@ def dense_rows(layer, query, key, value, mask: torch.Tensor | None, scaling: flo
     tiny Llama, H2O at budget 8,192 over 16K in 4K chunks peaked at 2,848 MiB whole, 1,381 MiB in blocks
     (benchmarks/row_blocks_memory.py, CPU). query (B, H, q, D); key/value (B, Hkv, n, D) -> (B, H, q, D) in the
     query's dtype."""
-    q = query.shape[2]
-    step = masked_chunk_rows(query, key)
     observe = layer.wants_probs == "all"
     outs = []
-    for s in range(0, q, step):
-        rows = slice(s, min(s + step, q))
-        whole = rows.stop - s == q
-        block_mask = (mask if whole else mask[:, :, rows]) if mask is not None else layer.mask(None if whole else rows)
+    for rows, block_mask in row_blocks(layer, query, key, mask):
         out, probs, _ = dense_attention(query[:, :, rows], key, value, block_mask, scaling, softcap)
         outs.append(out.to(query.dtype))
         if observe:

@@ -288,12 +288,12 @@ class SpAtten(Method):
         return {"spatten": out} if out else {}
 
     def attend(self, run, module, layer: KVLayer, query, key, value, scaling: float, softcap) -> torch.Tensor:
-        from attnkit.hf.attention import attend_layer, masked_chunk_rows, only_real_queries
+        from attnkit.hf.attention import attend_layer, only_real_queries, row_blocks
 
         plain = self.value_threshold == 0.0 and self.head_keep == 1.0 and not self.msb_bits
         if not isinstance(layer, SpAttenLayer) or plain or layer.static:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
-        q, h = query.shape[2], query.shape[1]
+        h = query.shape[1]
         mask = layer.mask() if run.recorder is not None else None  # the recorder's; otherwise built per block
         if self.msb_bits:  # K and V with all bits and with the MSBs only, quantized once for every block
             keys = quantize_split(key, self.msb_bits, self.lsb_bits)
@@ -301,11 +301,7 @@ class SpAtten(Method):
         else:
             v_full = expand_kv(value, h).float()
         outs, pruned = [], []
-        step = masked_chunk_rows(query, key)  # (B, H, rows, n) float32 blocks under MASKED_SCORE_BYTES
-        for s in range(0, q, step):
-            rows = slice(s, min(s + step, q))
-            whole = rows.stop - s == q
-            block_mask = layer.mask(None if whole else rows) if mask is None else mask[:, :, rows]
+        for rows, block_mask in row_blocks(layer, query, key, mask):  # scores under MASKED_SCORE_BYTES per block
             if self.msb_bits:
                 probs, refetch = self.progressive(layer, query[:, :, rows], keys, block_mask, scaling, softcap, rows)
             else:
