@@ -1,4 +1,4 @@
-"""Peak memory of an eager scoring prefill (H2O, SpAtten) with its probabilities whole vs in query-row blocks.
+"""Peak memory of an eager scoring prefill (H2O, SpAtten, ACT) with its probabilities whole vs in query-row blocks.
 
     python benchmarks/row_blocks_memory.py [--method h2o] [--budget 8192] [--context 16384] [--chunk 4096]
         [--device cpu]
@@ -35,8 +35,9 @@ def one(args) -> dict:
     model = tiny_llama().to(args.device)
     model.config.max_position_embeddings = max(args.context * 2, 2048)
     ids = torch.randint(3, 256, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
-    settings = ({"heavy": args.budget // 2, "recent": args.budget - args.budget // 2} if args.method == "h2o"
-                else {"budget": args.budget})
+    settings = {"h2o": {"heavy": args.budget // 2, "recent": args.budget - args.budget // 2},
+                "spatten": {"budget": args.budget},
+                "act": {"heads": "all"}}[args.method]  # ACT keeps every token (budget unused), reweighs all heads
     start = time.perf_counter()
     with torch.no_grad(), attnkit.apply(model, args.method, **settings):
         out = attnkit.generate(model, IdTok(), ids, max_new_tokens=2, prefill_chunk=args.chunk, stop_at_eos=False)
@@ -50,7 +51,7 @@ def one(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", default="h2o", choices=["h2o", "spatten"])
+    p.add_argument("--method", default="h2o", choices=["h2o", "spatten", "act"])
     p.add_argument("--budget", type=int, default=8192)
     p.add_argument("--context", type=int, default=16384)
     p.add_argument("--chunk", type=int, default=4096)

@@ -90,3 +90,32 @@ def test_snapkv_under_a_softcap_observes_only_its_window(monkeypatch):
     with torch.no_grad(), attnkit.apply(model, "snapkv", budget=16, window=4, kernel=3):
         model(input_ids=ids, **{cache_argument(model): attnkit.inference.new_cache(model)})
     assert windows == [4, 4]
+
+
+def test_act_reweighs_in_row_blocks_as_in_one(model, monkeypatch):
+    """ACT's two float32 passes over its heads (column sums, then the reweighing) in 8-row blocks give the logits
+    of one block, on the same ragged batch; and the reweighing is active (the logits differ from ``full``'s)."""
+    from attnkit.methods.read import act as act_module
+
+    decode_ids = torch.randint(3, 256, (len(LENGTHS), 2), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    settings = {"tau": 0.05, "heads": "all"}
+    with attnkit.apply(model, "full"):
+        dense = stream_logits(model, prompts(), decode_ids)
+    with attnkit.apply(model, "act", **settings):
+        whole = stream_logits(model, prompts(), decode_ids)
+    blocks = []
+    real = act_module.row_blocks
+
+    def counted(layer, query, key, mask):
+        for rows, block_mask in real(layer, query, key, mask):
+            blocks.append(rows.stop - rows.start)
+            yield rows, block_mask
+
+    monkeypatch.setattr(act_module, "row_blocks", counted)
+    monkeypatch.setattr(attention, "MASKED_SCORE_BYTES", len(LENGTHS) * 4 * max(LENGTHS) * 4 * BLOCK_ROWS)
+    with attnkit.apply(model, "act", **settings):
+        blocked = stream_logits(model, prompts(), decode_ids)
+    layers = model.config.get_text_config().num_hidden_layers
+    assert len(blocks) == 2 * layers * -(-max(LENGTHS) // BLOCK_ROWS) and max(blocks) <= BLOCK_ROWS
+    assert_close(blocked, whole, f"act: {BLOCK_ROWS}-row blocks vs one block")
+    assert (whole.float() - dense.float()).abs().max() > 1e-3

@@ -202,6 +202,18 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
         out = layer.static_attend(query, scaling, softcap)
         layer.static_after()
         return out
+    out, mask = layer_attention(run, layer, query, key, value, scaling, softcap)
+    if run.recorder is not None:
+        run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask, scaling=scaling, out=out))
+    layer.compact()
+    return out
+
+
+def layer_attention(run, layer, query, key, value, scaling: float,
+                    softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``attend_layer``'s attention (a non-static layer) without the recorder and compaction, for a method that
+    changes some heads' output before it records and compacts itself (ACT). Returns (out, the whole mask where the
+    recorder needs it, else None). query (B, H, q, D); key/value (B, Hkv, n, D) -> out (B, H, q, D)."""
     wants = layer.wants_probs
     q, n = query.shape[2], key.shape[2]
     # A prefill chunk over a cache that holds every earlier token in order is plain bottom-right causal: give SDPA
@@ -237,10 +249,7 @@ def attend_layer(run, layer, query, key, value, scaling: float, softcap: float |
             sub_mask = mask[:, :, -w:] if whole else layer.mask(None if w == q else slice(q - w, q))
             probs, _ = attention_probs(query[:, :, -w:], key, sub_mask, scaling)
             layer.observe(only_real_queries(layer, probs))
-    if run.recorder is not None:
-        run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask, scaling=scaling, out=out))
-    layer.compact()
-    return out
+    return out, mask
 
 
 def row_blocks(layer, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None):

@@ -27,26 +27,36 @@ from pathlib import Path
 
 import torch
 
-from attnkit.hf.attention import attend_layer, only_real_queries
+from attnkit.hf.attention import attend_layer, layer_attention, only_real_queries, row_blocks
 from attnkit.methods.base import Method, check_float
-from attnkit.reference import dense_attention, per_head
+from attnkit.reference import attention_probs, per_head
 from attnkit.session import text_config
 
 
-def act_factor(probs: torch.Tensor, seen: torch.Tensor, initial: torch.Tensor, beta: float, tau: float) -> torch.Tensor:
-    """The per-(row, key) multiplier ACT applies.
+def act_sinks(col_sum: torch.Tensor, seen: torch.Tensor, initial: torch.Tensor, tau: float) -> torch.Tensor:
+    """The hidden sinks: keys whose mean received attention exceeds tau, the initial token left out.
 
-    probs (B, h, q, n) float32 of real queries (pad rows zero); seen (B, h|1, 1, n) how many real queries of the chunk
-    see each key; initial (B, h|1, 1, n) bool, the row's initial token. Returns (B, h, q, n) factors: beta on the
-    sinks, 1 + (1 - beta) m / (1 - m) elsewhere, m = the row's mass on the sinks (1 in rows with m = 1).
+    col_sum (B, h, 1, n) attention each key receives from the chunk's real queries; seen (B, h|1, 1, n) how many
+    real queries see it; initial (B, h|1, 1, n) bool, the row's initial token. Returns (B, h, 1, n) bool.
     """
-    col_mean = probs.sum(2, keepdim=True) / seen.clamp_min(1)  # (B, h, 1, n)
-    sinks = (col_mean > tau) & ~initial & (seen > 0)
-    mass = (probs * sinks).sum(-1, keepdim=True)  # (B, h, q, 1)
+    return (col_sum / seen.clamp_min(1) > tau) & ~initial & (seen > 0)
+
+
+def act_reweigh(real: torch.Tensor, sinks: torch.Tensor, beta: float) -> torch.Tensor:
+    """The per-(row, key) multiplier ACT applies: beta on the sinks, 1 + (1 - beta) m / (1 - m) elsewhere, m =
+    the row's mass on the sinks (1 in rows with m = 1). real (B, h, q, n) float32 probabilities of real queries
+    (pad rows zero); sinks (B, h, 1, n) bool -> (B, h, q, n)."""
+    mass = (real * sinks).sum(-1, keepdim=True)  # (B, h, q, 1)
     give = 1 + (1 - beta) * mass / (1 - mass).clamp_min(1e-6)
     factor = torch.where(sinks, torch.full_like(give, beta), give)
     # a row that sees nothing but sinks (inside a short sliding window) has nowhere to give: left as it is
     return torch.where(mass > 1 - 1e-6, torch.ones_like(factor), factor)
+
+
+def act_factor(probs: torch.Tensor, seen: torch.Tensor, initial: torch.Tensor, beta: float, tau: float) -> torch.Tensor:
+    """``act_sinks`` and ``act_reweigh`` over one whole chunk: probs (B, h, q, n) float32 of real queries (pad rows
+    zero), seen and initial as ``act_sinks`` -> (B, h, q, n) factors."""
+    return act_reweigh(probs, act_sinks(probs.sum(2, keepdim=True), seen, initial, tau), beta)
 
 
 @dataclass
@@ -144,35 +154,55 @@ class ACT(Method):
                 self._use[l] = use if not bool(use.all()) else None
 
     def attend(self, run, module, layer, query, key, value, scaling: float, softcap) -> torch.Tensor:
-        """query (B, H, q, D); key/value (B, Hkv, n, D) -> (B, H, q, D); reweighted on calibrated heads in prefill."""
+        """query (B, H, q, D); key/value (B, Hkv, n, D) -> (B, H, q, D); reweighted on calibrated heads in prefill.
+
+        Every head first gets the layer's own attention (SDPA / flash, as ``full``). The calibrated heads are then
+        redone in float32 in query-row blocks under MASKED_SCORE_BYTES (``row_blocks``), in two passes: the first
+        sums the attention each key receives (the sink test needs the whole chunk's column means), the second
+        reweighs each block's rows. No (h, q, n) tensor is ever whole, except the bias kept for the recorder.
+        """
         heads = self._by_layer.get(layer.layer_idx)
-        q = query.shape[2]
-        if heads is None or layer.static or q == 1:
+        if heads is None or layer.static or query.shape[2] == 1:
             return attend_layer(run, layer, query, key, value, scaling, softcap)
-        mask = layer.mask()
-        out, probs, _ = dense_attention(query, key, value, mask, scaling, softcap)  # float32 (B, H, q, n)
+        out, mask = layer_attention(run, layer, query, key, value, scaling, softcap)
+        b, n_heads, n = query.shape[0], query.shape[1], key.shape[2]
         heads = heads.to(query.device)
-        n_heads, b, n = query.shape[1], query.shape[0], key.shape[2]
-        real = only_real_queries(layer, probs[:, heads])  # pad queries score nothing
-        vis = torch.ones(b, 1, q, n, dtype=torch.bool, device=query.device) if mask is None else mask
-        vis = vis if vis.shape[1] == 1 else per_head(vis, n_heads)[:, heads]
-        rq = layer.real_queries()
-        seen = (vis.float() * (1.0 if rq is None else rq)).sum(2, keepdim=True)  # (B, h|1, 1, n)
-        initial = (layer.stored_pos() == 0).unsqueeze(2)  # (B, Hkv, 1, n)
-        initial = per_head(initial, n_heads)[:, heads]
-        factor = act_factor(real, seen, initial, self.beta, self.tau)
+        qh = query[:, heads]
+        kh, vh = per_head(key, n_heads)[:, heads], per_head(value.float(), n_heads)[:, heads]  # (B, h, n, D)
+
+        def own_heads(m: torch.Tensor | None) -> torch.Tensor | None:  # a per-KV-head mask -> the calibrated heads
+            return m if m is None or m.shape[1] == 1 else per_head(m, n_heads)[:, heads]
+
+        col_sum = torch.zeros(b, len(heads), 1, n, device=query.device)
+        seen = torch.zeros(b, 1, 1, n, device=query.device)
+        for rows, block_mask in row_blocks(layer, qh, kh, mask):  # pass 1: what each key receives, who sees it
+            probs, _ = attention_probs(qh[:, :, rows], kh, own_heads(block_mask), scaling, softcap)
+            col_sum += only_real_queries(layer, probs, rows).sum(2, keepdim=True)
+            rq = layer.real_queries(None, rows)  # (B, 1, rows, 1) or None
+            vis = torch.ones(b, 1, rows.stop - rows.start, n, device=query.device) if block_mask is None \
+                else own_heads(block_mask).float()
+            block_seen = (vis if rq is None else vis * rq).sum(2, keepdim=True)
+            seen = seen + block_seen  # (B, 1 or h, 1, n)
+        initial = per_head((layer.stored_pos() == 0).unsqueeze(2), n_heads)[:, heads]  # (B, h, 1, n)
+        sinks = act_sinks(col_sum, seen, initial, self.tau)
         use = self._use.get(layer.layer_idx)
         if use is not None:  # per-variant head sets: a head outside a row block's set keeps its probabilities there
             if b % use.shape[0]:
                 raise ValueError(f"act: {use.shape[0]} head-set variants do not divide a batch of {b} rows")
-            use = use.to(query.device).repeat_interleave(b // use.shape[0], 0)[:, :, None, None]  # (B, heads, 1, 1)
-            factor = torch.where(use, factor, torch.ones_like(factor))
-        new = probs[:, heads] * factor
-        out[:, heads] = torch.matmul(new, per_head(value.float(), n_heads)[:, heads])
+            use = use.to(query.device).repeat_interleave(b // use.shape[0], 0)[:, :, None, None]  # (B, h, 1, 1)
+        bias = torch.zeros(b, n_heads, query.shape[2], n, device=query.device) if run.recorder is not None else None
+        redone = []
+        for rows, block_mask in row_blocks(layer, qh, kh, mask):  # pass 2: reweigh each block's rows
+            probs, _ = attention_probs(qh[:, :, rows], kh, own_heads(block_mask), scaling, softcap)
+            factor = act_reweigh(only_real_queries(layer, probs, rows), sinks, self.beta)
+            if use is not None:
+                factor = torch.where(use, factor, torch.ones_like(factor))
+            redone.append(torch.matmul(probs * factor, vh).to(out.dtype))
+            if bias is not None:
+                bias[:, heads, rows] = torch.log(factor)
+        out[:, heads] = redone[0] if len(redone) == 1 else torch.cat(redone, dim=2)
         if run.recorder is not None:
-            bias = torch.zeros_like(probs)
-            bias[:, heads] = torch.log(factor)
             run.recorder(dict(layer=layer.layer_idx, query=query, key=key, value=value, mask=mask, scaling=scaling,
                               out=out, bias=bias))
         layer.compact()
-        return out.to(query.dtype)
+        return out
