@@ -92,3 +92,46 @@ def test_runs_side_by_side_on_their_own_streams_train_like_runs_one_by_one(tmp_p
     for a, b in zip(one, side):
         torch.testing.assert_close(torch.tensor(json.loads(b["history_json"])),
                                    torch.tensor(json.loads(a["history_json"])), rtol=0, atol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_replay_waits_while_another_thread_captures(monkeypatch):
+    """Runs side by side: one thread replays its graph while another captures (a finished run's successor). The
+    replay must wait for the capture (torch refuses it during one); both steps then train as their eager twins."""
+    import threading
+
+    torch.manual_seed(0)
+    x, y = (t.cuda() for t in mqar(64, 512, 64, 8, 0.01, seed=5))
+
+    def make(graph: bool, seed: int) -> tuple[TinyLM, TrainStep]:
+        torch.manual_seed(seed)
+        model = TinyLM(LMConfig(vocab_size=512, d_model=64, mixers="softmax", n_layers=2)).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(3e-3, device="cuda"), fused=True, capturable=True)
+        return model, TrainStep(model, opt, x, y, 32, graph=graph)
+
+    idx = torch.arange(32, device="cuda")
+    (_, a), (_, b) = make(True, 1), make(True, 2)
+    for _ in range(4):  # a: warm-up and capture; it replays from now on
+        a(idx)
+    for _ in range(3):  # b: warm-up only; its next call captures
+        b(idx)
+    capturing, replayed = threading.Event(), []
+    real_step = b._step
+
+    def slow_step(i, set_to_none=True):  # b's capture: let a replay in the middle of it
+        capturing.set()
+        threading.Event().wait(0.3)
+        return real_step(i, set_to_none)
+
+    monkeypatch.setattr(b, "_step", slow_step)
+
+    def replay_a():
+        capturing.wait(5)
+        replayed.append(a(idx))
+
+    t = threading.Thread(target=replay_a)
+    t.start()
+    b(idx)
+    t.join()
+    torch.cuda.synchronize()
+    assert b._graph is not None and len(replayed) == 1 and torch.isfinite(replayed[0])

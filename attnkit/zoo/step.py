@@ -21,7 +21,10 @@ import torch
 from torch import nn
 
 WARMUP = 3  # eager steps before the capture (allocator and cuBLAS workspaces settle)
-# one capture at a time in this process: runs trained side by side in threads (``zoo sweep --concurrent``)
+# runs trained side by side in threads (``zoo sweep --concurrent``): one capture at a time, and no replay while
+# another thread captures (torch refuses a replay then: "Cannot prepare for replay during capturing stage", which
+# stopped the V 8192 sweep on an H100 once a finished run's successor captured beside replaying runs). A replay
+# only enqueues the graph, so holding the lock for it costs the others microseconds.
 _CAPTURE = threading.Lock()
 
 
@@ -99,5 +102,6 @@ class TrainStep:
             with _CAPTURE, torch.cuda.graph(self._graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
                 self._loss = self._step(self._idx, set_to_none=False)
         self._idx.copy_(idx)
-        self._graph.replay()
+        with _CAPTURE:
+            self._graph.replay()
         return self._loss
