@@ -312,3 +312,70 @@ def test_the_committed_runs_keep_their_keys():
     db = Path(__file__).resolve().parent.parent / "docs" / "results" / "zoo_v8192.db"
     rows = sqlite3.connect(db).execute("SELECT run_key, config_json FROM zoo_runs").fetchall()
     assert rows and all(TrainConfig(**json.loads(cfg)).key() == key for key, cfg in rows)
+
+
+class EpochClock:
+    """``attnkit.zoo.train.now`` by hand: each epoch's evaluation advances it 10 s, so a time limit is exact."""
+
+    def __init__(self, monkeypatch) -> None:
+        import attnkit.zoo.train as train_module
+
+        self.t = 0.0
+        real = train_module.evaluate_all
+
+        def evaluate_all(*args, **kwargs):
+            self.t += 10.0
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, "now", lambda: self.t)
+        monkeypatch.setattr(train_module, "evaluate_all", evaluate_all)
+
+
+def test_epoch_fits_the_time_left(monkeypatch):
+    import attnkit.zoo.train as train_module
+
+    monkeypatch.setattr(train_module, "now", lambda: 100.0)
+    fits = train_module.epoch_fits
+    assert not fits(100.0, 0.0, 0, 3, False)  # the deadline has passed: not even a first epoch
+    assert fits(101.0, 0.0, 0, 3, False)  # a first epoch: its pace is unknown
+    assert fits(150.0, 40.0, 2, 3, False) and not fits(150.0, 60.0, 2, 3, False)
+    assert not fits(150.0, 20.0, 1, 3, True) and fits(150.0, 20.0, 1, 2, True)  # whole: every epoch left
+    assert fits(150.0, 20.0, 2, 3, True)  # after that, one epoch at a time
+
+
+def test_a_time_limited_sweep_stops_between_epochs_and_resumes(tmp_path, monkeypatch):
+    configs = [tiny(lr=3e-3), tiny(lr=1e-2), tiny(lr=1e-3)]
+    want = run_sweep(configs, tmp_path / "a.db", tmp_path / "a", progress=False)
+    EpochClock(monkeypatch)
+    # limit 25 s at 10 s an epoch: the first run takes 2 epochs (a third would end at 30), the second starts at 20 s
+    # and takes its first epoch (a pace not yet known), then stops; the third would start at 30 s: it does not
+    cut = run_sweep(configs, tmp_path / "b.db", tmp_path / "b", progress=False, time_limit=25)
+    assert [(json.loads(r["config_json"])["lr"], r["epochs"], r["finished"]) for r in cut] == [(3e-3, 2, 0),
+                                                                                              (1e-2, 1, 0)]
+    with Store(tmp_path / "b.db") as store:
+        assert store.zoo_runs() == []  # nothing unfinished is stored
+    monkeypatch.undo()
+    resumed = run_sweep(configs, tmp_path / "b.db", tmp_path / "b", progress=False)
+    assert [json.loads(r["history_json"]) for r in resumed] == [json.loads(r["history_json"]) for r in want]
+
+
+def test_whole_runs_leave_a_long_run_for_a_short_one(tmp_path, monkeypatch):
+    EpochClock(monkeypatch)
+    long, short = tiny(epochs=5), tiny(epochs=2)
+    # limit 35 s: the long run's first epoch ends at 10 s and its 4 left need 40: it stops; the short one's second
+    # epoch fits (20 -> 30 s) and it is stored
+    rows = run_sweep([long, short], tmp_path / "z.db", tmp_path / "ck", progress=False, time_limit=35, whole=True)
+    assert [(r["epochs"], r["finished"]) for r in rows] == [(1, 0), (2, 1)]
+    with Store(tmp_path / "z.db") as store:
+        assert [r["run_key"] for r in store.zoo_runs()] == [short.key()]
+
+
+def test_time_limit_errors(tmp_path, capsys):
+    for bad in (0, -5, "10", True):
+        with pytest.raises(ValueError, match=f"time_limit={bad!r} is invalid; accepted: seconds > 0"):
+            run_sweep([tiny()], tmp_path / "z.db", tmp_path, progress=False, time_limit=bad)
+    with pytest.raises(ValueError, match="local executor only"):
+        run_sweep([tiny()], tmp_path / "z.db", tmp_path, progress=False, executor="ray", time_limit=5)
+    args = ["zoo", "sweep", "--mixers", "softmax", "--shapes", "32x4", "--db", str(tmp_path / "z.db")]
+    assert main([*args, "--whole-runs"]) == 2
+    assert "--whole-runs needs --time-limit" in capsys.readouterr().err

@@ -72,6 +72,10 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     p.add_argument("--concurrent", type=int, default=1, help="runs trained side by side in this process, each on a "
                    "CUDA stream of its own (their kernels overlap, processes only time-slice a GPU: 1.1-1.24x on "
                    "an H100)")
+    p.add_argument("--time-limit", type=float, help="seconds: start no run after them and stop running ones "
+                   "before an epoch that would end after them, checkpoints kept (a bounded GPU call)")
+    p.add_argument("--whole-runs", action="store_true", help="with --time-limit: a run whose remaining epochs "
+                   "would not fit (at its first epoch's pace) stops after that epoch and the next run starts")
     p.add_argument("--executor", choices=["local", "ray"], default="local")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)
@@ -136,12 +140,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     shapes = [parse_shape(s) for s in (args.shapes or "64x4").split(",") if s]
     configs = grid([m for m in args.mixers.split(",") if m], [int(d) for d in args.d_models.split(",") if d], shapes,
                    [float(x) for x in args.lrs.split(",") if x], **_base(args))
-    rows = run_sweep(configs, args.db, args.checkpoints, parse_shard(args.shard), args.executor, args.device,
+    if args.whole_runs and args.time_limit is None:
+        raise ValueError("zoo sweep: --whole-runs needs --time-limit")
+    shard = parse_shard(args.shard)
+    rows = run_sweep(configs, args.db, args.checkpoints, shard, args.executor, args.device,
                      progress=not args.no_progress, graph=False if args.eager else None,
-                     concurrent=args.concurrent)
+                     concurrent=args.concurrent, time_limit=args.time_limit, whole=args.whole_runs)
     for r in rows:
+        left = "" if r["finished"] else f" (unfinished: {r['epochs']} epochs, checkpoint kept)"
         print(f"{r['mixers']:28} d{r['d_model']:<4} {r['seq_len']}x{r['num_kv_pairs']:<4} "
-              f"acc {r['accuracy']:.3f} state {r['state_size']:>10,}")
+              f"acc {r['accuracy']:.3f} state {r['state_size']:>10,}{left}")
+    mine = len(configs[shard[0]::shard[1]])
+    print(f"{sum(1 for r in rows if r['finished'])} of this shard's {mine} runs finished")
     return 0
 
 

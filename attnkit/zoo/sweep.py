@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from attnkit.zoo import train as _train_module
 from attnkit.zoo.train import TrainConfig, matmul_precision, train
 
 
@@ -89,9 +90,17 @@ def run_sweep(
     progress: bool = True,
     graph: bool | None = None,
     concurrent: int = 1,
+    time_limit: float | None = None,
+    whole: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train this shard's runs (skipping stored ones); returns their result rows. ``graph``: see
-    :func:`~attnkit.zoo.train.train`.
+    """Train this shard's runs (skipping stored ones); returns the result rows of the runs it has (stored or
+    trained now, ``finished`` 0 where a run stopped unfinished). ``graph``: see :func:`~attnkit.zoo.train.train`.
+
+    ``time_limit`` seconds from now: no run starts after it, and a running one stops before an epoch that would end
+    after it, leaving its checkpoint (a bounded GPU call ends by itself instead of being killed mid-epoch). With
+    ``whole``, a run also stops after its first epoch of this call where the rest of it would not fit, and the
+    thread takes the next run: use it for the last call before the checkpoints are lost (``train``'s
+    ``deadline`` and ``whole``).
 
     ``concurrent`` runs train side by side in threads of this process, each on a CUDA stream of its own: kernels
     of one process's streams overlap where separate processes only time-slice a GPU (1.1-1.24x more steps per
@@ -101,9 +110,15 @@ def run_sweep(
     from attnkit.eval.store import Store
 
     check_concurrent(concurrent)
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
+                                   or not time_limit > 0):
+        raise ValueError(f"zoo sweep: time_limit={time_limit!r} is invalid; accepted: seconds > 0")
+    deadline = None if time_limit is None else train_clock() + time_limit
     index, count = shard
     mine = configs[index::count]
     if executor == "ray":
+        if time_limit is not None:
+            raise ValueError("zoo sweep: time_limit works with the local executor only (a bounded call on one GPU)")
         return _run_ray(mine, str(db), str(checkpoint_dir), device, graph)
     if executor != "local":
         raise ValueError(f"unknown executor '{executor}'; available: local, ray")
@@ -120,10 +135,13 @@ def run_sweep(
 
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="run", desc="zoo sweep", dynamic_ncols=True)
 
-    def one(cfg: TrainConfig) -> dict[str, Any]:
+    def one(cfg: TrainConfig) -> dict[str, Any] | None:
+        if deadline is not None and train_clock() >= deadline:
+            return None  # started no more: the time limit has passed
         stream = torch.cuda.Stream() if concurrent > 1 and str(device).startswith("cuda") else None
         with Store(db) as own, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            row = train(cfg, own, checkpoint_dir, device, progress=False, graph=graph)
+            row = train(cfg, own, checkpoint_dir, device, progress=False, graph=graph, deadline=deadline,
+                        whole=whole)
         if stream is not None:
             stream.synchronize()
         return row
@@ -134,8 +152,10 @@ def run_sweep(
         try:
             for future in as_completed(futures):
                 cfg, row = futures[future], future.result()
+                if row is None:
+                    continue
                 done[cfg.key()] = row
-                if bar is not None:
+                if bar is not None and row["finished"]:
                     bar.update(1)
                     bar.set_postfix(last=f"{row['mixers']} d{cfg.d_model} acc {row['accuracy']:.3f}")
         except BaseException:  # a failed run (or ^C): start no more; the ones running finish their runs
@@ -144,7 +164,12 @@ def run_sweep(
             raise
     if bar is not None:
         bar.close()
-    return [stored.get(c.key()) or done[c.key()] for c in mine]
+    return [row for c in mine if (row := stored.get(c.key()) or done.get(c.key())) is not None]
+
+
+def train_clock() -> float:
+    """``attnkit.zoo.train.now``, looked up at each call (a test may replace it)."""
+    return _train_module.now()
 
 
 def check_concurrent(value: int) -> None:

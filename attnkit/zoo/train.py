@@ -209,18 +209,37 @@ def train(
     progress: bool = True,
     max_epochs: int | None = None,
     graph: bool | None = None,
+    deadline: float | None = None,
+    whole: bool = False,
 ) -> dict[str, Any]:
     """Train one run (or return its stored row); see the module docstring.
 
     ``max_epochs`` stops after that many epochs of this call (a checkpoint is left to resume from; nothing is
     stored): used to split long runs and by the resume test. ``graph`` replays each full training step from one CUDA
-    graph (:mod:`attnkit.zoo.step`; None: on CUDA). Returns the result row.
+    graph (:mod:`attnkit.zoo.step`; None: on CUDA). ``deadline`` (a :func:`now` value) stops before an epoch that
+    would end after it, at the pace of this call's epochs; with ``whole``, the run also stops after its first epoch
+    of this call where the epochs left would not all fit (a bounded call then spends its time on runs it can
+    finish). A stopped run leaves its checkpoint and stores nothing. Returns the result row (``finished`` 0 when
+    stopped).
     """
     key = cfg.key()
     if store is not None and (row := store.zoo_run(key)) is not None:
         return row
     with matmul_precision(cfg.precision):
-        return _train(cfg, key, store, checkpoint_dir, device, progress, max_epochs, graph)
+        return _train(cfg, key, store, checkpoint_dir, device, progress, max_epochs, graph, deadline, whole)
+
+
+now = time.monotonic  # the clock of ``deadline`` (a name of its own, so a test can run it by hand)
+
+
+def epoch_fits(deadline: float, epoch_s: float, ran: int, epochs_left: int, whole: bool) -> bool:
+    """Whether a run's next epoch may start: never once ``deadline`` has passed; the first epoch of a call always
+    (its pace is not known yet); later ones where one epoch of ``epoch_s`` seconds fits, or, with ``whole`` right
+    after the first, where all ``epochs_left`` do."""
+    left = deadline - now()
+    if left <= 0:
+        return False
+    return ran == 0 or left >= epoch_s * (epochs_left if whole and ran == 1 else 1)
 
 
 @contextlib.contextmanager
@@ -239,7 +258,7 @@ _INIT = threading.Lock()
 
 
 def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progress: bool, max_epochs: int | None,
-           graph: bool | None) -> dict[str, Any]:
+           graph: bool | None, deadline: float | None = None, whole: bool = False) -> dict[str, Any]:
     with _INIT:
         torch.manual_seed(cfg.seed)
         model = TinyLM(cfg.lm_config()).to(device)
@@ -279,11 +298,13 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     graph = graph and all(label_positions(y) is not None for _, y in train_sets)  # equal label counts per row
     # one step (one CUDA graph) per segment shape, all on the one optimizer
     step_fns = [TrainStep(model, opt, x, y, cfg.batch_size, graph=graph) for x, y in train_sets]
-    ran = 0
+    ran, epoch_s = 0, 0.0
     while meta["epoch"] < cfg.epochs and meta["best"] < cfg.early_stop:
         if max_epochs is not None and ran >= max_epochs:
             break
-        start = time.perf_counter()
+        if deadline is not None and not epoch_fits(deadline, epoch_s, ran, cfg.epochs - meta["epoch"], whole):
+            break
+        start = now()
         seed = cfg.seed * 9973 + meta["epoch"]
         orders = [torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104729 * i)).to(device)
                   for i, (_, _, n) in enumerate(segments)]
@@ -299,7 +320,8 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
         if acc > meta["best"] or not meta["slices"]:
             meta["slices"] = [round(a, 5) for a in per_test]  # each test set's accuracy at the best epoch
         meta["accuracy"], meta["best"] = acc, max(meta["best"], acc)
-        meta["wall_s"] += time.perf_counter() - start
+        epoch_s = now() - start
+        meta["wall_s"] += epoch_s
         meta["history"].append(round(acc, 5))
         ran += 1
         if ckpt is not None:
