@@ -176,11 +176,12 @@ class ACT(Method):
         col_sum = torch.zeros(b, len(heads), 1, n, device=query.device)
         seen = torch.zeros(b, 1, 1, n, device=query.device)
         for rows, block_mask in row_blocks(layer, qh, kh, mask):  # pass 1: what each key receives, who sees it
-            probs, _ = attention_probs(qh[:, :, rows], kh, own_heads(block_mask), scaling, softcap)
+            block_mask = own_heads(block_mask)
+            probs, _ = attention_probs(qh[:, :, rows], kh, block_mask, scaling, softcap)
             col_sum += only_real_queries(layer, probs, rows).sum(2, keepdim=True)
             rq = layer.real_queries(None, rows)  # (B, 1, rows, 1) or None
             vis = torch.ones(b, 1, rows.stop - rows.start, n, device=query.device) if block_mask is None \
-                else own_heads(block_mask).float()
+                else block_mask.float()
             block_seen = (vis if rq is None else vis * rq).sum(2, keepdim=True)
             seen = seen + block_seen  # (B, 1 or h, 1, n)
         initial = per_head((layer.stored_pos() == 0).unsqueeze(2), n_heads)[:, heads]  # (B, h, 1, n)
