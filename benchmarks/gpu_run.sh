@@ -135,22 +135,27 @@ for s in $stages; do
       # without positions or the conv's token shift, softmax alone stalled at 0.45-0.55 on 256x16 (zoo_v8192.db)
       # ATTNKIT_ZOO_CONCURRENT runs side by side in each shard's process, on streams of their own (1.1-1.24x, zooconc)
       # --time-limit: the sweep ends by itself 40 s before the bound (no run starts later, running ones stop between
-      # epochs, checkpoints kept in /root while the machine stays warm: the next call resumes them);
+      # epochs and an epoch still running at the limit is dropped; checkpoints and the drawn MQAR sets go to
+      # results/zoo-state, an ignored folder of the checkout, kept between calls while the machine is warm: /root
+      # was not, three calls of session 25 found no checkpoints there);
       # ATTNKIT_ZOO_WHOLE=1 for a session's last call: runs that cannot finish in it give way to ones that can
       ZP=${ATTNKIT_ZOO_SHARDS:-2}
       ZS=${ATTNKIT_STAGE_SECONDS:-540}
       for i in $(seq 0 $((ZP - 1))); do
         timeout $ZS python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
           --time-limit $((ZS - 40)) $([ "${ATTNKIT_ZOO_WHOLE:-0}" = 1 ] && echo --whole-runs) \
-          --checkpoints /root/zoo-checkpoints --vocab-size 8192 --train-mix zoology --test-mix zoology \
+          --checkpoints results/zoo-state --vocab-size 8192 --train-mix zoology --test-mix zoology \
           --epochs 32 --batch-size 256 --mixers base_conv+softmax,base_conv+based,base_conv+sliding_window \
           --set based.conv_kernel=0 --d-models 64,128,256 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,3.162e-3,1e-2,3.162e-2} \
           --precision ${ATTNKIT_ZOO_PRECISION:-float32} \
           --shard $i/$ZP --concurrent ${ATTNKIT_ZOO_CONCURRENT:-1} --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
       done
       wait
-      tail -n 12 "$OUT"/zoo8192.shard*.log | tee "$OUT/zoo8192.log"; rm -f "$OUT"/zoo8192.shard*.log
-      python3 -m attnkit zoo report "$OUT/zoo_v8192.db" -o "$OUT/zoo8192-report" 2>&1 | tail -20 | tee -a "$OUT/zoo8192.log" ;;
+      # each run's start (its set-up time), epochs and stop, timestamped (--no-progress), then the finished runs
+      cat "$OUT"/zoo8192.shard*.log > "$OUT/zoo8192.log"; rm -f "$OUT"/zoo8192.shard*.log
+      ls -la results/zoo-state | tail -n +2 >> "$OUT/zoo8192.log"
+      grep -v "^| " "$OUT/zoo8192.log" | tail -60
+      python3 -m attnkit zoo report "$OUT/zoo_v8192.db" -o "$OUT/zoo8192-report" 2>&1 | tail -1 | tee -a "$OUT/zoo8192.log" ;;
     profile32b8c)  # batch 8 at 32K: quest/p64 compiled took 9.39 ms against a 5.29 ms weights floor (H100): where the rest goes
       (cd benchmarks && PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout ${ATTNKIT_STAGE_SECONDS:-300} \
         python3 decode_profile.py --context 32768 --batch 8 --prefill-chunk 2048 --compile --compiled-only \

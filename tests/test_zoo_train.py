@@ -379,3 +379,50 @@ def test_time_limit_errors(tmp_path, capsys):
     args = ["zoo", "sweep", "--mixers", "softmax", "--shapes", "32x4", "--db", str(tmp_path / "z.db")]
     assert main([*args, "--whole-runs"]) == 2
     assert "--whole-runs needs --time-limit" in capsys.readouterr().err
+
+
+class StepClock:
+    """``attnkit.zoo.train.now`` by hand: each training step advances it 1 s (the step's ``lr_at`` call)."""
+
+    def __init__(self, monkeypatch) -> None:
+        import attnkit.zoo.train as train_module
+
+        self.t = 0.0
+        real = train_module.lr_at
+
+        def lr_at(*args, **kwargs):
+            self.t += 1.0
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, "now", lambda: self.t)
+        monkeypatch.setattr(train_module, "lr_at", lr_at)
+
+
+def test_an_epoch_running_at_the_time_limit_is_dropped_and_the_run_resumes(tmp_path, monkeypatch):
+    """8 steps an epoch at 1 s each: with 12 s the first epoch ends at 8 s and a second (8 s more) would not fit;
+    with 5 s even the first epoch (always started: its pace is unknown) is cut at its fifth step and dropped."""
+    want = train(tiny(), None, tmp_path / "a", progress=False)
+    lines: list[str] = []
+    StepClock(monkeypatch)
+    rows = run_sweep([tiny()], tmp_path / "b.db", tmp_path / "b", progress=False, time_limit=12, log=lines.append)
+    assert [(r["epochs"], r["finished"]) for r in rows] == [(1, 0)]
+    assert "stopped before epoch 2 (time limit)" in lines[-1]
+    rows = run_sweep([tiny()], tmp_path / "b.db", tmp_path / "b", progress=False, time_limit=5, log=lines.append)
+    assert [(r["epochs"], r["finished"]) for r in rows] == [(1, 0)]  # epoch 2 dropped, epoch 1's checkpoint kept
+    assert "epoch 2 cut at the time limit after 5.0 s" in lines[-1]
+    monkeypatch.undo()
+    resumed = run_sweep([tiny()], tmp_path / "b.db", tmp_path / "b", progress=False, log=lines.append)
+    assert json.loads(resumed[0]["history_json"]) == json.loads(want["history_json"])
+    assert lines[-1].startswith("base_conv+softmax d32 lr 0.003: finished, best accuracy")
+    assert any("from epoch 1/3, set up in" in line for line in lines)
+
+
+def test_cli_sweep_without_bars_logs_each_epoch(tmp_path, capsys):
+    args = ["zoo", "sweep", "--mixers", "softmax", "--shapes", "32x4", "--vocab-size", "64", "--train-examples",
+            "64", "--test-examples", "32", "--batch-size", "32", "--epochs", "2", "--d-models", "16",
+            "--db", str(tmp_path / "z.db"), "--checkpoints", str(tmp_path / "ck"), "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" zoo: ", 1)[1].split(" accuracy")[0] for line in err if "epoch 1/" in line or
+            "epoch 2/" in line] == ["softmax d16 lr 0.001: epoch 1/2", "softmax d16 lr 0.001: epoch 2/2"]
+    assert list((tmp_path / "ck" / "mqar").glob("mqar-*.safetensors"))  # the sets were cached beside the checkpoints

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from typing import Any
 
 TRAIN_FIELDS = ("vocab_size", "train_examples", "test_examples", "epochs", "batch_size", "weight_decay",
@@ -77,7 +79,8 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     p.add_argument("--whole-runs", action="store_true", help="with --time-limit: a run whose remaining epochs "
                    "would not fit (at its first epoch's pace) stops after that epoch and the next run starts")
     p.add_argument("--executor", choices=["local", "ray"], default="local")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no bars: one timestamped line per run start, "
+                   "epoch and stop on stderr instead (logs of batch jobs)")
     p.set_defaults(func=cmd_sweep)
 
     p = zsub.add_parser("passkey", parents=[common, stored], help="train one model on passkey at one length, test "
@@ -145,7 +148,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     rows = run_sweep(configs, args.db, args.checkpoints, shard, args.executor, args.device,
                      progress=not args.no_progress, graph=False if args.eager else None,
-                     concurrent=args.concurrent, time_limit=args.time_limit, whole=args.whole_runs)
+                     concurrent=args.concurrent, time_limit=args.time_limit, whole=args.whole_runs,
+                     log=_stderr_line if args.no_progress else None)
     for r in rows:
         left = "" if r["finished"] else f" (unfinished: {r['epochs']} epochs, checkpoint kept)"
         print(f"{r['mixers']:28} d{r['d_model']:<4} {r['seq_len']}x{r['num_kv_pairs']:<4} "
@@ -153,6 +157,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     mine = len(configs[shard[0]::shard[1]])
     print(f"{sum(1 for r in rows if r['finished'])} of this shard's {mine} runs finished")
     return 0
+
+
+def _stderr_line(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} zoo: {text}", file=sys.stderr, flush=True)
 
 
 def cmd_passkey(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -92,6 +92,7 @@ def run_sweep(
     concurrent: int = 1,
     time_limit: float | None = None,
     whole: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train this shard's runs (skipping stored ones); returns the result rows of the runs it has (stored or
     trained now, ``finished`` 0 where a run stopped unfinished). ``graph``: see :func:`~attnkit.zoo.train.train`.
@@ -105,7 +106,7 @@ def run_sweep(
     ``concurrent`` runs train side by side in threads of this process, each on a CUDA stream of its own: kernels
     of one process's streams overlap where separate processes only time-slice a GPU (1.1-1.24x more steps per
     second on an H100 at V 8192, benchmarks/zoo_concurrent.py). Each run computes what it computes alone; wall
-    times are then shared ones.
+    times are then shared ones. ``log``: each run's lines (:func:`~attnkit.zoo.train.train`).
     """
     from attnkit.eval.store import Store
 
@@ -141,7 +142,7 @@ def run_sweep(
         stream = torch.cuda.Stream() if concurrent > 1 and str(device).startswith("cuda") else None
         with Store(db) as own, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             row = train(cfg, own, checkpoint_dir, device, progress=False, graph=graph, deadline=deadline,
-                        whole=whole)
+                        whole=whole, log=log)
         if stream is not None:
             stream.synchronize()
         return row

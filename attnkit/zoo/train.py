@@ -18,12 +18,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from attnkit.zoo.base import check_float, check_int
+from attnkit.zoo.datacache import mqar_set
 from attnkit.zoo.lm import LMConfig, TinyLM
 from attnkit.zoo.mqar import mqar, mqar_accuracy
 from attnkit.zoo.registry import mixer_class
@@ -211,22 +212,24 @@ def train(
     graph: bool | None = None,
     deadline: float | None = None,
     whole: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train one run (or return its stored row); see the module docstring.
 
     ``max_epochs`` stops after that many epochs of this call (a checkpoint is left to resume from; nothing is
     stored): used to split long runs and by the resume test. ``graph`` replays each full training step from one CUDA
     graph (:mod:`attnkit.zoo.step`; None: on CUDA). ``deadline`` (a :func:`now` value) stops before an epoch that
-    would end after it, at the pace of this call's epochs; with ``whole``, the run also stops after its first epoch
-    of this call where the epochs left would not all fit (a bounded call then spends its time on runs it can
-    finish). A stopped run leaves its checkpoint and stores nothing. Returns the result row (``finished`` 0 when
-    stopped).
+    would end after it, at the pace of this call's epochs, and an epoch still running at it (a first one, whose
+    pace was unknown) is dropped at the next step; with ``whole``, the run also stops after its first epoch of
+    this call where the epochs left would not all fit (a bounded call then spends its time on runs it can
+    finish). A stopped run leaves its last checkpoint and stores nothing. ``log`` receives one line when the run
+    starts, per epoch and when it stops. Returns the result row (``finished`` 0 when stopped).
     """
     key = cfg.key()
     if store is not None and (row := store.zoo_run(key)) is not None:
         return row
     with matmul_precision(cfg.precision):
-        return _train(cfg, key, store, checkpoint_dir, device, progress, max_epochs, graph, deadline, whole)
+        return _train(cfg, key, store, checkpoint_dir, device, progress, max_epochs, graph, deadline, whole, log)
 
 
 now = time.monotonic  # the clock of ``deadline`` (a name of its own, so a test can run it by hand)
@@ -258,7 +261,9 @@ _INIT = threading.Lock()
 
 
 def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progress: bool, max_epochs: int | None,
-           graph: bool | None, deadline: float | None = None, whole: bool = False) -> dict[str, Any]:
+           graph: bool | None, deadline: float | None = None, whole: bool = False,
+           log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    begun = now()
     with _INIT:
         torch.manual_seed(cfg.seed)
         model = TinyLM(cfg.lm_config()).to(device)
@@ -274,9 +279,10 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
                             lr=lr, betas=(0.9, 0.98), fused=cuda or None, capturable=graph)
     # segment i's draws from seed + 7919 i, test set j's from a disjoint stream (one segment: the seeds as before)
     segments, test_shapes = cfg.train_segments(), cfg.test_segments()
-    train_sets = [mqar(n, cfg.vocab_size, t, k, cfg.power_a, seed=cfg.seed + 7919 * i)
+    data_dir = Path(checkpoint_dir) / "mqar" if checkpoint_dir is not None else None  # drawn once (datacache)
+    train_sets = [mqar_set(n, cfg.vocab_size, t, k, cfg.power_a, cfg.seed + 7919 * i, data_dir)
                   for i, (t, k, n) in enumerate(segments)]
-    tests = [mqar(n, cfg.vocab_size, t, k, cfg.power_a, seed=cfg.seed + 1_000_003 + 7919 * j)
+    tests = [mqar_set(n, cfg.vocab_size, t, k, cfg.power_a, cfg.seed + 1_000_003 + 7919 * j, data_dir)
              for j, (t, k, n) in enumerate(test_shapes)]
     # the whole set on the device once: a per-step host-to-device copy from pageable memory synchronises every
     # step, which serialises a launch-bound tiny model's kernels with the Python that launches them
@@ -298,11 +304,16 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     graph = graph and all(label_positions(y) is not None for _, y in train_sets)  # equal label counts per row
     # one step (one CUDA graph) per segment shape, all on the one optimizer
     step_fns = [TrainStep(model, opt, x, y, cfg.batch_size, graph=graph) for x, y in train_sets]
-    ran, epoch_s = 0, 0.0
+    name = f"{label(cfg)} d{cfg.d_model} lr {cfg.lr:g}"
+    if log is not None:
+        log(f"{name}: from epoch {meta['epoch']}/{cfg.epochs}, set up in {now() - begun:.1f} s")
+    ran, epoch_s, cut = 0, 0.0, False
     while meta["epoch"] < cfg.epochs and meta["best"] < cfg.early_stop:
         if max_epochs is not None and ran >= max_epochs:
             break
         if deadline is not None and not epoch_fits(deadline, epoch_s, ran, cfg.epochs - meta["epoch"], whole):
+            if log is not None:
+                log(f"{name}: stopped before epoch {meta['epoch'] + 1} (time limit), checkpoint kept")
             break
         start = now()
         seed = cfg.seed * 9973 + meta["epoch"]
@@ -315,6 +326,13 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
             step_fns[i].set_lr(lr_at(meta["epoch"] * steps_per_epoch + k, total, cfg))
             # logits at the labelled positions only: the same loss, a fraction of the head's work
             loss = step_fns[i](orders[i][b * cfg.batch_size : (b + 1) * cfg.batch_size])
+            if deadline is not None and now() >= deadline:  # a first epoch whose pace was unknown: the time is up
+                cut = True
+                break
+        if cut:  # this epoch's steps are dropped: the run resumes from its last checkpoint
+            if log is not None:
+                log(f"{name}: epoch {meta['epoch'] + 1} cut at the time limit after {now() - start:.1f} s")
+            break
         acc, per_test = evaluate_all(model, tests, max(cfg.batch_size, 256))
         meta["epoch"] += 1
         if acc > meta["best"] or not meta["slices"]:
@@ -330,9 +348,13 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
+        if log is not None:
+            log(f"{name}: epoch {meta['epoch']}/{cfg.epochs} accuracy {acc:.3f} in {epoch_s:.1f} s")
     if bar is not None:
         bar.close()
     finished = meta["epoch"] >= cfg.epochs or meta["best"] >= cfg.early_stop
+    if log is not None and finished:
+        log(f"{name}: finished, best accuracy {meta['best']:.3f} after {meta['epoch']} epochs")
     # a mixture run's row names its largest test config, and each test config's result is in slices_json
     seq_len, pairs = max((t, k) for t, k, _ in test_shapes) if cfg.train_mix else (cfg.seq_len, cfg.num_kv_pairs)
     slices = {f"{t}x{k}": [a, model.state_size(t)] for (t, k, _), a in zip(test_shapes, meta["slices"])}
