@@ -414,7 +414,7 @@ def test_an_epoch_running_at_the_time_limit_is_dropped_and_the_run_resumes(tmp_p
     resumed = run_sweep([tiny()], tmp_path / "b.db", tmp_path / "b", progress=False, log=lines.append)
     assert json.loads(resumed[0]["history_json"]) == json.loads(want["history_json"])
     assert lines[-1].startswith("base_conv+softmax d32 lr 0.003: finished, best accuracy")
-    assert any("from epoch 1/3, set up in" in line for line in lines)
+    assert any("from epoch 1/3; data " in line and " s, model and copies " in line for line in lines)
 
 
 def test_cli_sweep_without_bars_logs_each_epoch(tmp_path, capsys):
@@ -426,3 +426,17 @@ def test_cli_sweep_without_bars_logs_each_epoch(tmp_path, capsys):
     assert [line.split(" zoo: ", 1)[1].split(" accuracy")[0] for line in err if "epoch 1/" in line or
             "epoch 2/" in line] == ["softmax d16 lr 0.001: epoch 1/2", "softmax d16 lr 0.001: epoch 2/2"]
     assert list((tmp_path / "ck" / "mqar").glob("mqar-*.safetensors"))  # the sets were cached beside the checkpoints
+
+
+def test_a_time_limited_cli_sweep_arms_a_stack_dump_past_its_limit_and_disarms_it(tmp_path, monkeypatch, capsys):
+    import faulthandler
+
+    calls: list[object] = []
+    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda seconds, exit: calls.append((seconds, exit)))
+    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", lambda: calls.append("cancel"))
+    args = ["zoo", "sweep", "--mixers", "softmax", "--shapes", "32x4", "--vocab-size", "64", "--train-examples",
+            "64", "--test-examples", "32", "--batch-size", "32", "--epochs", "1", "--d-models", "16",
+            "--db", str(tmp_path / "z.db"), "--checkpoints", str(tmp_path / "ck"), "--no-progress"]
+    assert main([*args, "--time-limit", "100"]) == 0
+    assert calls == [(130.0, False), "cancel"]
+    assert "1 of this shard's 1 runs finished" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 import time
@@ -146,10 +147,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.whole_runs and args.time_limit is None:
         raise ValueError("zoo sweep: --whole-runs needs --time-limit")
     shard = parse_shard(args.shard)
+    if args.time_limit is not None:  # still running 30 s past the limit: every thread's stack on stderr, once
+        faulthandler.dump_traceback_later(args.time_limit + 30, exit=False)
     rows = run_sweep(configs, args.db, args.checkpoints, shard, args.executor, args.device,
                      progress=not args.no_progress, graph=False if args.eager else None,
                      concurrent=args.concurrent, time_limit=args.time_limit, whole=args.whole_runs,
                      log=_stderr_line if args.no_progress else None)
+    faulthandler.cancel_dump_traceback_later()
     for r in rows:
         left = "" if r["finished"] else f" (unfinished: {r['epochs']} epochs, checkpoint kept)"
         print(f"{r['mixers']:28} d{r['d_model']:<4} {r['seq_len']}x{r['num_kv_pairs']:<4} "

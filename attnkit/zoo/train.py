@@ -264,6 +264,14 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
            graph: bool | None, deadline: float | None = None, whole: bool = False,
            log: Callable[[str], None] | None = None) -> dict[str, Any]:
     begun = now()
+    data_dir = Path(checkpoint_dir) / "mqar" if checkpoint_dir is not None else None  # drawn once (datacache)
+    # segment i's draws from seed + 7919 i, test set j's from a disjoint stream (one segment: the seeds as before)
+    segments, test_shapes = cfg.train_segments(), cfg.test_segments()
+    train_sets = [mqar_set(n, cfg.vocab_size, t, k, cfg.power_a, cfg.seed + 7919 * i, data_dir)
+                  for i, (t, k, n) in enumerate(segments)]
+    tests = [mqar_set(n, cfg.vocab_size, t, k, cfg.power_a, cfg.seed + 1_000_003 + 7919 * j, data_dir)
+             for j, (t, k, n) in enumerate(test_shapes)]
+    drawn = now()
     with _INIT:
         torch.manual_seed(cfg.seed)
         model = TinyLM(cfg.lm_config()).to(device)
@@ -277,13 +285,6 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     lr = torch.tensor(cfg.lr, device=device) if graph else cfg.lr
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), fused=cuda or None, capturable=graph)
-    # segment i's draws from seed + 7919 i, test set j's from a disjoint stream (one segment: the seeds as before)
-    segments, test_shapes = cfg.train_segments(), cfg.test_segments()
-    data_dir = Path(checkpoint_dir) / "mqar" if checkpoint_dir is not None else None  # drawn once (datacache)
-    train_sets = [mqar_set(n, cfg.vocab_size, t, k, cfg.power_a, cfg.seed + 7919 * i, data_dir)
-                  for i, (t, k, n) in enumerate(segments)]
-    tests = [mqar_set(n, cfg.vocab_size, t, k, cfg.power_a, cfg.seed + 1_000_003 + 7919 * j, data_dir)
-             for j, (t, k, n) in enumerate(test_shapes)]
     # the whole set on the device once: a per-step host-to-device copy from pageable memory synchronises every
     # step, which serialises a launch-bound tiny model's kernels with the Python that launches them
     train_sets = [(x.to(device), y.to(device)) for x, y in train_sets]
@@ -306,7 +307,8 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     step_fns = [TrainStep(model, opt, x, y, cfg.batch_size, graph=graph) for x, y in train_sets]
     name = f"{label(cfg)} d{cfg.d_model} lr {cfg.lr:g}"
     if log is not None:
-        log(f"{name}: from epoch {meta['epoch']}/{cfg.epochs}, set up in {now() - begun:.1f} s")
+        log(f"{name}: from epoch {meta['epoch']}/{cfg.epochs}; data {drawn - begun:.1f} s, model and copies "
+            f"{now() - drawn:.1f} s")
     ran, epoch_s, cut = 0, 0.0, False
     while meta["epoch"] < cfg.epochs and meta["best"] < cfg.early_stop:
         if max_epochs is not None and ran >= max_epochs:
