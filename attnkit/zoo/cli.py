@@ -155,7 +155,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                      log=_stderr_line if args.no_progress else None)
     faulthandler.cancel_dump_traceback_later()
     for r in rows:
-        left = "" if r["finished"] else f" (unfinished: {r['epochs']} epochs, checkpoint kept)"
+        left = "" if r["finished"] else f" (unfinished: {r['epochs']} epochs, checkpoint kept)" if r["epochs"] \
+            else " (unfinished: no epoch done)"
         print(f"{r['mixers']:28} d{r['d_model']:<4} {r['seq_len']}x{r['num_kv_pairs']:<4} "
               f"acc {r['accuracy']:.3f} state {r['state_size']:>10,}{left}")
     mine = len(configs[shard[0]::shard[1]])
