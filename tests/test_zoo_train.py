@@ -314,21 +314,22 @@ def test_the_committed_runs_keep_their_keys():
     assert rows and all(TrainConfig(**json.loads(cfg)).key() == key for key, cfg in rows)
 
 
-class EpochClock:
-    """``attnkit.zoo.train.now`` by hand: each epoch's evaluation advances it 10 s, so a time limit is exact."""
+class HandClock:
+    """``attnkit.zoo.train.now`` by hand: each call of ``attnkit.zoo.train.<hook>`` advances it ``by`` seconds. The
+    default, each epoch's evaluation 10 s, makes a time limit exact in epochs; ``lr_at`` (once a step) in steps."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self, monkeypatch, hook: str = "evaluate_all", by: float = 10.0) -> None:
         import attnkit.zoo.train as train_module
 
         self.t = 0.0
-        real = train_module.evaluate_all
+        real = getattr(train_module, hook)
 
-        def evaluate_all(*args, **kwargs):
-            self.t += 10.0
+        def advance(*args, **kwargs):
+            self.t += by
             return real(*args, **kwargs)
 
         monkeypatch.setattr(train_module, "now", lambda: self.t)
-        monkeypatch.setattr(train_module, "evaluate_all", evaluate_all)
+        monkeypatch.setattr(train_module, hook, advance)
 
 
 def test_epoch_fits_the_time_left(monkeypatch):
@@ -346,7 +347,7 @@ def test_epoch_fits_the_time_left(monkeypatch):
 def test_a_time_limited_sweep_stops_between_epochs_and_resumes(tmp_path, monkeypatch):
     configs = [tiny(lr=3e-3), tiny(lr=1e-2), tiny(lr=1e-3)]
     want = run_sweep(configs, tmp_path / "a.db", tmp_path / "a", progress=False)
-    EpochClock(monkeypatch)
+    HandClock(monkeypatch)
     # limit 25 s at 10 s an epoch: the first run takes 2 epochs (a third would end at 30), the second starts at 20 s
     # and takes its first epoch (a pace not yet known), then stops; the third would start at 30 s: it does not
     cut = run_sweep(configs, tmp_path / "b.db", tmp_path / "b", progress=False, time_limit=25)
@@ -360,7 +361,7 @@ def test_a_time_limited_sweep_stops_between_epochs_and_resumes(tmp_path, monkeyp
 
 
 def test_whole_runs_leave_a_long_run_for_a_short_one(tmp_path, monkeypatch):
-    EpochClock(monkeypatch)
+    HandClock(monkeypatch)
     long, short = tiny(epochs=5), tiny(epochs=2)
     # limit 35 s: the long run's first epoch ends at 10 s and its 4 left need 40: it stops; the short one's second
     # epoch fits (20 -> 30 s) and it is stored
@@ -381,29 +382,12 @@ def test_time_limit_errors(tmp_path, capsys):
     assert "--whole-runs needs --time-limit" in capsys.readouterr().err
 
 
-class StepClock:
-    """``attnkit.zoo.train.now`` by hand: each training step advances it 1 s (the step's ``lr_at`` call)."""
-
-    def __init__(self, monkeypatch) -> None:
-        import attnkit.zoo.train as train_module
-
-        self.t = 0.0
-        real = train_module.lr_at
-
-        def lr_at(*args, **kwargs):
-            self.t += 1.0
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(train_module, "now", lambda: self.t)
-        monkeypatch.setattr(train_module, "lr_at", lr_at)
-
-
 def test_an_epoch_running_at_the_time_limit_is_dropped_and_the_run_resumes(tmp_path, monkeypatch):
     """8 steps an epoch at 1 s each: with 12 s the first epoch ends at 8 s and a second (8 s more) would not fit;
     with 5 s even the first epoch (always started: its pace is unknown) is cut at its fifth step and dropped."""
     want = train(tiny(), None, tmp_path / "a", progress=False)
     lines: list[str] = []
-    StepClock(monkeypatch)
+    HandClock(monkeypatch, "lr_at", 1.0)
     rows = run_sweep([tiny()], tmp_path / "b.db", tmp_path / "b", progress=False, time_limit=12, log=lines.append)
     assert [(r["epochs"], r["finished"]) for r in rows] == [(1, 0)]
     assert "stopped before epoch 2 (time limit)" in lines[-1]
