@@ -91,6 +91,7 @@ def _write(path: Path, key: str, inputs: torch.Tensor, labels: torch.Tensor, voc
 
     small = torch.int16 if vocab_size <= torch.iinfo(torch.int16).max else torch.int32
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # processes sharing the folder each write their own
+    # a temp name per process and thread (several may share the folder), then an atomic rename
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     save_file({"inputs": inputs.to(small), "labels": labels.to(small)}, str(tmp), metadata={"key": key})
     tmp.replace(path)

@@ -315,7 +315,8 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
             break
         if deadline is not None and not epoch_fits(deadline, epoch_s, ran, cfg.epochs - meta["epoch"], whole):
             if log is not None:
-                log(f"{name}: stopped before epoch {meta['epoch'] + 1} (time limit), checkpoint kept")
+                kept = ", checkpoint kept" if meta["epoch"] else ""
+                log(f"{name}: stopped before epoch {meta['epoch'] + 1} (time limit){kept}")
             break
         start = now()
         seed = cfg.seed * 9973 + meta["epoch"]
