@@ -424,3 +424,43 @@ def test_a_time_limited_cli_sweep_arms_a_stack_dump_past_its_limit_and_disarms_i
     assert main([*args, "--time-limit", "100"]) == 0
     assert calls == [(130.0, False), "cancel"]
     assert "1 of this shard's 1 runs finished" in capsys.readouterr().out
+
+
+def test_a_stall_dump_is_rearmed_by_every_log_line_and_needs_the_log(tmp_path, monkeypatch, capsys):
+    import faulthandler
+
+    calls: list[object] = []
+    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda seconds, exit: calls.append((seconds, exit)))
+    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", lambda: calls.append("cancel"))
+    args = ["zoo", "sweep", "--mixers", "softmax", "--shapes", "32x4", "--vocab-size", "64", "--train-examples",
+            "64", "--test-examples", "32", "--batch-size", "32", "--epochs", "2", "--d-models", "16",
+            "--db", str(tmp_path / "z.db"), "--checkpoints", str(tmp_path / "ck")]
+    assert main([*args, "--no-progress", "--stall-dump", "120", "--time-limit", "500"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if " zoo: " in line]
+    assert len(lines) == 4  # the start, two epochs, the finish
+    assert calls == [(120.0, True)] * 5 + ["cancel"]  # armed at the start, then once a line
+    for bad in (["--stall-dump", "120"], ["--no-progress", "--stall-dump", "0"]):
+        assert main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert f"--stall-dump {float(bad[-1])} is invalid; accepted: seconds > 0, with --no-progress" in err
+
+
+def test_a_stalled_sweep_prints_its_stacks_and_ends(tmp_path):
+    """A run that hangs (here: sleeps in its first epoch) ends the process with status 1 and every thread's stack."""
+    import subprocess
+    import sys
+
+    script = (
+        "import time\n"
+        "import attnkit.zoo.train as t\n"
+        "t.lr_at = lambda *a, **k: time.sleep(60)\n"
+        "from attnkit.cli import main\n"
+        f"main(['zoo', 'sweep', '--mixers', 'softmax', '--shapes', '32x4', '--vocab-size', '64', '--train-examples', "
+        f"'64', '--test-examples', '32', '--batch-size', '32', '--epochs', '1', '--d-models', '16', '--db', "
+        f"{str(tmp_path / 'z.db')!r}, '--checkpoints', {str(tmp_path / 'ck')!r}, '--no-progress', '--stall-dump', '2', "
+        "'--concurrent', '2'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 1
+    assert "Timeout (0:00:02)!" in done.stderr and "in <lambda>" in done.stderr  # the sleeping thread's frame
