@@ -14,7 +14,7 @@ import torch
 
 from attnkit.zoo.lm import LMConfig, TinyLM
 from attnkit.zoo.mqar import mqar
-from attnkit.zoo.step import TrainStep
+from attnkit.zoo.step import TrainStep, own_stream
 from attnkit.zoo.train import matmul_precision
 
 assert torch.cuda.is_available(), "zoo_concurrent: needs a CUDA device"
@@ -32,8 +32,7 @@ def build(mixers, d: int) -> TrainStep:
 
 
 def worker(step: TrainStep, order: torch.Tensor, n: int, ready: threading.Barrier, times: list) -> None:
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
+    with own_stream() as stream:  # never a stream another worker holds (torch's pool is round-robin)
         for i in range(5):  # the eager warm-up steps and the capture
             step(order[(i % 8) * 256 : (i % 8 + 1) * 256])
         stream.synchronize()

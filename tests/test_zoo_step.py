@@ -95,6 +95,23 @@ def test_runs_side_by_side_on_their_own_streams_train_like_runs_one_by_one(tmp_p
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_eight_mixture_runs_four_at_a_time_train_like_runs_one_by_one(tmp_path):
+    """Runs that start while others replay, each capturing one graph per segment on its own stream (before
+    own_stream, pool streams handed out round-robin put one run's kernels into another's capture)."""
+    from attnkit.zoo.sweep import grid, run_sweep
+
+    configs = grid(["base_conv+softmax", "base_conv+sliding_window"], [64], [(64, 8)], [1e-3, 3e-3, 1e-2, 3e-2],
+                   vocab_size=512, train_mix="64x4:320,128x8:320", test_mix="64x4:64,128x8:64", batch_size=32,
+                   epochs=2, early_stop=1.0)
+    one = run_sweep(configs, tmp_path / "a.db", tmp_path / "a", device="cuda", progress=False)
+    side = run_sweep(configs, tmp_path / "b.db", tmp_path / "b", device="cuda", progress=False, concurrent=4)
+    assert [r["run_key"] for r in side] == [c.key() for c in configs] and all(r["finished"] for r in side)
+    for a, b in zip(one, side):
+        torch.testing.assert_close(torch.tensor(json.loads(b["history_json"])),
+                                   torch.tensor(json.loads(a["history_json"])), rtol=0, atol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_replay_waits_while_another_thread_captures(monkeypatch):
     """Runs side by side: one thread replays its graph while another captures (a finished run's successor). The
     replay must wait for the capture (torch refuses it during one); both steps then train as their eager twins."""
@@ -135,3 +152,40 @@ def test_a_replay_waits_while_another_thread_captures(monkeypatch):
     t.join()
     torch.cuda.synchronize()
     assert b._graph is not None and len(replayed) == 1 and torch.isfinite(replayed[0])
+
+
+class PoolStream:
+    """torch's stream pool without a GPU: each new stream is the next of 32 handles, round-robin."""
+
+    handed = 0
+
+    def __init__(self, device=None) -> None:
+        self.cuda_stream = 1000 + PoolStream.handed % 32
+        PoolStream.handed += 1
+        self.synced = False
+
+    def synchronize(self) -> None:
+        self.synced = True
+
+
+def test_own_streams_never_share_a_pool_stream_with_a_held_one(monkeypatch):
+    """32 requests after a run took a pool stream, a plain request returns that stream again; own_stream skips it
+    while the run holds it, and a 33rd run side by side is one clear error."""
+    import contextlib
+
+    from attnkit.zoo import step
+
+    monkeypatch.setattr(torch.cuda, "Stream", PoolStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    with step.own_stream() as held:
+        for _ in range(31):
+            PoolStream()  # other requests go round the pool
+        with step.own_stream() as other:
+            assert other.cuda_stream == 1000 + (held.cuda_stream - 1000 + 1) % 32  # the held one skipped
+    assert held.synced and other.synced and not step._HELD  # finished and given back
+    with contextlib.ExitStack() as runs:
+        streams = {runs.enter_context(step.own_stream()).cuda_stream for _ in range(32)}
+        assert len(streams) == 32
+        with pytest.raises(RuntimeError, match="every one of torch's 32 pool streams is held .* at most 32 runs"):
+            runs.enter_context(step.own_stream())
+    assert not step._HELD

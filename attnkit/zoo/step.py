@@ -9,13 +9,16 @@ the learning rate, the replay. The graph needs fixed shapes and no host synchron
   boolean mask, whose count would be read back to the host;
 - the learning rate is a device tensor that the step fills in place (AdamW ``capturable=True``);
 - the first ``WARMUP`` steps run eagerly on a side stream, as CUDA graph capture requires; they are real training
-  steps, so the graph trains exactly the eager recipe;
+  steps, so the graph trains exactly the eager recipe. Warm-up and capture use the caller's stream where it is
+  one of its own (a run's :func:`own_stream`), else one side stream per step;
 - an epoch's last, smaller batch runs eagerly through the same parameters and optimizer state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -26,6 +29,36 @@ WARMUP = 3  # eager steps before the capture (allocator and cuBLAS workspaces se
 # stopped the V 8192 sweep on an H100 once a finished run's successor captured beside replaying runs). A replay
 # only enqueues the graph, so holding the lock for it costs the others microseconds.
 _CAPTURE = threading.Lock()
+
+
+# streams held by runs of this process (own_stream): torch hands out its 32 pool streams per priority round-robin,
+# so a plain torch.cuda.Stream() 32 requests after another returns the same stream. Two runs side by side then
+# share one: one run's kernels land in the other's graph capture (seen as sweeps stalling on an H100, session 25).
+_HELD: set[int] = set()
+_HELD_LOCK = threading.Lock()
+POOL_STREAMS = 32  # torch's pool size per priority (c10/cuda/CUDAStream.cpp)
+
+
+@contextlib.contextmanager
+def own_stream(device: str | torch.device | None = None) -> Iterator[torch.cuda.Stream]:
+    """A CUDA pool stream that no other :func:`own_stream` block of this process holds, current inside the block;
+    its work is finished before another block may take it."""
+    with _HELD_LOCK:
+        for _ in range(POOL_STREAMS):
+            stream = torch.cuda.Stream(device)
+            if stream.cuda_stream not in _HELD:
+                break
+        else:
+            raise RuntimeError(f"zoo: every one of torch's {POOL_STREAMS} pool streams is held by a run of this "
+                               f"process; accepted: at most {POOL_STREAMS} runs side by side")
+        _HELD.add(stream.cuda_stream)
+    try:
+        with torch.cuda.stream(stream):
+            yield stream
+    finally:
+        stream.synchronize()
+        with _HELD_LOCK:
+            _HELD.discard(stream.cuda_stream)
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor | None:
@@ -60,6 +93,7 @@ class TrainStep:
         self._idx: torch.Tensor | None = None
         self._loss: torch.Tensor | None = None
         self._eager_steps = 0
+        self._side: torch.cuda.Stream | None = None
 
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
@@ -87,7 +121,7 @@ class TrainStep:
             return self._step(idx, set_to_none=self._graph is None)  # after capture: zero the graph's grads in place
         if self._graph is None and self._eager_steps < WARMUP:
             self._eager_steps += 1
-            side = torch.cuda.Stream()
+            side = self._work_stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 loss = self._step(idx)
@@ -97,11 +131,21 @@ class TrainStep:
             self._idx = idx.clone()
             self.opt.zero_grad(set_to_none=True)
             self._graph = torch.cuda.CUDAGraph()
-            # a capture stream of its own (torch's default one is shared by every graph) and thread-local capture
-            # checks: other threads' runs may allocate and launch while this one captures
-            with _CAPTURE, torch.cuda.graph(self._graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+            # a capture stream no other thread launches on (torch's default capture stream is shared by every
+            # graph) and thread-local capture checks: other threads' runs may allocate and launch meanwhile
+            with _CAPTURE, torch.cuda.graph(self._graph, stream=self._work_stream(), capture_error_mode="thread_local"):
                 self._loss = self._step(self._idx, set_to_none=False)
         self._idx.copy_(idx)
         with _CAPTURE:
             self._graph.replay()
         return self._loss
+
+    def _work_stream(self) -> torch.cuda.Stream:
+        """The stream of the warm-up steps and the capture: the caller's, where it is not the default stream (on which
+        no capture may run; a run's own_stream), else a side stream of this step's, made once."""
+        current = torch.cuda.current_stream()
+        if current != torch.cuda.default_stream(current.device):
+            return current
+        if self._side is None:
+            self._side = torch.cuda.Stream(current.device)
+        return self._side

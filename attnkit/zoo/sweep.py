@@ -9,13 +9,10 @@ trained again. Zoology reports, per model, the best accuracy over a learning-rat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
-
-import torch
 
 from attnkit.zoo import train as _train_module
 from attnkit.zoo.train import TrainConfig, matmul_precision, train
@@ -139,13 +136,9 @@ def run_sweep(
     def one(cfg: TrainConfig) -> dict[str, Any] | None:
         if deadline is not None and train_clock() >= deadline:
             return None  # started no more: the time limit has passed
-        stream = torch.cuda.Stream() if concurrent > 1 and str(device).startswith("cuda") else None
-        with Store(db) as own, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            row = train(cfg, own, checkpoint_dir, device, progress=False, graph=graph, deadline=deadline,
-                        whole=whole, log=log)
-        if stream is not None:
-            stream.synchronize()
-        return row
+        with Store(db) as own:  # on CUDA each run trains on a stream of its own (train)
+            return train(cfg, own, checkpoint_dir, device, progress=False, graph=graph, deadline=deadline,
+                         whole=whole, log=log)
 
     done: dict[str, dict[str, Any]] = {}
     with matmul_precision(todo[0].precision if todo else "float32"), ThreadPoolExecutor(concurrent) as pool:

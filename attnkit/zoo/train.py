@@ -28,7 +28,7 @@ from attnkit.zoo.datacache import mqar_set
 from attnkit.zoo.lm import LMConfig, TinyLM
 from attnkit.zoo.mqar import mqar, mqar_accuracy
 from attnkit.zoo.registry import mixer_class
-from attnkit.zoo.step import TrainStep, label_positions
+from attnkit.zoo.step import TrainStep, label_positions, own_stream
 
 TASKS = ("mqar",)
 PRECISIONS = ("float32", "tf32")
@@ -228,7 +228,9 @@ def train(
     key = cfg.key()
     if store is not None and (row := store.zoo_run(key)) is not None:
         return row
-    with matmul_precision(cfg.precision):
+    # on CUDA a stream no other run of this process uses (runs side by side: sweep --concurrent)
+    stream = own_stream(device) if str(device).startswith("cuda") else contextlib.nullcontext()
+    with matmul_precision(cfg.precision), stream:
         return _train(cfg, key, store, checkpoint_dir, device, progress, max_epochs, graph, deadline, whole, log)
 
 
