@@ -401,10 +401,25 @@ def test_an_epoch_running_at_the_time_limit_is_dropped_and_the_run_resumes(tmp_p
     assert any("from epoch 1/3; data " in line and " s, model and copies " in line for line in lines)
 
 
+def tiny_sweep(tmp_path: Path, epochs: int) -> list[str]:
+    """``attnkit zoo sweep`` of one tiny softmax run (about a second on the CPU)."""
+    return ["zoo", "sweep", "--mixers", "softmax", "--shapes", "32x4", "--vocab-size", "64", "--train-examples", "64",
+            "--test-examples", "32", "--batch-size", "32", "--epochs", str(epochs), "--d-models", "16",
+            "--db", str(tmp_path / "z.db"), "--checkpoints", str(tmp_path / "ck")]
+
+
+def dump_calls(monkeypatch) -> list[object]:
+    """faulthandler's timer by hand: (seconds, exit) per arming, "cancel" per disarming."""
+    import faulthandler
+
+    calls: list[object] = []
+    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda seconds, exit: calls.append((seconds, exit)))
+    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", lambda: calls.append("cancel"))
+    return calls
+
+
 def test_cli_sweep_without_bars_logs_each_epoch(tmp_path, capsys):
-    args = ["zoo", "sweep", "--mixers", "softmax", "--shapes", "32x4", "--vocab-size", "64", "--train-examples",
-            "64", "--test-examples", "32", "--batch-size", "32", "--epochs", "2", "--d-models", "16",
-            "--db", str(tmp_path / "z.db"), "--checkpoints", str(tmp_path / "ck"), "--no-progress"]
+    args = [*tiny_sweep(tmp_path, 2), "--no-progress"]
     assert main(args) == 0
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" zoo: ", 1)[1].split(" accuracy")[0] for line in err if "epoch 1/" in line or
@@ -413,28 +428,16 @@ def test_cli_sweep_without_bars_logs_each_epoch(tmp_path, capsys):
 
 
 def test_a_time_limited_cli_sweep_arms_a_stack_dump_past_its_limit_and_disarms_it(tmp_path, monkeypatch, capsys):
-    import faulthandler
-
-    calls: list[object] = []
-    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda seconds, exit: calls.append((seconds, exit)))
-    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", lambda: calls.append("cancel"))
-    args = ["zoo", "sweep", "--mixers", "softmax", "--shapes", "32x4", "--vocab-size", "64", "--train-examples",
-            "64", "--test-examples", "32", "--batch-size", "32", "--epochs", "1", "--d-models", "16",
-            "--db", str(tmp_path / "z.db"), "--checkpoints", str(tmp_path / "ck"), "--no-progress"]
+    calls = dump_calls(monkeypatch)
+    args = [*tiny_sweep(tmp_path, 1), "--no-progress"]
     assert main([*args, "--time-limit", "100"]) == 0
     assert calls == [(130.0, False), "cancel"]
     assert "1 of this shard's 1 runs finished" in capsys.readouterr().out
 
 
 def test_a_stall_dump_is_rearmed_by_every_log_line_and_needs_the_log(tmp_path, monkeypatch, capsys):
-    import faulthandler
-
-    calls: list[object] = []
-    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda seconds, exit: calls.append((seconds, exit)))
-    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", lambda: calls.append("cancel"))
-    args = ["zoo", "sweep", "--mixers", "softmax", "--shapes", "32x4", "--vocab-size", "64", "--train-examples",
-            "64", "--test-examples", "32", "--batch-size", "32", "--epochs", "2", "--d-models", "16",
-            "--db", str(tmp_path / "z.db"), "--checkpoints", str(tmp_path / "ck")]
+    calls = dump_calls(monkeypatch)
+    args = tiny_sweep(tmp_path, 2)
     assert main([*args, "--no-progress", "--stall-dump", "120", "--time-limit", "500"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if " zoo: " in line]
     assert len(lines) == 4  # the start, two epochs, the finish
