@@ -467,3 +467,15 @@ def test_a_stalled_sweep_prints_its_stacks_and_ends(tmp_path):
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 1
     assert "Timeout (0:00:02)!" in done.stderr and "in <lambda>" in done.stderr  # the sleeping thread's frame
+
+
+def test_a_device_this_machine_lacks_is_one_clear_error(tmp_path, capsys):
+    for bad, accepted in (("tpu", "accepted: cpu, cuda, cuda:N"), ("cuda:x", "accepted: cpu, cuda, cuda:N"),
+                          ("cuda:64", "accepted: cuda:0 .." if torch.cuda.is_available() else "accepted: cpu")):
+        assert main([*tiny_sweep(tmp_path, 1), "--device", bad]) == 2
+        assert f"device '{bad}'" in (err := capsys.readouterr().err) and accepted in err
+        with pytest.raises(ValueError, match=f"device '{bad}'"):
+            train(tiny(), None, None, device=bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available here; accepted: cpu"):
+            train(tiny(), None, None, device="cuda")

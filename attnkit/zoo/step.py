@@ -55,8 +55,8 @@ def own_stream(device: str | torch.device | None = None) -> Iterator[torch.cuda.
     try:
         with torch.cuda.stream(stream):
             yield stream
+        stream.synchronize()  # not after an error: a failed CUDA call would hide the first one
     finally:
-        stream.synchronize()
         with _HELD_LOCK:
             _HELD.discard(stream.cuda_stream)
 

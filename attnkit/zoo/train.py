@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -225,6 +226,7 @@ def train(
     finish). A stopped run leaves its last checkpoint and stores nothing. ``log`` receives one line when the run
     starts, per epoch and when it stops. Returns the result row (``finished`` 0 when stopped).
     """
+    check_device(device)
     key = cfg.key()
     if store is not None and (row := store.zoo_run(key)) is not None:
         return row
@@ -232,6 +234,19 @@ def train(
     stream = own_stream(device) if str(device).startswith("cuda") else contextlib.nullcontext()
     with matmul_precision(cfg.precision), stream:
         return _train(cfg, key, store, checkpoint_dir, device, progress, max_epochs, graph, deadline, whole, log)
+
+
+def check_device(device: str) -> None:
+    """``cpu``, or ``cuda`` / ``cuda:N`` where this machine has that GPU: else one clear error."""
+    name = str(device)
+    if name == "cpu":
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", name):
+        raise ValueError(f"zoo: device {name!r} is invalid; accepted: cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"zoo: device {name!r} requested but CUDA is not available here; accepted: cpu")
+    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"zoo: device {name!r} is invalid; accepted: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
 
 
 now = time.monotonic  # the clock of ``deadline`` (a name of its own, so a test can run it by hand)
