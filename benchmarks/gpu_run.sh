@@ -143,13 +143,15 @@ for s in $stages; do
       ZS=${ATTNKIT_STAGE_SECONDS:-540}
       ZEND=$(( $(date +%s) + ZS - 40 ))
       # session 25: three calls stalled with four runs side by side (no epoch for minutes after the first ones):
-      # --stall-dump prints every thread's stack and ends the sweep after 180 s without a log line; the loop then
-      # resumes the sweep without CUDA graphs (1.01-1.03x slower) for the call's remaining time
+      # --stall-dump prints every thread's stack and ends the sweep after 180 s without a log line; after that or
+      # any other failed end, the loop resumes the sweep without CUDA graphs (1.01-1.03x slower) for the call's
+      # remaining time
       ZE=${ATTNKIT_ZOO_EAGER:-0}
       : > "$OUT/zoo8192.all.log"
       for attempt in 1 2 3 4; do
         left=$(( ZEND - $(date +%s) )); [ $left -lt 60 ] && break
         echo "--- attempt $attempt: ${left} s, eager $ZE" >> "$OUT/zoo8192.all.log"
+        pids=()
         for i in $(seq 0 $((ZP - 1))); do
           timeout $((left + 35)) python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
             --time-limit $left $([ "${ATTNKIT_ZOO_WHOLE:-0}" = 1 ] && echo --whole-runs) $([ $ZE = 1 ] && echo --eager) \
@@ -158,15 +160,16 @@ for s in $stages; do
             --set based.conv_kernel=0 --d-models 64,128,256 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,3.162e-3,1e-2,3.162e-2} \
             --precision ${ATTNKIT_ZOO_PRECISION:-float32} --stall-dump ${ATTNKIT_ZOO_STALL:-180} \
             --shard $i/$ZP --concurrent ${ATTNKIT_ZOO_CONCURRENT:-1} --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
+          pids+=($!)
         done
-        wait
+        ok=1; for p in "${pids[@]}"; do wait $p || ok=0; done
         cat "$OUT"/zoo8192.shard*.log >> "$OUT/zoo8192.all.log"
-        grep -q "^Timeout (" "$OUT"/zoo8192.shard*.log || break  # ended by itself: the time is up or all runs are done
+        [ $ok = 1 ] && break  # every shard ended by itself: the time is up or all its runs are done
         ZE=1
       done
       # each run's start (its set-up time), epochs and stop, timestamped (--no-progress), then the finished runs
       mv "$OUT/zoo8192.all.log" "$OUT/zoo8192.log"; rm -f "$OUT"/zoo8192.shard*.log
-      ls -la results/zoo-state | tail -n +2 >> "$OUT/zoo8192.log"
+      [ -d results/zoo-state ] && ls -la results/zoo-state | tail -n +2 >> "$OUT/zoo8192.log"
       grep -v "^| " "$OUT/zoo8192.log" | tail -60
       python3 -m attnkit zoo report "$OUT/zoo_v8192.db" -o "$OUT/zoo8192-report" 2>&1 | tail -1 | tee -a "$OUT/zoo8192.log" ;;
     profile32b8c)  # batch 8 at 32K: quest/p64 compiled took 9.39 ms against a 5.29 ms weights floor (H100): where the rest goes
