@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,20 @@ def test_runs_side_by_side_on_their_own_streams_train_like_runs_one_by_one(tmp_p
     for a, b in zip(one, side):
         torch.testing.assert_close(torch.tensor(json.loads(b["history_json"])),
                                    torch.tensor(json.loads(a["history_json"])), rtol=0, atol=2e-3)
+    assert_same_weights(configs, tmp_path / "a", tmp_path / "b")
+
+
+def assert_same_weights(configs, one: Path, side: Path) -> None:
+    """Each run's final weights (its last checkpoint) equal between two sweeps: a run whose steps went into another
+    run's graph, or that replayed another's, trained on other batches (accuracies of such tiny runs are often near
+    chance, so they alone would not tell)."""
+    from safetensors.torch import load_file
+
+    for c in configs:
+        name = f"{c.key()[:20]}.safetensors"
+        a, b = load_file(str(one / name)), load_file(str(side / name))
+        for k in (k for k in a if k.startswith("model.")):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{c.key()[:8]} {k}: {m}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -109,13 +124,7 @@ def test_eight_mixture_runs_four_at_a_time_train_like_runs_one_by_one(tmp_path):
     for a, b in zip(one, side):  # a few flipped predictions at most (kernels may differ by stream)
         torch.testing.assert_close(torch.tensor(json.loads(b["history_json"])),
                                    torch.tensor(json.loads(a["history_json"])), rtol=0, atol=1e-2)
-    from safetensors.torch import load_file
-
-    for c in configs:  # the final weights: a run whose steps went into another's graph trained on other batches
-        name = f"{c.key()[:20]}.safetensors"
-        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
-        for k in (k for k in a if k.startswith("model.")):
-            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{c.key()[:8]} {k}: {m}")
+    assert_same_weights(configs, tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
