@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bf16 CUDA test suite (methods, padded batches, kernels), kernel microbenchmarks, decode latency.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: mass128 zoostep zooprofile prefill128dhsa maskprobe tests familytests familyc32 familyc128 prefillcudnn pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
+# Usage on the GPU machine: bash benchmarks/gpu_run.sh [stage...]   (stages: mass128 zoohazard zoostep zooprofile prefill128dhsa maskprobe tests familytests familyc32 familyc128 prefillcudnn pdltests fasttests breakdown7 profile128ts profile32b8c fast128at zoo8192 fast128 fast128min fast32min fast32b8 kernels7 profile32c sparsetests attnkernels prefill32 prefill128 kernels decode32 decode128 decode32b8 decode64b8 profile32 profile128 family32 family128 prefill decode32q decode128q)
 # Logs and JSON go to $OUT (or results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -66,6 +66,8 @@ for s in $stages; do
         --new-tokens 2 --prefill-chunk 131072 --skip-hf --skip-compile --warm --methods full,dhsa:boundaries=mass:chunk=64 \
         --out "$OUT/prefill_128k_dhsa_mass.json" 2>&1 | grep -v Warn | tail -8 | tee "$OUT/prefill_128k_dhsa_mass.log"
       timeout 90 python3 benchmarks/dhsa_mass_timing.py 2>&1 | grep -v Warn | tee -a "$OUT/prefill_128k_dhsa_mass.log" ;;
+    zoohazard)  # issue 11: torch's round-robin pool streams put one thread's kernels into another's capture
+      timeout 90 python3 benchmarks/zoo_stream_hazard.py 2>&1 | grep -v Warn | tee "$OUT/zoo_stream_hazard.log" ;;
     zoostep)  # issue 11: the CUDA-graph training step against eager (tests, then ms per step at the V 8192 settings)
       ATTNKIT_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_zoo_step.py 2>&1 | tail -3 | tee "$OUT/zoo_step.log"
       timeout 120 python3 benchmarks/zoo_graph_step.py 2>&1 | tee -a "$OUT/zoo_step.log" ;;
