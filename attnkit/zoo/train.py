@@ -323,17 +323,16 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     # one step (one CUDA graph) per segment shape, all on the one optimizer
     step_fns = [TrainStep(model, opt, x, y, cfg.batch_size, graph=graph) for x, y in train_sets]
     name = f"{label(cfg)} d{cfg.d_model} lr {cfg.lr:g}"
-    if log is not None:
-        log(f"{name}: from epoch {meta['epoch']}/{cfg.epochs}; data {drawn - begun:.1f} s, model and copies "
-            f"{now() - drawn:.1f} s")
+    log = log or (lambda line: None)
+    log(f"{name}: from epoch {meta['epoch']}/{cfg.epochs}; data {drawn - begun:.1f} s, model and copies "
+        f"{now() - drawn:.1f} s")
     ran, epoch_s, cut = 0, 0.0, False
     while meta["epoch"] < cfg.epochs and meta["best"] < cfg.early_stop:
         if max_epochs is not None and ran >= max_epochs:
             break
         if deadline is not None and not epoch_fits(deadline, epoch_s, ran, cfg.epochs - meta["epoch"], whole):
-            if log is not None:
-                kept = ", checkpoint kept" if meta["epoch"] else ""
-                log(f"{name}: stopped before epoch {meta['epoch'] + 1} (time limit){kept}")
+            kept = ", checkpoint kept" if meta["epoch"] else ""
+            log(f"{name}: stopped before epoch {meta['epoch'] + 1} (time limit){kept}")
             break
         start = now()
         seed = cfg.seed * 9973 + meta["epoch"]
@@ -350,8 +349,7 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
                 cut = True
                 break
         if cut:  # this epoch's steps are dropped: the run resumes from its last checkpoint
-            if log is not None:
-                log(f"{name}: epoch {meta['epoch'] + 1} cut at the time limit after {now() - start:.1f} s")
+            log(f"{name}: epoch {meta['epoch'] + 1} cut at the time limit after {now() - start:.1f} s")
             break
         acc, per_test = evaluate_all(model, tests, max(cfg.batch_size, 256))
         meta["epoch"] += 1
@@ -368,12 +366,11 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
-        if log is not None:
-            log(f"{name}: epoch {meta['epoch']}/{cfg.epochs} accuracy {acc:.3f} in {epoch_s:.1f} s")
+        log(f"{name}: epoch {meta['epoch']}/{cfg.epochs} accuracy {acc:.3f} in {epoch_s:.1f} s")
     if bar is not None:
         bar.close()
     finished = meta["epoch"] >= cfg.epochs or meta["best"] >= cfg.early_stop
-    if log is not None and finished:
+    if finished:
         log(f"{name}: finished, best accuracy {meta['best']:.3f} after {meta['epoch']} epochs")
     # a mixture run's row names its largest test config, and each test config's result is in slices_json
     seq_len, pairs = max((t, k) for t, k, _ in test_shapes) if cfg.train_mix else (cfg.seq_len, cfg.num_kv_pairs)
