@@ -146,13 +146,15 @@ for s in $stages; do
       ZEND=$(( $(date +%s) + ZS - 40 ))
       # session 25: three calls stalled with four runs side by side (no epoch for minutes after the first ones):
       # --stall-dump prints every thread's stack and ends the sweep after 180 s without a log line; after that or
-      # any other failed end, the loop resumes the sweep without CUDA graphs (1.01-1.03x slower) for the call's
-      # remaining time
+      # any other failed end, the loop resumes the sweep one run at a time without CUDA graphs for the call's
+      # remaining time: no threads and no capture, the plainest path (it gives up the streams' 1.1-1.24x and the
+      # graph's 1.01-1.03x)
       ZE=${ATTNKIT_ZOO_EAGER:-0}
+      ZC=${ATTNKIT_ZOO_CONCURRENT:-1}
       : > "$OUT/zoo8192.all.log"
       for attempt in 1 2 3 4; do
         left=$(( ZEND - $(date +%s) )); [ $left -lt 60 ] && break
-        echo "--- attempt $attempt: ${left} s, eager $ZE" >> "$OUT/zoo8192.all.log"
+        echo "--- attempt $attempt: ${left} s, eager $ZE, concurrent $ZC" >> "$OUT/zoo8192.all.log"
         pids=()
         for i in $(seq 0 $((ZP - 1))); do
           timeout $((left + 35)) python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
@@ -161,13 +163,13 @@ for s in $stages; do
             --epochs 32 --batch-size 256 --mixers base_conv+softmax,base_conv+based,base_conv+sliding_window \
             --set based.conv_kernel=0 --d-models 64,128,256 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,3.162e-3,1e-2,3.162e-2} \
             --precision ${ATTNKIT_ZOO_PRECISION:-float32} --stall-dump ${ATTNKIT_ZOO_STALL:-180} \
-            --shard $i/$ZP --concurrent ${ATTNKIT_ZOO_CONCURRENT:-1} --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
+            --shard $i/$ZP --concurrent $ZC --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
           pids+=($!)
         done
         ok=1; for p in "${pids[@]}"; do wait $p || ok=0; done
         cat "$OUT"/zoo8192.shard*.log >> "$OUT/zoo8192.all.log"
         [ $ok = 1 ] && break  # every shard ended by itself: the time is up or all its runs are done
-        ZE=1
+        ZE=1; ZC=1
       done
       # each run's start (its set-up time), epochs and stop, timestamped (--no-progress), then the finished runs
       mv "$OUT/zoo8192.all.log" "$OUT/zoo8192.log"; rm -f "$OUT"/zoo8192.shard*.log
