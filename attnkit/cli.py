@@ -68,6 +68,8 @@ def _number(kind: type, lo: float, hi: float | None = None, open_lo: bool = Fals
             x = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: '{text}'") from None
+        if not math.isfinite(x):  # nan passes every comparison below
+            raise argparse.ArgumentTypeError(f"{text} is out of range; accepted: a finite number")
         if (x <= lo if open_lo else x < lo) or (hi is not None and x > hi):
             bound = f"> {lo}" if open_lo else f">= {lo}"
             raise argparse.ArgumentTypeError(f"{text} is out of range; accepted: {bound}" + (f" and <= {hi}" if hi is not None else ""))
@@ -154,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-fraction", type=_number(float, 0.0, 1.0, open_lo=True),
                    help="cap this process's CUDA memory at this share of the GPU (local executor): N shards "
                         "sharing one GPU each take under 1/N, so none holds cached memory another needs")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="hide the progress bar; print a timestamped line per finished cell instead")
+    p.add_argument("--stall-dump", type=_number(float, 0.0, open_lo=True), metavar="SECONDS",
+                   help="when no sample is stored for this long, print every thread's stack on stderr and end with "
+                        "status 1 (a hung batch job leaves its whereabouts; stored rows stay for a rerun)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", parents=[common], help="calibration runs that methods load as profiles (JSON)")
@@ -371,6 +377,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from attnkit.eval import runner
     from attnkit.eval.executors import get_executor
     from attnkit.eval.store import Store
+    from attnkit.watchdog import stall_dump
 
     config = sweep_config(args)
     limit_gpu_memory(args.gpu_memory_fraction, config.device, args.executor)
@@ -385,7 +392,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         shard = f" (shard {i}/{n}: {len(mine)} of {len(cells)} cells)" if n > 1 else ""
         print(f"attnkit eval: {len(cells)} cells x {config.samples} samples{shard} -> {args.db}", file=sys.stderr)
         try:
-            written = execute(mine, config, store, args.progress)
+            with stall_dump(args.stall_dump, "attnkit eval"):
+                written = execute(mine, config, store, args.progress)
         except KeyboardInterrupt:
             if getattr(args, "debug", False):
                 raise

@@ -458,6 +458,40 @@ def test_eval_command_prints_a_summary_and_resumes(capsys, loads, tmp_path, refe
     assert code == 0 and f"0 new rows, {N_ROWS} in {db}" in err and len(loads) == 1  # nothing to do: nothing loaded
 
 
+def test_eval_without_bars_logs_one_line_per_finished_cell(capsys, loads, tmp_path):
+    db = str(tmp_path / "r.db")
+    code, _, err = cli_run(capsys, "eval", *ARGV, "--db", db, "--shard", "0/2", "--no-progress")
+    lines = [line.split(" eval: ", 1)[1] for line in err.splitlines() if " eval: cell " in line]
+    assert code == 0 and [line.split(" ", 2)[1] for line in lines] == [f"{i}/6" for i in range(1, 7)]
+    assert all(" 3 new samples, " in line and line.endswith(" s") for line in lines), lines
+    assert sum(", score " in line for line in lines) == sum(" fake_gen @ " in line for line in lines) == 3
+    assert sum(", ppl " in line for line in lines) == 3
+    code, _, err = cli_run(capsys, "eval", *ARGV, "--db", db, "--shard", "0/2", "--no-progress")
+    assert code == 0 and " eval: cell " not in err  # complete cells are skipped without a line
+
+
+def test_eval_stall_dump_is_rearmed_by_every_sample(capsys, loads, dump_timer, tmp_path):
+    code, _, err = cli_run(capsys, "eval", *ARGV, "--db", str(tmp_path / "r.db"), "--shard", "0/2",
+                           "--stall-dump", "30")
+    assert code == 0, err
+    assert dump_timer[-1] == "cancel" and set(dump_timer[:-1]) == {(30.0, True)}
+    assert len(dump_timer) - 1 >= 1 + 18  # armed, then at least once a stored sample (6 cells x 3)
+    from attnkit import cli
+
+    for bad, words in (("0", "accepted: > 0.0"), ("nan", "accepted: a finite number")):
+        with pytest.raises(SystemExit):  # argparse's usage error
+            cli.main(["eval", *ARGV, "--db", str(tmp_path / "r.db"), "--stall-dump", bad])
+        assert f"--stall-dump: {bad} is out of range; {words}" in capsys.readouterr().err
+
+
+def test_a_stalled_eval_prints_its_stacks_and_ends_with_its_rows_kept(tmp_path):
+    """Each tokenizer call sleeps 3 s, past a 1 s stall dump: status 1, and the sleeping frame is on stderr."""
+    proc = sweep_process(tmp_path / "r.db", "--stall-dump", "1", delay=3)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "Timeout (0:00:01)!" in err and "in __call__" in err
+
+
 def test_eval_ctrl_c_says_how_to_resume(capsys, monkeypatch, tmp_path):
     runner.get_model("tiny", "cpu", "float32")  # loaded (and warmed up) before generate is patched
     calls = []

@@ -408,16 +408,6 @@ def tiny_sweep(tmp_path: Path, epochs: int) -> list[str]:
             "--db", str(tmp_path / "z.db"), "--checkpoints", str(tmp_path / "ck")]
 
 
-def dump_calls(monkeypatch) -> list[object]:
-    """faulthandler's timer by hand: (seconds, exit) per arming, "cancel" per disarming."""
-    import faulthandler
-
-    calls: list[object] = []
-    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda seconds, exit: calls.append((seconds, exit)))
-    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", lambda: calls.append("cancel"))
-    return calls
-
-
 def test_cli_sweep_without_bars_logs_each_epoch(tmp_path, capsys):
     args = [*tiny_sweep(tmp_path, 2), "--no-progress"]
     assert main(args) == 0
@@ -427,25 +417,29 @@ def test_cli_sweep_without_bars_logs_each_epoch(tmp_path, capsys):
     assert list((tmp_path / "ck" / "mqar").glob("mqar-*.safetensors"))  # the sets were cached beside the checkpoints
 
 
-def test_a_time_limited_cli_sweep_arms_a_stack_dump_past_its_limit_and_disarms_it(tmp_path, monkeypatch, capsys):
-    calls = dump_calls(monkeypatch)
+def test_a_time_limited_cli_sweep_arms_a_stack_dump_past_its_limit_and_disarms_it(tmp_path, dump_timer, capsys):
+    calls = dump_timer
     args = [*tiny_sweep(tmp_path, 1), "--no-progress"]
     assert main([*args, "--time-limit", "100"]) == 0
     assert calls == [(130.0, False), "cancel"]
     assert "1 of this shard's 1 runs finished" in capsys.readouterr().out
 
 
-def test_a_stall_dump_is_rearmed_by_every_log_line_and_needs_the_log(tmp_path, monkeypatch, capsys):
-    calls = dump_calls(monkeypatch)
+def test_a_stall_dump_is_rearmed_by_every_run_event_with_or_without_bars(tmp_path, dump_timer, capsys):
+    calls = dump_timer
     args = tiny_sweep(tmp_path, 2)
     assert main([*args, "--no-progress", "--stall-dump", "120", "--time-limit", "500"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if " zoo: " in line]
     assert len(lines) == 4  # the start, two epochs, the finish
     assert calls == [(120.0, True)] * 5 + ["cancel"]  # armed at the start, then once a line
-    for bad in (["--stall-dump", "120"], ["--no-progress", "--stall-dump", "0"]):
-        assert main([*args, *bad]) == 2
-        err = capsys.readouterr().err
-        assert f"--stall-dump {float(bad[-1])} is invalid; accepted: seconds > 0, with --no-progress" in err
+    calls.clear()
+    args[args.index("--epochs") + 1] = "3"  # a new run (another key), under the bars: no lines, the same beats
+    assert main([*args, "--stall-dump", "60"]) == 0
+    assert " zoo: " not in capsys.readouterr().err
+    assert calls == [(60.0, True)] * 6 + ["cancel"]
+    for bad in ("0", "-5"):
+        assert main([*args, "--stall-dump", bad]) == 2
+        assert f"zoo sweep: --stall-dump {float(bad)} is invalid; accepted: seconds > 0" in capsys.readouterr().err
 
 
 def test_a_stalled_sweep_prints_its_stacks_and_ends(tmp_path):

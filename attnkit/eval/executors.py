@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Callable
 
 from attnkit.eval.runner import Cell, CellResult, SweepConfig, import_plugins, run_cell
 from attnkit.eval.store import Store
+from attnkit.watchdog import beat
 
 Executor = Callable[[list[Cell], SweepConfig, Store, bool], int]
 
@@ -48,6 +50,24 @@ class _Progress:
                 )
         self.bar.set_postfix(post, refresh=False)
 
+    def sample_done(self) -> None:
+        self.refresh()
+        self.bar.update(1)
+        beat()
+
+    def cell_done(self, cell: Cell, result: CellResult, seconds: float | None) -> None:
+        """One cell finished; without the bar, a timestamped line says which (the log of a batch job)."""
+        self.cells_done += 1
+        self.refresh()  # shown with the next sample (or at close)
+        beat()
+        if self.bar.disable:
+            scores = result.scores
+            score = "" if not scores else (f", ppl {sum(scores) / len(scores):.2f}" if cell.kind == "ppl"
+                                           else f", score {100 * sum(scores) / len(scores):.1f}%")
+            print(f"{time.strftime('%H:%M:%S')} eval: cell {self.cells_done}/{self.n_cells} {cell_label(cell)}: "
+                  f"{result.written} new samples{score}" + ("" if seconds is None else f" in {seconds:.1f} s"),
+                  file=sys.stderr, flush=True)
+
     def close(self) -> None:
         self.bar.close()
 
@@ -64,14 +84,14 @@ def run_local(cells: list[Cell], config: SweepConfig, store: Store, progress: bo
     def on_sample(row: dict | None) -> None:
         if row is not None:
             bar.add(row["cell_key"], row["score"])
-        bar.refresh()
-        bar.bar.update(1)
+        bar.sample_done()
 
     failed: list[str] = []
     try:
         for cell in cells:
             if set(range(n)) <= done[cell.key]:
                 continue
+            start = time.perf_counter()
             result = cell_or_out_of_memory(cell, store, n, done[cell.key], on_sample, config.batch)
             if result is None:
                 failed.append(cell_label(cell))
@@ -79,8 +99,7 @@ def run_local(cells: list[Cell], config: SweepConfig, store: Store, progress: bo
             written += result.written
             if result.samples and result.samples != n:  # a task that makes another number of samples than asked
                 bar.bar.total += result.samples - n
-            bar.cells_done += 1
-            bar.refresh()  # shown with the next sample (or at close)
+            bar.cell_done(cell, result, time.perf_counter() - start)
     finally:
         bar.close()
     check_failed(failed, written)
@@ -174,8 +193,7 @@ def run_ray(cells: list[Cell], config: SweepConfig, store: Store, progress: bool
                 written += result.written
                 for score in result.scores:
                     bar.add(result.key, score)
-                bar.cells_done += 1
-                bar.refresh()
+                bar.cell_done(cell_of[ref], result, None)  # cells run side by side: no seconds of their own
                 bar.bar.update(1)
     except BaseException:
         for ref in pending:  # Ctrl-C or a failed cell: stop the rest; their finished samples are stored

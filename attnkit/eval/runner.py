@@ -36,6 +36,7 @@ from attnkit.eval.store import model_hash as file_model_hash
 from attnkit.eval.tasks import get_task
 from attnkit.methods.base import Method
 from attnkit.registry import method_class
+from attnkit.watchdog import beat
 
 MiB = 2**20
 
@@ -526,6 +527,7 @@ def run_cell(cell: Cell, store: Store, n: int, done: set[int] | None = None,
     model, tokenizer = get_model(cell.model, device or cell.device, cell.dtype)
     task = get_task(cell.task)
     samples = task_samples(task, cell, tokenizer, n)
+    beat()  # loading and the haystacks count as progress for a stall dump (attnkit.watchdog)
     result.samples = len(samples)
     pending = []
     for sample in samples:

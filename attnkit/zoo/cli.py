@@ -82,8 +82,8 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     p.add_argument("--executor", choices=["local", "ray"], default="local")
     p.add_argument("--no-progress", action="store_true", help="no bars: one timestamped line per run start, "
                    "epoch and stop on stderr instead (logs of batch jobs)")
-    p.add_argument("--stall-dump", type=float, help="seconds; with --no-progress: when no run logs a line for them, "
-                   "print every thread's stack on stderr and end the process with status 1 (a hung batch job "
+    p.add_argument("--stall-dump", type=float, metavar="SECONDS", help="when no run starts, ends an epoch or stops "
+                   "for this long, print every thread's stack on stderr and end with status 1 (a hung batch job "
                    "leaves its whereabouts; stored runs and checkpoints stay for a rerun)")
     p.set_defaults(func=cmd_sweep)
 
@@ -139,6 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from attnkit.watchdog import beat, check_seconds, stall_dump
     from attnkit.zoo.sweep import grid, parse_shape, parse_shard, run_sweep
 
     if args.train_mix and args.shapes:
@@ -150,23 +151,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.whole_runs and args.time_limit is None:
         raise ValueError("zoo sweep: --whole-runs needs --time-limit")
     shard = parse_shard(args.shard)
-    log = _stderr_line if args.no_progress else None
-    if args.stall_dump is not None:
-        if isinstance(args.stall_dump, bool) or not args.stall_dump > 0 or not args.no_progress:
-            raise ValueError(f"zoo sweep: --stall-dump {args.stall_dump} is invalid; accepted: seconds > 0, with "
-                             "--no-progress (the log lines are what it watches)")
+    seconds = None if args.stall_dump is None else check_seconds(args.stall_dump, "zoo sweep")
 
-        def log(text: str, seconds: float = args.stall_dump) -> None:
+    def log(text: str) -> None:  # a run's start, epochs and stop: the stall dump's signs of progress
+        if args.no_progress:
             _stderr_line(text)
-            faulthandler.dump_traceback_later(seconds, exit=True)  # re-armed by every line
+        beat()
 
-        faulthandler.dump_traceback_later(args.stall_dump, exit=True)
-    elif args.time_limit is not None:  # still running 30 s past the limit: every thread's stack on stderr, once
+    past_limit = args.time_limit is not None and seconds is None
+    if past_limit:  # still running 30 s past the limit: every thread's stack on stderr, once
         faulthandler.dump_traceback_later(args.time_limit + 30, exit=False)
-    rows = run_sweep(configs, args.db, args.checkpoints, shard, args.executor, args.device,
-                     progress=not args.no_progress, graph=False if args.eager else None,
-                     concurrent=args.concurrent, time_limit=args.time_limit, whole=args.whole_runs, log=log)
-    faulthandler.cancel_dump_traceback_later()
+    try:
+        with stall_dump(seconds, "zoo sweep"):
+            rows = run_sweep(configs, args.db, args.checkpoints, shard, args.executor, args.device,
+                             progress=not args.no_progress, graph=False if args.eager else None,
+                             concurrent=args.concurrent, time_limit=args.time_limit, whole=args.whole_runs,
+                             log=log if args.no_progress or seconds else None)
+    finally:
+        if past_limit:
+            faulthandler.cancel_dump_traceback_later()
     for r in rows:
         left = "" if r["finished"] else f" (unfinished: {r['epochs']} epochs, checkpoint kept)" if r["epochs"] \
             else " (unfinished: no epoch done)"
