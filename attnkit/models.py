@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from attnkit import gguf_cache
+from attnkit.devices import resolve_device
 
 __all__ = ["EMBEDDED", "ModelLoadError", "load_model", "load_tokenizer", "model_file"]
 
@@ -510,18 +511,9 @@ def _quiet() -> Iterator[None]:
 
 def _resolve_device(device: str | torch.device) -> torch.device:
     try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ModelLoadError(f"invalid device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ModelLoadError(f"device {str(resolved)!r} requested but CUDA is not available; use device='cpu'")
-        if resolved.index is not None and resolved.index >= count:
-            raise ModelLoadError(f"device {str(resolved)!r} requested but only {count} CUDA device(s) exist")
-    elif resolved.type != "cpu":
-        raise ModelLoadError(f"unsupported device {str(resolved)!r}; use 'cpu', 'cuda' or 'cuda:N'")
-    return resolved
+        return resolve_device(device)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | str:

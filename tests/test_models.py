@@ -64,12 +64,13 @@ def test_dtype_and_device_resolution():
     assert models._resolve_dtype(" BF16", cpu) is torch.bfloat16 and models._resolve_dtype("auto", cpu) == "auto"
     assert models._resolve_dtype(torch.float16, cpu) is torch.float16
     assert models._resolve_device("cpu") == cpu and models._resolve_device(cpu) == cpu
-    assert "invalid device" in load_error(device="gpu")
+    assert "device 'gpu' is invalid; accepted: cpu, cuda, cuda:N" in load_error(device="gpu")
+    assert "device 'mps' is invalid" in load_error(device=torch.device("mps"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_cuda():
-    assert "CUDA is not available" in load_error(device="cuda:0")
+    assert "device 'cuda:0' requested but CUDA is not available here; accepted: cpu" in load_error(device="cuda:0")
 
 
 def test_corrupt_gguf(tmp_path):

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from attnkit.zoo import train as _train_module
-from attnkit.zoo.train import TrainConfig, check_device, matmul_precision, train
+from attnkit.devices import resolve_device
+from attnkit.zoo.train import TrainConfig, matmul_precision, train
 
 
 def parse_mixers(spec: str) -> str | list[str]:
@@ -108,7 +109,7 @@ def run_sweep(
     from attnkit.eval.store import Store
 
     check_concurrent(concurrent)
-    check_device(device)
+    resolve_device(device, "zoo: ")
     if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
                                    or not time_limit > 0):
         raise ValueError(f"zoo sweep: time_limit={time_limit!r} is invalid; accepted: seconds > 0")

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import math
-import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from attnkit.devices import resolve_device
 from attnkit.zoo.base import check_float, check_int
 from attnkit.zoo.datacache import mqar_set
 from attnkit.zoo.lm import LMConfig, TinyLM
@@ -226,7 +226,7 @@ def train(
     finish). A stopped run leaves its last checkpoint and stores nothing. ``log`` receives one line when the run
     starts, per epoch and when it stops. Returns the result row (``finished`` 0 when stopped).
     """
-    check_device(device)
+    resolve_device(device, "zoo: ")
     key = cfg.key()
     if store is not None and (row := store.zoo_run(key)) is not None:
         return row
@@ -234,19 +234,6 @@ def train(
     stream = own_stream(device) if str(device).startswith("cuda") else contextlib.nullcontext()
     with matmul_precision(cfg.precision), stream:
         return _train(cfg, key, store, checkpoint_dir, device, progress, max_epochs, graph, deadline, whole, log)
-
-
-def check_device(device: str) -> None:
-    """``cpu``, or ``cuda`` / ``cuda:N`` where this machine has that GPU: else one clear error."""
-    name = str(device)
-    if name == "cpu":
-        return
-    if not re.fullmatch(r"cuda(:\d+)?", name):
-        raise ValueError(f"zoo: device {name!r} is invalid; accepted: cpu, cuda, cuda:N")
-    if not torch.cuda.is_available():
-        raise ValueError(f"zoo: device {name!r} requested but CUDA is not available here; accepted: cpu")
-    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
-        raise ValueError(f"zoo: device {name!r} is invalid; accepted: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
 
 
 now = time.monotonic  # the clock of ``deadline`` (a name of its own, so a test can run it by hand)
