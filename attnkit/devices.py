@@ -7,12 +7,21 @@ import re
 import torch
 
 
-def resolve_device(device: str | torch.device, who: str = "") -> torch.device:
-    """``cpu`` or ``cuda`` / ``cuda:N`` that this machine has, as a torch.device; else one ValueError naming the value
-    and what is accepted (``who`` prefixes it, e.g. ``"zoo: "``)."""
+def device_type(device: str | torch.device, who: str = "") -> str:
+    """``"cpu"`` or ``"cuda"`` for a well-formed name (``cpu``, ``cuda``, ``cuda:N``), whether or not this machine has
+    it (a results key, a plan for another machine); else one ValueError naming the value and what is accepted
+    (``who`` prefixes it, e.g. ``"zoo: "``)."""
     name = str(device)
     if not re.fullmatch(r"(cpu|cuda)(:\d+)?", name):
         raise ValueError(f"{who}device {name!r} is invalid; accepted: cpu, cuda, cuda:N")
+    return name.partition(":")[0]
+
+
+def resolve_device(device: str | torch.device, who: str = "") -> torch.device:
+    """``cpu`` or ``cuda`` / ``cuda:N`` that this machine has, as a torch.device; else one ValueError naming the value
+    and what is accepted (see :func:`device_type`)."""
+    device_type(device, who)
+    name = str(device)
     resolved = torch.device(name)
     if resolved.type == "cpu":
         return resolved

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit.devices import resolve_device
+from attnkit.devices import device_type, resolve_device
 
 
 def test_cpu_names_and_devices_resolve():
@@ -28,3 +28,10 @@ def test_cuda_is_checked_against_what_this_machine_has(monkeypatch):
     assert resolve_device("cuda") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(ValueError, match=r"device 'cuda:2' is invalid; accepted: cuda:0 \.\. cuda:1"):
         resolve_device("cuda:2")
+
+
+def test_device_type_reads_the_name_without_asking_the_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_type("cuda:3") == "cuda" and device_type(torch.device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="^device 'tpu' is invalid; accepted: cpu, cuda, cuda:N$"):
+        device_type("tpu")

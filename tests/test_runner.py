@@ -427,6 +427,7 @@ def cli_run(capsys, *argv):
     (["--set", "snapkv.windoww=8"], "snapkv has no setting 'windoww'"),
     (["--set", "quest.page_size=8"], "'quest' is not among the swept methods"),
     (["--set", "snapkv.window=0"], "for snapkv: snapkv: window=0"),
+    (["--device", "tpu"], "device 'tpu' is invalid; accepted: cpu, cuda, cuda:N"),
 ])  # fmt: skip
 def test_eval_validates_everything_before_loading(capsys, loads, tmp_path, change, words):
     argv = list(ARGV)

@@ -35,6 +35,7 @@ from attnkit.eval.store import Store, attnkit_version, dumps, git_commit, source
 from attnkit.eval.store import model_hash as file_model_hash
 from attnkit.eval.tasks import get_task
 from attnkit.methods.base import Method
+from attnkit.devices import device_type
 from attnkit.registry import method_class
 from attnkit.watchdog import beat
 
@@ -204,10 +205,9 @@ def resolved_dtype(dtype: str | None, device: str) -> str:
 
 
 def device_kind(device: str) -> str:
-    try:
-        return torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise ValueError(f"invalid device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    """The part of the device in a cell's key: ``cpu`` or ``cuda`` (a GPU this machine may lack: it is checked when
+    the model loads)."""
+    return device_type(device)
 
 
 # -- the grid -------------------------------------------------------------------------------------------------------
