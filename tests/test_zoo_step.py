@@ -12,7 +12,7 @@ import torch
 
 from attnkit.zoo.lm import LMConfig, TinyLM
 from attnkit.zoo.mqar import mqar
-from attnkit.zoo.step import TrainStep, label_positions
+from attnkit.zoo.step import AHEAD, TrainStep, label_positions
 
 
 def test_label_positions_gather_the_boolean_masks_logits():
@@ -61,6 +61,7 @@ def test_the_graph_step_trains_like_the_eager_step(mixers):
                 step.set_lr(3e-3 * (1 - i / 10))
                 losses[graph].append(step(order[start : start + 32]).item())
     assert steps[True]._graph is not None and steps[False]._graph is None
+    assert 0 < len(steps[True]._throttle._pending) <= AHEAD  # the replays went through the throttle
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(graph_model.named_parameters(), eager_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
@@ -205,3 +206,39 @@ def test_own_streams_never_share_a_pool_stream_with_a_held_one(monkeypatch):
         with pytest.raises(RuntimeError, match="every one of torch's 32 pool streams is held .* at most 32 runs"):
             runs.enter_context(step.own_stream())
     assert not step._HELD
+
+
+class FakeEvent:
+    """A CUDA event's bookkeeping without a GPU: which launch it marks, whether the host waited on it."""
+
+    made = 0
+
+    def __init__(self) -> None:
+        FakeEvent.made += 1
+        self.launch, self.waited = None, False
+
+    def record(self) -> None:
+        self.launch, self.waited = Launches.count, False
+
+    def synchronize(self) -> None:
+        self.waited = True
+        Launches.waited_for.append(self.launch)
+
+
+class Launches:
+    count = 0
+    waited_for: list[int] = []
+
+
+def test_the_throttle_keeps_the_host_at_most_ahead_launches_in_front_and_reuses_its_events():
+    from attnkit.zoo.step import Throttle
+
+    FakeEvent.made, Launches.count, Launches.waited_for = 0, 0, []
+    throttle = Throttle(ahead=3, event=FakeEvent)
+    for launch in range(10):
+        throttle.wait()
+        Launches.count = launch  # the launch itself
+        throttle.mark()
+        assert len(throttle._pending) == min(launch + 1, 3)
+    assert Launches.waited_for == list(range(7))  # before launch i, launch i - 3 had run
+    assert FakeEvent.made == 3  # one per slot: waited-on events are recorded again

@@ -11,19 +11,25 @@ the learning rate, the replay. The graph needs fixed shapes and no host synchron
 - the first ``WARMUP`` steps run eagerly on a side stream, as CUDA graph capture requires; they are real training
   steps, so the graph trains exactly the eager recipe. Warm-up and capture use the caller's stream where it is
   one of its own (a run's :func:`own_stream`), else one side stream per step;
-- an epoch's last, smaller batch runs eagerly through the same parameters and optimizer state.
+- an epoch's last, smaller batch runs eagerly through the same parameters and optimizer state;
+- the host stays at most ``AHEAD`` replays ahead of the GPU (:class:`Throttle`). Unbounded, it ran up to an epoch
+  (~700 steps) ahead, so a replay could wait on a full launch queue while holding ``_CAPTURE``, and runs side by
+  side waited on one another's queues.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 WARMUP = 3  # eager steps before the capture (allocator and cuBLAS workspaces settle)
+AHEAD = 4  # graph replays a run may have queued (20-60 ms of GPU work at the V 8192 sweep's sizes: none goes idle)
 # runs trained side by side in threads (``zoo sweep --concurrent``): one capture at a time, and no replay while
 # another thread captures (torch refuses a replay then: "Cannot prepare for replay during capturing stage", which
 # stopped the V 8192 sweep on an H100 once a finished run's successor captured beside replaying runs). A replay
@@ -61,6 +67,27 @@ def own_stream(device: str | torch.device | None = None) -> Iterator[torch.cuda.
             _HELD.discard(stream.cuda_stream)
 
 
+class Throttle:
+    """At most ``ahead`` launches of one stream in flight: :meth:`wait` before a launch blocks (GIL released) until
+    the launch ``ahead`` back has run; :meth:`mark` after it records an event on the current stream."""
+
+    def __init__(self, ahead: int = AHEAD, event: Callable[[], Any] | None = None) -> None:
+        self.ahead = ahead
+        self._event = event or torch.cuda.Event
+        self._pending: deque[Any] = deque()  # events of the launches in flight, oldest first
+        self._spare: Any = None
+
+    def wait(self) -> None:
+        if len(self._pending) >= self.ahead:
+            self._spare = self._pending.popleft()
+            self._spare.synchronize()
+
+    def mark(self) -> None:
+        event, self._spare = self._spare or self._event(), None
+        event.record()
+        self._pending.append(event)
+
+
 def label_positions(labels: torch.Tensor) -> torch.Tensor | None:
     """(n, T) labels with -100 off the query positions -> (n, N) positions of the N labels of each row, or None when
     rows differ in their number of labels (then only the boolean-mask step applies)."""
@@ -94,6 +121,7 @@ class TrainStep:
         self._loss: torch.Tensor | None = None
         self._eager_steps = 0
         self._side: torch.cuda.Stream | None = None
+        self._throttle = Throttle() if graph else None
 
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
@@ -136,8 +164,10 @@ class TrainStep:
             with _CAPTURE, torch.cuda.graph(self._graph, stream=self._work_stream(), capture_error_mode="thread_local"):
                 self._loss = self._step(self._idx, set_to_none=False)
         self._idx.copy_(idx)
+        self._throttle.wait()  # before taking the lock: a replay never waits for this run's queue while holding it
         with _CAPTURE:
             self._graph.replay()
+        self._throttle.mark()
         return self._loss
 
     def _work_stream(self) -> torch.cuda.Stream:
