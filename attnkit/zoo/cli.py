@@ -83,8 +83,9 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     p.add_argument("--no-progress", action="store_true", help="no bars: one timestamped line per run start, "
                    "epoch and stop on stderr instead (logs of batch jobs)")
     p.add_argument("--stall-dump", type=float, metavar="SECONDS", help="when no run starts, ends an epoch or stops "
-                   "for this long, print every thread's stack on stderr and end with status 1 (a hung batch job "
-                   "leaves its whereabouts; stored runs and checkpoints stay for a rerun)")
+                   "for this long (or, within twice it, one of the runs side by side), print every thread's stack on "
+                   "stderr and end with status 1 (a hung batch job leaves its whereabouts; stored runs and "
+                   "checkpoints stay for a rerun)")
     p.set_defaults(func=cmd_sweep)
 
     p = zsub.add_parser("passkey", parents=[common, stored], help="train one model on passkey at one length, test "

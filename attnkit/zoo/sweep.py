@@ -14,9 +14,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
-from attnkit.zoo import train as _train_module
 from attnkit.devices import resolve_device
-from attnkit.zoo.train import TrainConfig, matmul_precision, train
+from attnkit.watchdog import watching
+from attnkit.zoo import train as _train_module
+from attnkit.zoo.train import TrainConfig, matmul_precision, run_name, train
 
 
 def parse_mixers(spec: str) -> str | list[str]:
@@ -138,7 +139,8 @@ def run_sweep(
     def one(cfg: TrainConfig) -> dict[str, Any] | None:
         if deadline is not None and train_clock() >= deadline:
             return None  # started no more: the time limit has passed
-        with Store(db) as own:  # on CUDA each run trains on a stream of its own (train)
+        # on CUDA each run trains on a stream of its own (train); a stall dump watches each run on its own
+        with Store(db) as own, watching(run_name(cfg)):
             return train(cfg, own, checkpoint_dir, device, progress=False, graph=graph, deadline=deadline,
                          whole=whole, log=log)
 

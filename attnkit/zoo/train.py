@@ -309,7 +309,7 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     graph = graph and all(label_positions(y) is not None for _, y in train_sets)  # equal label counts per row
     # one step (one CUDA graph) per segment shape, all on the one optimizer
     step_fns = [TrainStep(model, opt, x, y, cfg.batch_size, graph=graph) for x, y in train_sets]
-    name = f"{label(cfg)} d{cfg.d_model} lr {cfg.lr:g}"
+    name = run_name(cfg)
     log = log or (lambda line: None)
     log(f"{name}: from epoch {meta['epoch']}/{cfg.epochs}; data {drawn - begun:.1f} s, model and copies "
         f"{now() - drawn:.1f} s")
@@ -374,6 +374,11 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     if finished and store is not None:
         store.add_zoo_run(row)
     return row
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """A run in log lines: ``base_conv+based d64 lr 0.001``."""
+    return f"{label(cfg)} d{cfg.d_model} lr {cfg.lr:g}"
 
 
 def label(cfg: TrainConfig | Any) -> str:
