@@ -151,19 +151,21 @@ for s in $stages; do
       # graph's 1.01-1.03x)
       ZE=${ATTNKIT_ZOO_EAGER:-0}
       ZC=${ATTNKIT_ZOO_CONCURRENT:-1}
-      : > "$OUT/zoo8192.all.log"
+      ZARGS=(--db "$OUT/zoo_v8192.db" --checkpoints results/zoo-state --vocab-size 8192 --train-mix zoology
+             --test-mix zoology --epochs 32 --batch-size 256
+             --mixers base_conv+softmax,base_conv+based,base_conv+sliding_window --set based.conv_kernel=0
+             --d-models 64,128,256 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,3.162e-3,1e-2,3.162e-2}
+             --precision ${ATTNKIT_ZOO_PRECISION:-float32})
+      python3 -m attnkit zoo sweep "${ZARGS[@]}" --list > "$OUT/zoo8192.all.log" 2>&1  # where each run stands
       for attempt in 1 2 3 4; do
         left=$(( ZEND - $(date +%s) )); [ $left -lt 60 ] && break
         echo "--- attempt $attempt: ${left} s, eager $ZE, concurrent $ZC" >> "$OUT/zoo8192.all.log"
         pids=()
         for i in $(seq 0 $((ZP - 1))); do
-          timeout $((left + 35)) python3 -m attnkit zoo sweep --device cuda --db "$OUT/zoo_v8192.db" \
-            --time-limit $left $([ "${ATTNKIT_ZOO_WHOLE:-0}" = 1 ] && echo --whole-runs) $([ $ZE = 1 ] && echo --eager) \
-            --checkpoints results/zoo-state --vocab-size 8192 --train-mix zoology --test-mix zoology \
-            --epochs 32 --batch-size 256 --mixers base_conv+softmax,base_conv+based,base_conv+sliding_window \
-            --set based.conv_kernel=0 --d-models 64,128,256 --lrs ${ATTNKIT_ZOO_LRS:-1e-3,3.162e-3,1e-2,3.162e-2} \
-            --precision ${ATTNKIT_ZOO_PRECISION:-float32} --stall-dump ${ATTNKIT_ZOO_STALL:-180} \
-            --shard $i/$ZP --concurrent $ZC --no-progress > "$OUT/zoo8192.shard$i.log" 2>&1 &
+          timeout $((left + 35)) python3 -m attnkit zoo sweep "${ZARGS[@]}" --device cuda --time-limit $left \
+            $([ "${ATTNKIT_ZOO_WHOLE:-0}" = 1 ] && echo --whole-runs) $([ $ZE = 1 ] && echo --eager) \
+            --stall-dump ${ATTNKIT_ZOO_STALL:-180} --shard $i/$ZP --concurrent $ZC --no-progress \
+            > "$OUT/zoo8192.shard$i.log" 2>&1 &
           pids+=($!)
         done
         ok=1; for p in "${pids[@]}"; do wait $p || ok=0; done

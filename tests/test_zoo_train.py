@@ -14,7 +14,7 @@ from attnkit.cli import main
 from attnkit.eval.store import Store
 from attnkit.zoo.report import frontier
 from attnkit.zoo.sweep import grid, parse_shape, parse_shard, run_sweep
-from attnkit.zoo.train import TrainConfig, train
+from attnkit.zoo.train import TrainConfig, checkpoint_meta, checkpoint_path, train
 
 TINY = dict(vocab_size=64, seq_len=32, num_kv_pairs=4, train_examples=256, test_examples=64, batch_size=32,
             d_model=32, lr=3e-3)
@@ -473,3 +473,24 @@ def test_a_device_this_machine_lacks_is_one_clear_error(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available here; accepted: cpu"):
             train(tiny(), None, None, device="cuda")
+
+
+def test_a_sweep_lists_where_each_run_stands_without_training(tmp_path, capsys):
+    args = tiny_sweep(tmp_path, 2)
+    assert main([*args, "--lrs", "0.001", "--no-progress"]) == 0  # stored
+    fields = dict(vocab_size=64, train_examples=64, test_examples=32, batch_size=32, epochs=2, task="mqar",
+                  mixer_settings={}, n_layers=2, precision="float32")
+    halfway, broken = grid(["softmax"], [16], [(32, 4)], [0.01, 0.03], **fields)
+    assert train(halfway, None, tmp_path / "ck", max_epochs=1)["finished"] == 0  # a checkpoint after epoch 1
+    checkpoint_path(tmp_path / "ck", broken.key()).write_bytes(b"not a safetensors file")
+    capsys.readouterr()
+    assert main([*args, "--lrs", "0.001,0.01,0.03,0.1", "--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(None, 4)[4] for line in out[:4]] == [
+        f"stored: accuracy {Store(tmp_path / 'z.db').zoo_runs()[0]['accuracy']:.3f} after 2 epochs",
+        f"checkpoint: epoch 1/2, best {checkpoint_meta(checkpoint_path(tmp_path / 'ck', halfway.key()))['best']:.3f}",
+        "checkpoint unreadable: training it refuses the file (delete it to start over)",
+        "to train"]
+    assert out[0].startswith("softmax d16 lr 0.001 ") and out[3].startswith("softmax d16 lr 0.1 ")
+    assert out[4] == "1 of this shard's 4 runs stored, 3 left"
+    assert len(Store(tmp_path / "z.db").zoo_runs()) == 1  # nothing was trained

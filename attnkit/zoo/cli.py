@@ -80,6 +80,8 @@ def add_parsers(sub, common: argparse.ArgumentParser, parse_method_setting) -> N
     p.add_argument("--whole-runs", action="store_true", help="with --time-limit: a run whose remaining epochs "
                    "would not fit (at its first epoch's pace) stops after that epoch and the next run starts")
     p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--list", action="store_true", help="train nothing: print where each run of this shard stands "
+                   "(stored, checkpointed at an epoch, or to train), to plan bounded calls")
     p.add_argument("--no-progress", action="store_true", help="no bars: one timestamped line per run start, "
                    "epoch and stop on stderr instead (logs of batch jobs)")
     p.add_argument("--stall-dump", type=float, metavar="SECONDS", help="when no run starts, ends an epoch or stops "
@@ -141,7 +143,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from attnkit.watchdog import beat, check_seconds, stall_dump
-    from attnkit.zoo.sweep import grid, parse_shape, parse_shard, run_sweep
+    from attnkit.zoo.sweep import grid, parse_shape, parse_shard, run_status, run_sweep
+    from attnkit.zoo.train import run_name
 
     if args.train_mix and args.shapes:
         raise ValueError(f"zoo sweep: --shapes {args.shapes} and --train-mix exclude each other; a mixture run takes "
@@ -152,6 +155,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.whole_runs and args.time_limit is None:
         raise ValueError("zoo sweep: --whole-runs needs --time-limit")
     shard = parse_shard(args.shard)
+    if args.list:
+        status = run_status(configs, args.db, args.checkpoints, shard)
+        width = max((len(run_name(cfg)) for cfg, _ in status), default=0)
+        for cfg, where in status:
+            print(f"{run_name(cfg):{width}}  {where}")
+        left = sum(not where.startswith("stored") for _, where in status)
+        print(f"{len(status) - left} of this shard's {len(status)} runs stored, {left} left")
+        return 0
     seconds = None if args.stall_dump is None else check_seconds(args.stall_dump, "zoo sweep")
 
     def log(text: str) -> None:  # a run's start, epochs and stop: the stall dump's signs of progress

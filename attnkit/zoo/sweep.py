@@ -17,7 +17,7 @@ from typing import Any, Callable
 from attnkit.devices import resolve_device
 from attnkit.watchdog import watching
 from attnkit.zoo import train as _train_module
-from attnkit.zoo.train import TrainConfig, matmul_precision, run_name, train
+from attnkit.zoo.train import TrainConfig, checkpoint_meta, checkpoint_path, matmul_precision, run_name, train
 
 
 def parse_mixers(spec: str) -> str | list[str]:
@@ -163,6 +163,30 @@ def run_sweep(
     if bar is not None:
         bar.close()
     return [row for c in mine if (row := stored.get(c.key()) or done.get(c.key())) is not None]
+
+
+def run_status(configs: list[TrainConfig], db: str | Path, checkpoint_dir: str | Path,
+               shard: tuple[int, int] = (0, 1)) -> list[tuple[TrainConfig, str]]:
+    """Where each of this shard's runs stands, without training: ``stored: accuracy A after E epochs``,
+    ``checkpoint: epoch E/N, best A`` (resumes there), ``checkpoint unreadable`` or ``to train``."""
+    from attnkit.eval.store import Store
+
+    index, count = shard
+    out = []
+    with Store(db) as store:
+        for cfg in configs[index::count]:
+            key = cfg.key()
+            if (row := store.zoo_run(key)) is not None:
+                epochs = f"{row['epochs']} epoch" + ("s" if row["epochs"] != 1 else "")
+                out.append((cfg, f"stored: accuracy {row['accuracy']:.3f} after {epochs}"))
+            elif (path := checkpoint_path(checkpoint_dir, key)).exists():
+                meta = checkpoint_meta(path)
+                out.append((cfg, "checkpoint unreadable: training it refuses the file (delete it to start over)"
+                            if meta is None else f"checkpoint: epoch {meta['epoch']}/{cfg.epochs}, best "
+                            f"{meta['best']:.3f}"))
+            else:
+                out.append((cfg, "to train"))
+    return out
 
 
 def train_clock() -> float:

@@ -181,6 +181,22 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, me
     tmp.replace(path)
 
 
+def checkpoint_path(checkpoint_dir: str | Path, key: str) -> Path:
+    """Where the run with this key keeps its epoch checkpoint."""
+    return Path(checkpoint_dir) / f"{key[:20]}.safetensors"
+
+
+def checkpoint_meta(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's counters (epoch, best accuracy, ...) without reading its tensors; None where it is unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["meta"])
+    except Exception:
+        return None
+
+
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; returns its counters (a corrupt file: one clear error)."""
     from safetensors import safe_open
@@ -297,7 +313,7 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     steps_per_epoch = sum(batches)
     total = steps_per_epoch * cfg.epochs
     meta = {"epoch": 0, "best": 0.0, "accuracy": 0.0, "wall_s": 0.0, "history": [], "slices": []}
-    ckpt = Path(checkpoint_dir) / f"{key[:20]}.safetensors" if checkpoint_dir is not None else None
+    ckpt = checkpoint_path(checkpoint_dir, key) if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         meta = load_checkpoint(ckpt, model, opt)
         meta.setdefault("slices", [])  # a checkpoint written before mixtures existed
