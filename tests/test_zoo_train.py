@@ -168,6 +168,9 @@ def test_cli_train_and_sweep(tmp_path, capsys):
     assert "did you mean 'softmax'" in capsys.readouterr().err
     assert main(["zoo", "sweep", "--mixers", "softmax", "--shapes", "32by4", *args]) == 2
     assert "shape '32by4' is invalid" in capsys.readouterr().err
+    for flag, bad, noun in (("--lrs", "1e-3,abc", "numbers"), ("--d-models", "64,1.5", "integers")):
+        assert main(["zoo", "sweep", "--mixers", "softmax", flag, bad, *args]) == 2
+        assert f"zoo sweep: {flag} '{bad}' is invalid; accepted: comma-separated {noun}" in capsys.readouterr().err
 
 
 def test_parsers_name_the_bad_value():

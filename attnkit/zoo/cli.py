@@ -150,8 +150,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ValueError(f"zoo sweep: --shapes {args.shapes} and --train-mix exclude each other; a mixture run takes "
                          "its shapes from --train-mix and --test-mix")
     shapes = [parse_shape(s) for s in (args.shapes or "64x4").split(",") if s]
-    configs = grid([m for m in args.mixers.split(",") if m], [int(d) for d in args.d_models.split(",") if d], shapes,
-                   [float(x) for x in args.lrs.split(",") if x], **_base(args))
+    configs = grid([m for m in args.mixers.split(",") if m], _numbers(args.d_models, int, "--d-models", "64,128"),
+                   shapes, _numbers(args.lrs, float, "--lrs", "1e-3,1e-2"), **_base(args))
     if args.whole_runs and args.time_limit is None:
         raise ValueError("zoo sweep: --whole-runs needs --time-limit")
     shard = parse_shard(args.shard)
@@ -190,6 +190,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     mine = len(configs[shard[0]::shard[1]])
     print(f"{sum(1 for r in rows if r['finished'])} of this shard's {mine} runs finished")
     return 0
+
+
+def _numbers(text: str, kind: type, flag: str, example: str) -> list:
+    """A comma-separated list of ints or floats (each checked again where it is used), or one clear error."""
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        noun = "integers" if kind is int else "numbers"
+        raise ValueError(f"zoo sweep: {flag} {text!r} is invalid; accepted: comma-separated {noun}, e.g. "
+                         f"{example}") from None
 
 
 def _stderr_line(text: str) -> None:
