@@ -382,11 +382,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = sweep_config(args)
     limit_gpu_memory(args.gpu_memory_fraction, config.device, args.executor)
     execute = get_executor(args.executor)
-    try:
-        store = Store(args.db)
-    except sqlite3.Error as exc:
-        raise ValueError(f"{args.db}: cannot open the results database ({exc})") from None
-    with store:
+    with Store(args.db) as store:  # a file SQLite cannot read: one ValueError (Store)
         cells, mine = runner.prepare(config, store)
         i, n = config.shard
         shard = f" (shard {i}/{n}: {len(mine)} of {len(cells)} cells)" if n > 1 else ""

@@ -8,29 +8,15 @@ fewer rows than the others are marked with their count, so a partial sweep never
 from __future__ import annotations
 
 import argparse
-import gzip
 import sqlite3
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from attnkit.eval.store import read_only
 from attnkit.eval.tasks import RULER, SUITES
 
 BUDGETS = (128, 256, 512, 1024, 2048)
-
-
-def open_db(path: Path) -> sqlite3.Connection:
-    """A read connection to ``path``; a ``.gz`` file is unpacked into memory."""
-    if path.suffix != ".gz":
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    with tempfile.TemporaryDirectory() as tmp:  # (a WAL-mode file cannot be deserialized: copy it in by backup)
-        disk = Path(tmp) / "r.db"
-        disk.write_bytes(gzip.decompress(path.read_bytes()))
-        src, con = sqlite3.connect(disk), sqlite3.connect(":memory:")
-        src.backup(con)
-        src.close()
-    return con
 
 
 def table(con: sqlite3.Connection, shares_at: tuple[int, int] = (256, 1024)) -> str:
@@ -81,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not args.db.is_file():
         raise SystemExit(f"{args.db}: no such database")
-    sys.stdout.write(table(open_db(args.db)))
+    sys.stdout.write(table(read_only(args.db)))
 
 
 if __name__ == "__main__":

@@ -118,3 +118,32 @@ def test_store_creates_missing_parent_folders(tmp_path):
     path = tmp_path / "new" / "dir" / "results.db"
     Store(path)
     assert path.is_file()
+
+
+def test_a_file_that_is_not_a_results_database_is_one_clear_error(tmp_path):
+    text = tmp_path / "notes.db"
+    text.write_text("not SQLite " * 100)
+    for path in (text, tmp_path):  # a text file, a folder
+        with pytest.raises(ValueError, match=f"^{path}: cannot open the results database \\("):
+            Store(path)
+        with pytest.raises(ValueError, match=f"^{path}: cannot open the results database \\(") if path.is_file() \
+                else pytest.raises(FileNotFoundError, match="no results database"):
+            store_mod.read_only(path)
+
+
+@pytest.mark.parametrize("suffix, pack", [(".gz", "gzip"), (".xz", "lzma")])
+def test_read_only_reads_compressed_copies_as_they_are(tmp_path, suffix, pack):
+    import importlib
+
+    with Store(tmp_path / "r.db") as store:
+        store.add(row("a", 0))
+        store.add(row("a", 1, score=0.5))
+    packed = tmp_path / f"r.db{suffix}"
+    packed.write_bytes(importlib.import_module(pack).compress((tmp_path / "r.db").read_bytes()))
+    query = "SELECT cell_key, sample_index, score FROM results ORDER BY id"
+    assert store_mod.read_only(packed).execute(query).fetchall() == [("a", 0, 1.0), ("a", 1, 0.5)]
+    packed.write_bytes(packed.read_bytes()[:40])  # cut short
+    with pytest.raises(ValueError, match=f"{packed}: cannot open the results database"):
+        store_mod.read_only(packed)
+    with pytest.raises(sqlite3.OperationalError):  # read-only: nothing is written through it
+        store_mod.read_only(tmp_path / "r.db").execute("DELETE FROM results")

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from attnkit.eval.store import read_only
 
 FAMILIES = ("retrieval", "multihop", "aggregation", "qa", "passkey", "niah")  # accuracy families, report order
 MiB = 2**20
@@ -29,11 +30,9 @@ _COLUMNS = ("model method settings_json budget budget_tokens task family length 
 
 
 def load_rows(db_path: str | Path) -> list[Row]:
-    """All rows of the results table (``extra_json`` parsed for ppl rows only); [] when the table is absent."""
-    path = Path(db_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no results database at {path}")
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    """All rows of the results table (``extra_json`` parsed for ppl rows only); [] when the table is absent. A
+    ``.gz`` / ``.xz`` database is read as it is (:func:`~attnkit.eval.store.read_only`)."""
+    con = read_only(db_path)
     try:
         if not con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='results'").fetchone():
             return []

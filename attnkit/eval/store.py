@@ -35,6 +35,45 @@ CREATE TABLE IF NOT EXISTS file_hashes (
 """
 
 
+def open_error(path: Path, exc: Exception | str) -> ValueError:
+    """One line for a file that SQLite cannot read as a results database."""
+    return ValueError(f"{path}: cannot open the results database ({exc})")
+
+
+_UNPACK = {".gz": "gzip", ".xz": "lzma"}  # how committed databases are compressed (docs/results)
+
+
+def read_only(path: str | os.PathLike) -> sqlite3.Connection:
+    """A connection that cannot change the results database at ``path``: read-only, or for a ``.gz`` / ``.xz`` copy
+    one to its unpacked copy in memory. A file that is not one (or a damaged one) is one ValueError, raised here."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results database at {path}")
+    try:
+        if path.suffix not in _UNPACK:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        else:
+            import importlib
+            import tempfile
+
+            try:
+                data = importlib.import_module(_UNPACK[path.suffix]).decompress(path.read_bytes())
+            except Exception as exc:  # gzip's BadGzipFile / EOFError, lzma's LZMAError: a damaged copy
+                raise open_error(path, f"{type(exc).__name__}: {exc}") from None
+            with tempfile.TemporaryDirectory() as tmp:  # a WAL-mode file cannot be deserialized: copy it by backup
+                disk = Path(tmp) / "r.db"
+                disk.write_bytes(data)
+                src, con = sqlite3.connect(disk), sqlite3.connect(":memory:")
+                try:
+                    src.backup(con)
+                finally:
+                    src.close()
+        con.execute("SELECT 1 FROM sqlite_master").fetchall()  # reads the header: not SQLite fails here
+    except sqlite3.Error as exc:
+        raise open_error(path, exc) from None
+    return con
+
+
 class Store:
     """A results database. ``Store(path)`` creates the file and the schema if needed.
 
@@ -49,14 +88,21 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)  # `--db results/x.db` on a fresh clone
         # isolation_level=None: no implicit transactions; each INSERT is its own atomic, committed transaction and
         # never upgrades a read lock (which in WAL mode fails with SQLITE_BUSY without waiting).
-        self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute("PRAGMA synchronous = NORMAL")  # in WAL mode: durable across process crashes
-        self.conn.executescript(SCHEMA + _FILE_HASHES + ZOO_SCHEMA)
-        self._add_missing_columns()
-        self.columns = [r["name"] for r in self.conn.execute("PRAGMA table_info(results)")]
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:  # a folder, a file without read permission
+            raise open_error(self.path, exc) from None
+        try:
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = NORMAL")  # in WAL mode: durable across process crashes
+            self.conn.executescript(SCHEMA + _FILE_HASHES + ZOO_SCHEMA)
+            self._add_missing_columns()
+            self.columns = [r["name"] for r in self.conn.execute("PRAGMA table_info(results)")]
+        except sqlite3.DatabaseError as exc:  # not SQLite (a gzipped copy, another file), or a damaged one
+            self.conn.close()
+            raise open_error(self.path, exc) from None
 
     def _add_missing_columns(self) -> None:
         """Columns added to zoo_runs after a database was made (``slices_json``), with their defaults."""
