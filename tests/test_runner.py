@@ -425,6 +425,7 @@ def cli_run(capsys, *argv):
     (["--model", "tiny,smolm2-135m"], "unknown model 'smolm2-135m'"),
     (["--plugin", "no_such_module"], "--plugin no_such_module: cannot import"),
     (["--set", "snapkv.windoww=8"], "snapkv has no setting 'windoww'"),
+    (["--methods", "full", "--set", "full.x=1"], "full has no setting 'x'; accepted: none (full has no settings)"),
     (["--set", "quest.page_size=8"], "'quest' is not among the swept methods"),
     (["--set", "snapkv.window=0"], "for snapkv: snapkv: window=0"),
     (["--device", "tpu"], "device 'tpu' is invalid; accepted: cpu, cuda, cuda:N"),

@@ -192,7 +192,7 @@ def make_cell_method(cls: type[Method], tokens: int | None, overrides: dict[str,
     known = {f.name for f in dataclasses.fields(method) if f.init}
     if unknown := sorted(set(overrides) - known):
         raise ValueError(f"--set {cls.name}.{unknown[0]}: {cls.name} has no setting {unknown[0]!r}; accepted: "
-                         f"{', '.join(sorted(known))}")
+                         f"{', '.join(sorted(known)) or f'none ({cls.name} has no settings)'}")
     return dataclasses.replace(method, **overrides)
 
 
