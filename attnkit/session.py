@@ -164,6 +164,9 @@ class apply:  # noqa: N801 - used as a function-like context manager
     """
 
     def __init__(self, model: torch.nn.Module, method: str | Method = "full", **settings: Any) -> None:
+        if not (hasattr(model, "config") and hasattr(model, "set_attn_implementation")):
+            raise TypeError(f"attnkit.apply: model is a {type(model).__name__}; accepted: a Hugging Face transformers "
+                            "model (PreTrainedModel, e.g. from attnkit.load_model or AutoModelForCausalLM)")
         self.model = model
         self.method = make_method(method, **settings)
         config = text_config(model)

@@ -53,6 +53,11 @@ def test_unknown_setting_suggests_the_closest():
         attnkit.make_method("streaming_llm", sink=4)
 
 
+def test_something_that_is_not_a_transformers_model_is_one_clear_error():
+    with pytest.raises(TypeError, match="attnkit.apply: model is a Linear; accepted: a Hugging Face transformers"):
+        attnkit.apply(torch.nn.Linear(2, 2), "streaming_llm")
+
+
 def test_budget_beyond_model_context_is_refused():
     model = tiny_llama()
     with pytest.raises(ValueError, match="exceeds the model's context of 2048"):
