@@ -377,6 +377,10 @@ def test_lm_shapes_and_state():
         LMConfig(n_layers=3, mixers=["based", "softmax"])
     with pytest.raises(ValueError, match="did you mean 'based'"):
         TinyLM(LMConfig(vocab_size=V, d_model=D_MODEL, mixers="basd"))
+    with pytest.raises(ValueError, match=rf"lm: token ids in \[0, {V}\]; accepted: ids in \[0, {V - 1}\]"):
+        lm(torch.tensor([[0, V]]))  # torch's embedding would say only "index out of range in self"
+    with pytest.raises(ValueError, match="accepted: a \(B, T\) long or int32 tensor"):
+        lm(torch.zeros(1, 4))
 
 
 @torch.no_grad()

@@ -110,7 +110,15 @@ class TinyLM(nn.Module):
             self.head.weight = self.embed.weight
 
     def embed_at(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """(B, T) ids at positions start .. start + T - 1 -> (B, T, d)."""
+        """(B, T) ids at positions start .. start + T - 1 -> (B, T, d). Ids are checked against the vocabulary on
+        the CPU only: on a GPU the check would read a value back to the host every step (and break CUDA graphs)."""
+        if ids.dtype not in (torch.long, torch.int32) or ids.dim() != 2:
+            raise ValueError(f"lm: token ids of dtype {ids.dtype} and shape {tuple(ids.shape)}; accepted: a (B, T) "
+                             "long or int32 tensor")
+        vocab = self.embed.num_embeddings
+        if ids.device.type == "cpu" and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+            raise ValueError(f"lm: token ids in [{int(ids.min())}, {int(ids.max())}]; accepted: ids in [0, {vocab - 1}] "
+                             f"(vocab_size={vocab})")
         h = self.embed(ids)
         if self.positions is not None:
             end = start + ids.shape[1]
