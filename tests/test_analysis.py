@@ -253,6 +253,14 @@ def page(tmp_path_factory) -> Path:
     return html_path
 
 
+def test_a_layer_the_model_lacks_fails_before_any_stage(monkeypatch):
+    import attnkit.analysis.run as run
+
+    monkeypatch.setattr(run, "sink_metric", lambda *a, **k: pytest.fail("a stage ran"))
+    with pytest.raises(ValueError, match=r"layers=\[0, 9\] is invalid; accepted: indices in \[0, 2\]"):
+        compute(tiny_llama(), ByteTokenizer(), "tiny-llama", **{**SMALL, "layers": [0, 9]})
+
+
 def test_page_has_every_plot(page):
     html = page.read_text(encoding="utf-8")
     names = re.findall(r'<figure class="plot" data-plot="([^"]+)">', html)

@@ -24,7 +24,7 @@ class AttentionMaps:
         return {"layers": self.layers, "heads": self.heads, "tokens": self.tokens, "probs": self.probs.tolist()}
 
 
-def _check_indices(name: str, values, n: int) -> list[int]:
+def check_indices(name: str, values, n: int) -> list[int]:
     out = [int(v) for v in values]
     if not out or min(out) < 0 or max(out) >= n:
         raise ValueError(f"{name}={list(values)!r} is invalid; accepted: indices in [0, {n - 1}]")
@@ -39,8 +39,8 @@ def attention_maps(model, tokenizer, text_or_ids: str | list[int] | torch.Tensor
     (1, T) id tensor. Keep T small (a few hundred): every map is T x T.
     """
     cfg = text_config(model)
-    layers = _check_indices("layers", layers, cfg.num_hidden_layers)
-    heads = _check_indices("heads", heads, cfg.num_attention_heads)
+    layers = check_indices("layers", layers, cfg.num_hidden_layers)
+    heads = check_indices("heads", heads, cfg.num_attention_heads)
     if isinstance(text_or_ids, str):
         ids = torch.tensor([tokenizer(text_or_ids).input_ids])
     else:

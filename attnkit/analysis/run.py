@@ -18,7 +18,7 @@ from attnkit.analysis import capture
 from attnkit.analysis.activations import residual_analysis
 from attnkit.analysis.heads import head_scores, top_heads
 from attnkit.analysis.inputs import essay_windows
-from attnkit.analysis.maps import attention_maps
+from attnkit.analysis.maps import attention_maps, check_indices
 from attnkit.analysis.sinks import sink_metric
 from attnkit.analysis.streaming import streaming_heads
 from attnkit.session import layer_types, text_config
@@ -49,7 +49,9 @@ def compute(model, tokenizer, name: str, *, method: str = "full", settings: dict
     settings = dict(settings or {})
     attnkit.make_method(method, **settings)  # a bad name or value fails before any forward
     cfg = text_config(model)
-    layers = default_map_layers(cfg.num_hidden_layers) if layers is None else list(layers)
+    # checked here, not only in the last stage: a bad index failed after minutes of the other stages
+    n_layers = cfg.num_hidden_layers
+    layers = default_map_layers(n_layers) if layers is None else check_indices("layers", layers, n_layers)
     stages = ["sink metric", "massive activations + cosine", "head scores", "streaming heads", "attention maps"]
     bar = None
     if progress:
