@@ -382,6 +382,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = sweep_config(args)
     limit_gpu_memory(args.gpu_memory_fraction, config.device, args.executor)
     execute = get_executor(args.executor)
+    runner.check(config)  # before the database is created
     with Store(args.db) as store:  # a file SQLite cannot read: one ValueError (Store)
         cells, mine = runner.prepare(config, store)
         i, n = config.shard

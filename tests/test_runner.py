@@ -440,6 +440,7 @@ def test_eval_validates_everything_before_loading(capsys, loads, tmp_path, chang
             argv += change[i : i + 2]
     code, _, err = cli_run(capsys, "eval", *argv, "--db", str(tmp_path / "r.db"))
     assert code == 2 and err.startswith("attnkit: error: ") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r.db").exists()  # a typo creates no database
     assert words in err, err
     assert loads == []
 

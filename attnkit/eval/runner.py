@@ -557,6 +557,19 @@ class SweepResult:
     stored: int  # of them, in the store at the end
 
 
+def check(config: SweepConfig) -> None:
+    """Every name and value of the sweep, before its database is created or a model file is read (a typo leaves
+    nothing behind)."""
+    from attnkit.models import _resolve_source  # the loader's own name check (ModelLoadError), no file read
+
+    import_plugins(config.plugins)
+    validate(config)
+    for name in dict.fromkeys(config.models):
+        if name not in _MODELS:
+            _resolve_source(name)
+    build_grid(config, dict.fromkeys(config.models, ""))  # budgets and --set values, per cell
+
+
 def prepare(config: SweepConfig, store: Store) -> tuple[list[Cell], list[Cell]]:
     """(grid, this shard's cells), everything validated; nothing loaded except model hashes."""
     import_plugins(config.plugins)
@@ -571,6 +584,7 @@ def run_sweep(config: SweepConfig, db: str, executor: str = "local", progress: b
     from attnkit.eval.executors import get_executor
 
     run = get_executor(executor)  # fails fast (e.g. Ray missing) before any work
+    check(config)
     with Store(db) as store:
         cells, mine = prepare(config, store)
         written = run(mine, config, store, progress)
