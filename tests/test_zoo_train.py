@@ -497,3 +497,11 @@ def test_a_sweep_lists_where_each_run_stands_without_training(tmp_path, capsys):
     assert out[0].startswith("softmax d16 lr 0.001 ") and out[3].startswith("softmax d16 lr 0.1 ")
     assert out[4] == "1 of this shard's 4 runs stored, 3 left"
     assert len(Store(tmp_path / "z.db").zoo_runs()) == 1  # nothing was trained
+
+
+def test_mixer_settings_are_checked_with_the_config_before_any_data_or_database(tmp_path, capsys):
+    with pytest.raises(ValueError, match="softmax: num_heads=3 does not divide d_model=64"):
+        TrainConfig(mixers="softmax", d_model=64, mixer_settings={"softmax": {"num_heads": 3}})
+    assert main(["zoo", "sweep", "--mixers", "softmax", "--set", "softmax.nope=1", "--db", str(tmp_path / "z.db")]) == 2
+    assert "softmax: unknown setting 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "z.db").exists()

@@ -28,7 +28,7 @@ from attnkit.zoo.base import check_float, check_int
 from attnkit.zoo.datacache import mqar_set
 from attnkit.zoo.lm import LMConfig, TinyLM
 from attnkit.zoo.mqar import mqar, mqar_accuracy
-from attnkit.zoo.registry import mixer_class
+from attnkit.zoo.registry import build_mixer
 from attnkit.zoo.step import TrainStep, label_positions, own_stream
 
 TASKS = ("mqar",)
@@ -100,8 +100,9 @@ class TrainConfig:
         check_float("zoo train", "weight_decay", self.weight_decay, 0.0, 10.0)
         check_float("zoo train", "warmup", self.warmup, 0.0, 1.0)
         check_float("zoo train", "early_stop", self.early_stop, 0.0, 1.0, open_lo=True)
-        for name in self.lm_config().layer_mixers():  # validates the model settings and the mixer names
-            mixer_class(name)
+        lm = self.lm_config()  # validates the model settings
+        for name in dict.fromkeys(lm.layer_mixers()):  # names, settings and width, before any data is drawn
+            build_mixer(name, self.d_model, **lm.mixer_settings.get(name, {}))
         for t, n, _ in self.train_segments() + self.test_segments():  # validates the task settings
             try:
                 mqar(1, self.vocab_size, t, n, self.power_a)
