@@ -82,9 +82,16 @@ def test_sweep_shards_cover_the_grid_and_the_report_reads_it(tmp_path, capsys):
         assert {r["run_key"] for r in store.zoo_runs()} == {c.key() for c in configs}
     front = frontier(Store(db).zoo_runs())
     assert set(front[(32, 4)]) == {"softmax", "base_conv+based"} and len(front[(32, 4)]["softmax"]) == 2
+    before = db.read_bytes()
     assert main(["zoo", "report", str(db), "-o", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "frontier.svg").read_text().startswith("<?xml")
     assert "| 32x4 | softmax | 16 |" in (tmp_path / "rep" / "frontier.md").read_text()
+    assert db.read_bytes() == before  # read only
+    other = tmp_path / "other.db"  # an SQLite file of something else: an error, and the file untouched
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    before = other.read_bytes()
+    assert main(["zoo", "report", str(other), "-o", str(tmp_path / "rep2")]) == 2
+    assert "holds no MQAR runs" in capsys.readouterr().err and other.read_bytes() == before
 
 
 def test_runs_trained_side_by_side_equal_the_same_runs_trained_one_by_one(tmp_path):

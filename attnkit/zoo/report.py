@@ -79,10 +79,18 @@ def plot(front: dict, path: Path) -> None:
 
 def write_report(db: str | Path, out: str | Path) -> dict:
     """frontier.md, frontier.svg and frontier.json under ``out`` from the database's zoo runs."""
-    from attnkit.eval.store import Store
+    import sqlite3
 
-    with Store(db) as store:
-        rows = [r for r in store.zoo_runs() if r["task"] == "mqar"]  # passkey rows have no state-size frontier
+    from attnkit.eval.store import read_only
+
+    con = read_only(db)  # a report changes nothing in the file (also reads a .gz / .xz copy)
+    try:
+        con.row_factory = sqlite3.Row
+        table = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='zoo_runs'").fetchone()
+        stored = [dict(r) for r in con.execute("SELECT * FROM zoo_runs ORDER BY id")] if table else []
+    finally:
+        con.close()
+    rows = [r for r in stored if r["task"] == "mqar"]  # passkey rows have no state-size frontier
     if not rows:
         raise ValueError(f"{db} holds no MQAR runs; run `attnkit zoo train` or `attnkit zoo sweep` first")
     front = frontier(rows)
