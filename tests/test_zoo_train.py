@@ -512,3 +512,9 @@ def test_mixer_settings_are_checked_with_the_config_before_any_data_or_database(
     assert main(["zoo", "sweep", "--mixers", "softmax", "--set", "softmax.nope=1", "--db", str(tmp_path / "z.db")]) == 2
     assert "softmax: unknown setting 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "z.db").exists()
+
+
+def test_a_config_checks_its_mixers_without_drawing_from_the_global_rng():
+    state = torch.get_rng_state()
+    TrainConfig(mixers=["base_conv", "based"], d_model=64, n_layers=2)
+    assert torch.equal(state, torch.get_rng_state())  # runs side by side seed their models from it

@@ -102,7 +102,8 @@ class TrainConfig:
         check_float("zoo train", "early_stop", self.early_stop, 0.0, 1.0, open_lo=True)
         lm = self.lm_config()  # validates the model settings
         for name in dict.fromkeys(lm.layer_mixers()):  # names, settings and width, before any data is drawn
-            build_mixer(name, self.d_model, **lm.mixer_settings.get(name, {}))
+            with torch.device("meta"):  # no memory, and no draw from the global RNG that seeds models
+                build_mixer(name, self.d_model, **lm.mixer_settings.get(name, {}))
         for t, n, _ in self.train_segments() + self.test_segments():  # validates the task settings
             try:
                 mqar(1, self.vocab_size, t, n, self.power_a)
