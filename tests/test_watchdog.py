@@ -101,7 +101,8 @@ def test_a_run_that_hangs_beside_one_that_goes_on_still_ends_the_sweep(tmp_path)
         "from attnkit.cli import main\n"
         f"sys.exit(main(['zoo', 'sweep', '--mixers', 'softmax', '--shapes', '32x4', '--vocab-size', '64', "
         f"'--train-examples', '64', '--test-examples', '32', '--batch-size', '32', '--epochs', '400', "
-        f"'--d-models', '16', '--lrs', '1e-05,0.01', '--db', {str(tmp_path / 'z.db')!r}, '--checkpoints', {str(tmp_path / 'ck')!r}, "
+        f"'--d-models', '16', '--lrs', '1e-05,0.01', '--db', {str(tmp_path / 'z.db')!r}, "
+        f"'--checkpoints', {str(tmp_path / 'ck')!r}, "
         "'--no-progress', '--stall-dump', '2', '--concurrent', '2']))\n"
     )
     start = time.monotonic()

@@ -30,12 +30,12 @@ from typing import Any, Callable, Iterable
 import torch
 
 import attnkit
+from attnkit.devices import device_type
 from attnkit.eval.sample import METRICS, Sample, build_prompt
 from attnkit.eval.store import Store, attnkit_version, dumps, git_commit, source_hash
 from attnkit.eval.store import model_hash as file_model_hash
 from attnkit.eval.tasks import get_task
 from attnkit.methods.base import Method
-from attnkit.devices import device_type
 from attnkit.registry import method_class
 from attnkit.watchdog import beat
 
