@@ -244,3 +244,18 @@ def test_validation_without_processes():
     gathered = torch.cat([part.shard(x, 1) for part in lay], dim=1)
     assert torch.equal(lay[0].unshard(gathered, 1), x)
     assert lay[1].owner(15) == (0, 7)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--strategy", "ring,nope"], "strategy='nope' is invalid; accepted: 'ring', 'ulysses', 'torch_ring'"),
+    (["--method", "snapkv"], "method 'snapkv' has no context-parallel prefill; accepted: 'full', 'window', 'dhsa'"),
+    (["--length", "66"], "sequence length 66 is not a multiple of 2 x world size = 4"),
+    (["--nproc", "-1"], "--nproc: -1 is out of range; accepted: >= 0"),
+])  # fmt: skip
+def test_the_torchrun_entry_refuses_bad_input_before_starting_processes(monkeypatch, capsys, extra, needle):
+    from attnkit.parallel import run
+
+    monkeypatch.setattr(run, "relaunch", lambda *a, **k: pytest.fail("processes were started"))
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--nproc", "2", "--model", "tiny-llama", "--device", "cpu", "--length", "64", *extra])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err

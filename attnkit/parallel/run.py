@@ -11,13 +11,15 @@ rank 0 prints, per strategy, the wall time of ``cp_prefill(..., logits="last")``
 largest difference of the last token's logits from rank 0's one-process prefill (run alone while the others
 wait; a sparse method through ``attnkit.apply``), relative to the largest logit, and whether their top-1
 tokens agree. In half precision on CUDA rank 0 also prefills with SDPA's memory-efficient kernel instead of
-flash: a check passes within ``--rtol`` or within twice that one-GPU kernel difference. The exit status is 1
-when a check fails.
+flash: a check passes within ``--rtol`` or within twice that one-GPU kernel difference. Bad strategies, methods,
+settings and lengths are refused before any process starts; the exit status is 1 when a check fails or a rank
+refuses a strategy (heads that do not split over the ranks).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -26,7 +28,8 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit.parallel.launch import init_distributed, relaunch, under_torchrun
-from attnkit.parallel.prefill import METHODS, STRATEGIES, cp_prefill
+from attnkit.parallel.layout import SeqLayout
+from attnkit.parallel.prefill import DEFAULT_LAYOUT, METHODS, STRATEGIES, check_strategy, cp_prefill
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -39,24 +42,54 @@ def parse_setting(text: str) -> tuple[str, object]:
     return key, value
 
 
+def preflight(args: argparse.Namespace, world: int) -> None:
+    """The strategies, the method and its settings, and each strategy's layout of ``--length`` over ``world``
+    ranks (when known): ValueError naming the first bad one."""
+    from attnkit.registry import make_method
+
+    method = make_method(args.method, **dict(parse_setting(s) for s in args.setting))
+    for strategy in args.strategy.split(","):
+        check_strategy(strategy, method)
+        if world >= 1:
+            SeqLayout(args.length, world, 0, args.layout or DEFAULT_LAYOUT[strategy])
+
+
+def _at_least(lo: int):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: '{text}'") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; accepted: >= {lo}")
+        return value
+
+    return check
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nproc", type=int, default=0, help="processes to launch when not started by torchrun")
+    ap = argparse.ArgumentParser(prog="python -m attnkit.parallel.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--nproc", type=_at_least(0), default=0, help="processes to launch when not started by torchrun")
     ap.add_argument("--model", default="smollm2-135m",
                     help="an attnkit model name, a folder, a Hub id, or tiny-llama (random, Llama-3.1-8B heads)")
-    ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--length", type=_at_least(1), default=4096)
+    ap.add_argument("--batch", type=_at_least(1), default=1)
     ap.add_argument("--strategy", default="ring,ulysses", help=f"comma list of {', '.join(STRATEGIES)}")
     ap.add_argument("--method", default="full", help=f"one of {', '.join(METHODS)}")
     ap.add_argument("--setting", action="append", default=[], help="a method setting key=value (repeatable)")
     ap.add_argument("--layout", default=None, help="zigzag | contiguous (default: per strategy)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=_at_least(1), default=3)
     ap.add_argument("--check", action="store_true", help="compare with rank 0's one-process prefill")
     ap.add_argument("--rtol", type=float, default=None,
                     help="largest |cp - one process| / largest |one process| of the last logits (default: 2e-2 "
                          "in half precision, 1e-5 in float32)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    world = args.nproc if not under_torchrun() else int(os.environ.get("WORLD_SIZE", "1"))
+    try:  # what every rank would refuse alike, refused here: no processes are started for it
+        preflight(args, world)
+    except ValueError as exc:
+        ap.error(str(exc))
     if not under_torchrun():
         if not args.nproc:
             ap.error("not started by torchrun: pass --nproc N (or run it under torchrun)")
@@ -105,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:  # raised alike on every rank before any communication
             if rank == 0:
                 print(f"{strategy}: refused: {exc}", flush=True)
+            failed = True  # a strategy that did not run is no success
             continue
         if rank != 0:
             continue
