@@ -473,6 +473,24 @@ def test_eval_without_bars_logs_one_line_per_finished_cell(capsys, loads, tmp_pa
     assert code == 0 and " eval: cell " not in err  # complete cells are skipped without a line
 
 
+def test_cells_past_the_trained_context_are_noted_once_per_length(capsys, monkeypatch, tmp_path):
+    real = runner.load
+
+    def short_trained(*args):  # the tiny model, said to be trained on 128 positions (the sweep runs 96 and 160)
+        model, tok = real(*args)
+        model.config.max_position_embeddings = 128
+        return model, tok
+
+    monkeypatch.setattr(runner, "load", short_trained)
+    monkeypatch.setattr(runner, "_NOTED", set())
+    runner._LOADED.clear()
+    code, _, err = cli_run(capsys, "eval", *ARGV, "--db", str(tmp_path / "r.db"), "--no-progress")
+    notes = [line for line in err.splitlines() if "eval: note:" in line]
+    assert code == 0 and notes == ["attnkit eval: note: tiny was trained on 128 positions; its cells at 160 tokens "
+                                   "run past them"]
+    runner._LOADED.clear()
+
+
 def test_eval_stall_dump_is_rearmed_by_every_sample(capsys, loads, dump_timer, tmp_path):
     code, _, err = cli_run(capsys, "eval", *ARGV, "--db", str(tmp_path / "r.db"), "--shard", "0/2",
                            "--stall-dump", "30")

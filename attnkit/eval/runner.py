@@ -509,6 +509,20 @@ def task_samples(task, cell: Cell, tokenizer, n: int) -> list[Sample]:
     return _SAMPLES[key][1]
 
 
+_NOTED: set[tuple[str, int]] = set()  # (model, length) pairs already noted as past the trained context
+
+
+def note_past_context(model, cell: Cell) -> None:
+    """Once per model and length: a line on stderr when the cell's length is past the positions the model was
+    trained on (its scores then measure length extrapolation, which is what StreamingLLM-style methods are for)."""
+    trained = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if trained is None or cell.length <= trained or (cell.model, cell.length) in _NOTED:
+        return
+    _NOTED.add((cell.model, cell.length))
+    print(f"attnkit eval: note: {cell.model} was trained on {trained:,} positions; its cells at {cell.length:,} "
+          "tokens run past them", file=sys.stderr, flush=True)
+
+
 def run_cell(cell: Cell, store: Store, n: int, done: set[int] | None = None,
              on_sample: Callable[[dict | None], None] | None = None, device: str | None = None,
              batch: int = 1) -> CellResult:
@@ -525,6 +539,7 @@ def run_cell(cell: Cell, store: Store, n: int, done: set[int] | None = None,
     if set(range(n)) <= done:
         return result
     model, tokenizer = get_model(cell.model, device or cell.device, cell.dtype)
+    note_past_context(model, cell)
     task = get_task(cell.task)
     samples = task_samples(task, cell, tokenizer, n)
     beat()  # loading and the haystacks count as progress for a stall dump (attnkit.watchdog)
