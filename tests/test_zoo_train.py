@@ -518,3 +518,54 @@ def test_a_config_checks_its_mixers_without_drawing_from_the_global_rng():
     state = torch.get_rng_state()
     TrainConfig(mixers=["base_conv", "based"], d_model=64, n_layers=2)
     assert torch.equal(state, torch.get_rng_state())  # runs side by side seed their models from it
+
+
+def test_ctrl_c_stops_runs_side_by_side_at_their_next_step_and_they_resume(tmp_path, monkeypatch, capsys):
+    """^C reaches the main thread while two runs train in worker threads: both drop their running epoch at the
+    next step (not at the end of their runs), keep their last checkpoint, and a rerun resumes from it."""
+    import signal
+    import threading
+
+    import attnkit.zoo.train as t
+
+    configs = grid(["softmax"], [16], [(32, 4)], [1e-4, 3e-4], **{
+        k: v for k, v in TINY.items() if k not in ("seq_len", "num_kv_pairs", "d_model", "lr")}, epochs=200)
+    real, calls, lock = t.lr_at, [0], threading.Lock()
+    steps_per_epoch = TINY["train_examples"] // TINY["batch_size"]
+
+    def lr_at(step, total, cfg):
+        with lock:
+            calls[0] += 1
+            if calls[0] == 2 * steps_per_epoch * 2 + 3:  # both runs past two epochs: ^C, a real SIGINT
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        return real(step, total, cfg)
+
+    monkeypatch.setattr(t, "lr_at", lr_at)
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(configs, tmp_path / "z.db", tmp_path / "ck", progress=False, concurrent=2, log=lines.append)
+    # each stops mid-epoch ("cut by an interrupt") or, when ^C came while it scored an epoch, before the next one
+    assert sum("cut by an interrupt" in line or "(interrupted)" in line for line in lines) == 2, "\n".join(lines)
+    assert calls[0] < 2 * steps_per_epoch * 4  # they stopped within about an epoch, not after 200
+    assert Store(tmp_path / "z.db").zoo_runs() == []
+    epochs = [checkpoint_meta(checkpoint_path(tmp_path / "ck", c.key()))["epoch"] for c in configs]
+    assert all(e >= 1 for e in epochs)
+    monkeypatch.setattr(t, "lr_at", real)
+    again: list[str] = []
+    run_sweep(configs, tmp_path / "z.db", tmp_path / "ck", progress=False, concurrent=2, log=again.append,
+              time_limit=0.5)
+    assert sorted(line.split(": ", 1)[1].split(";")[0] for line in again if "from epoch" in line) == \
+        sorted(f"from epoch {e}/200" for e in epochs)
+
+
+def test_cli_sweep_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import attnkit.zoo.sweep as sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    assert main([*tiny_sweep(tmp_path, 2), "--no-progress"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"attnkit: interrupted: 0 of this shard's 1 runs are stored in {tmp_path / 'z.db'}, unfinished ones keep "
+        f"their last epoch's checkpoint in {tmp_path / 'ck'}; run the same command again to resume")

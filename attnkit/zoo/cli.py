@@ -179,6 +179,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              progress=not args.no_progress, graph=False if args.eager else None,
                              concurrent=args.concurrent, time_limit=args.time_limit, whole=args.whole_runs,
                              log=log if args.no_progress or seconds else None)
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        status = run_status(configs, args.db, args.checkpoints, shard)
+        stored = sum(where.startswith("stored") for _, where in status)
+        print(f"attnkit: interrupted: {stored} of this shard's {len(status)} runs are stored in {args.db}, "
+              f"unfinished ones keep their last epoch's checkpoint in {args.checkpoints}; run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     finally:
         if past_limit:
             faulthandler.cancel_dump_traceback_later()

@@ -10,6 +10,7 @@ trained again. Zoology reports, per model, the best accuracy over a learning-rat
 from __future__ import annotations
 
 import dataclasses
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
@@ -136,13 +137,15 @@ def run_sweep(
 
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="run", desc="zoo sweep", dynamic_ncols=True)
 
+    stop = threading.Event()  # set on Ctrl-C (or a failed run): running runs drop their epoch at the next step
+
     def one(cfg: TrainConfig) -> dict[str, Any] | None:
-        if deadline is not None and train_clock() >= deadline:
-            return None  # started no more: the time limit has passed
+        if stop.is_set() or (deadline is not None and train_clock() >= deadline):
+            return None  # started no more: interrupted, or the time limit has passed
         # on CUDA each run trains on a stream of its own (train); a stall dump watches each run on its own
         with Store(db) as own, watching(run_name(cfg)):
             return train(cfg, own, checkpoint_dir, device, progress=False, graph=graph, deadline=deadline,
-                         whole=whole, log=log)
+                         whole=whole, log=log, stop=stop)
 
     done: dict[str, dict[str, Any]] = {}
     with matmul_precision(todo[0].precision if todo else "float32"), ThreadPoolExecutor(concurrent) as pool:
@@ -156,7 +159,8 @@ def run_sweep(
                 if bar is not None and row["finished"]:
                     bar.update(1)
                     bar.set_postfix(last=f"{row['mixers']} d{cfg.d_model} acc {row['accuracy']:.3f}")
-        except BaseException:  # a failed run (or ^C): start no more; the ones running finish their runs
+        except BaseException:  # a failed run or ^C: start no more, and the running ones stop at their next step
+            stop.set()
             for future in futures:
                 future.cancel()
             raise

@@ -232,6 +232,7 @@ def train(
     deadline: float | None = None,
     whole: bool = False,
     log: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Train one run (or return its stored row); see the module docstring.
 
@@ -241,8 +242,9 @@ def train(
     would end after it, at the pace of this call's epochs, and an epoch still running at it (a first one, whose
     pace was unknown) is dropped at the next step; with ``whole``, the run also stops after its first epoch of
     this call where the epochs left would not all fit (a bounded call then spends its time on runs it can
-    finish). A stopped run leaves its last checkpoint and stores nothing. ``log`` receives one line when the run
-    starts, per epoch and when it stops. Returns the result row (``finished`` 0 when stopped).
+    finish). ``stop`` set (a sweep's Ctrl-C) drops the running epoch at its next step, as the deadline does. A
+    stopped run leaves its last checkpoint and stores nothing. ``log`` receives one line when the run starts, per
+    epoch and when it stops. Returns the result row (``finished`` 0 when stopped).
     """
     resolve_device(device, "zoo: ")
     key = cfg.key()
@@ -251,7 +253,8 @@ def train(
     # on CUDA a stream no other run of this process uses (runs side by side: sweep --concurrent)
     stream = own_stream(device) if str(device).startswith("cuda") else contextlib.nullcontext()
     with matmul_precision(cfg.precision), stream:
-        return _train(cfg, key, store, checkpoint_dir, device, progress, max_epochs, graph, deadline, whole, log)
+        return _train(cfg, key, store, checkpoint_dir, device, progress, max_epochs, graph, deadline, whole, log,
+                      stop)
 
 
 now = time.monotonic  # the clock of ``deadline`` (a name of its own, so a test can run it by hand)
@@ -284,7 +287,7 @@ _INIT = threading.Lock()
 
 def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progress: bool, max_epochs: int | None,
            graph: bool | None, deadline: float | None = None, whole: bool = False,
-           log: Callable[[str], None] | None = None) -> dict[str, Any]:
+           log: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
     begun = now()
     data_dir = Path(checkpoint_dir) / "mqar" if checkpoint_dir is not None else None  # drawn once (datacache)
     # segment i's draws from seed + 7919 i, test set j's from a disjoint stream (one segment: the seeds as before)
@@ -331,13 +334,15 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
     log = log or (lambda line: None)
     log(f"{name}: from epoch {meta['epoch']}/{cfg.epochs}; data {drawn - begun:.1f} s, model and copies "
         f"{now() - drawn:.1f} s")
-    ran, epoch_s, cut = 0, 0.0, False
+    ran, epoch_s, cut = 0, 0.0, None
+    stopped = stop.is_set if stop is not None else lambda: False
     while meta["epoch"] < cfg.epochs and meta["best"] < cfg.early_stop:
         if max_epochs is not None and ran >= max_epochs:
             break
-        if deadline is not None and not epoch_fits(deadline, epoch_s, ran, cfg.epochs - meta["epoch"], whole):
+        late = deadline is not None and not epoch_fits(deadline, epoch_s, ran, cfg.epochs - meta["epoch"], whole)
+        if late or stopped():
             kept = ", checkpoint kept" if meta["epoch"] else ""
-            log(f"{name}: stopped before epoch {meta['epoch'] + 1} (time limit){kept}")
+            log(f"{name}: stopped before epoch {meta['epoch'] + 1} ({'time limit' if late else 'interrupted'}){kept}")
             break
         start = now()
         seed = cfg.seed * 9973 + meta["epoch"]
@@ -351,10 +356,13 @@ def _train(cfg: TrainConfig, key: str, store, checkpoint_dir, device: str, progr
             # logits at the labelled positions only: the same loss, a fraction of the head's work
             loss = step_fns[i](orders[i][b * cfg.batch_size : (b + 1) * cfg.batch_size])
             if deadline is not None and now() >= deadline:  # a first epoch whose pace was unknown: the time is up
-                cut = True
+                cut = "at the time limit"
+            elif stopped():
+                cut = "by an interrupt"
+            if cut:
                 break
         if cut:  # this epoch's steps are dropped: the run resumes from its last checkpoint
-            log(f"{name}: epoch {meta['epoch'] + 1} cut at the time limit after {now() - start:.1f} s")
+            log(f"{name}: epoch {meta['epoch'] + 1} cut {cut} after {now() - start:.1f} s")
             break
         acc, per_test = evaluate_all(model, tests, max(cfg.batch_size, 256))
         meta["epoch"] += 1
