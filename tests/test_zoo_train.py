@@ -558,12 +558,19 @@ def test_ctrl_c_stops_runs_side_by_side_at_their_next_step_and_they_resume(tmp_p
         sorted(f"from epoch {e}/200" for e in epochs)
 
 
-def test_cli_sweep_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
+def test_cli_train_and_sweep_ctrl_c_say_how_to_resume(tmp_path, monkeypatch, capsys):
     import attnkit.zoo.sweep as sweep
+    import attnkit.zoo.train as t
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(t, "train", interrupted)
+    assert main(["zoo", "train", "--mixer", "softmax", "--seq-len", "32", "--vocab-size", "64", "--db",
+                 str(tmp_path / "z.db"), "--checkpoints", str(tmp_path / "ck")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"attnkit: interrupted: the run keeps its last epoch's checkpoint in {tmp_path / 'ck'}; run the same command "
+        "again to resume")
     monkeypatch.setattr(sweep, "run_sweep", interrupted)
     assert main([*tiny_sweep(tmp_path, 2), "--no-progress"]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == (

@@ -134,7 +134,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     (cfg,) = grid([args.mixer], [args.d_model], [(args.seq_len, args.kv_pairs)], [args.lr], **_base(args))
     with Store(args.db) as store:
-        row = train(cfg, store, args.checkpoints, args.device, graph=False if args.eager else None)
+        try:
+            row = train(cfg, store, args.checkpoints, args.device, graph=False if args.eager else None)
+        except KeyboardInterrupt:
+            if getattr(args, "debug", False):
+                raise
+            print(f"attnkit: interrupted: the run keeps its last epoch's checkpoint in {args.checkpoints}; run the "
+                  "same command again to resume", file=sys.stderr)
+            return 130
     print(f"{row['mixers']} d_model {row['d_model']} T {row['seq_len']} N {row['num_kv_pairs']}: accuracy "
           f"{row['accuracy']:.4f} after {row['epochs']} epochs, state {row['state_size']:,} floats, "
           f"{row['params']:,} parameters, {row['wall_s']:.1f} s -> {args.db}")
