@@ -62,7 +62,10 @@ def parse_method_setting(item: str) -> tuple[str, str, Any]:
     return method, key, parse_value(value.strip())
 
 
-def _number(kind: type, lo: float, hi: float | None = None, open_lo: bool = False):
+def number_type(kind: type, lo: float, hi: float | None = None, open_lo: bool = False):
+    """An argparse ``type``: a finite ``kind`` number >= lo (> lo with ``open_lo``) and <= hi, else a usage error
+    naming the value and the accepted range."""
+
     def check(text: str):
         try:
             x = kind(text)
@@ -104,12 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", type=Path, help="read the prompt from a file ('-' for stdin)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the tokenizer's chat template (default: on)")
-    p.add_argument("--max-new-tokens", type=_number(int, 1), default=64)
-    p.add_argument("--prefill-chunk", type=_number(int, 1), default=512)
-    p.add_argument("--max-prompt-tokens", type=_number(int, 1), help="refuse prompts longer than this")
+    p.add_argument("--max-new-tokens", type=number_type(int, 1), default=64)
+    p.add_argument("--prefill-chunk", type=number_type(int, 1), default=512)
+    p.add_argument("--max-prompt-tokens", type=number_type(int, 1), help="refuse prompts longer than this")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=_number(float, 0.0, open_lo=True), default=1.0)
-    p.add_argument("--top-p", type=_number(float, 0.0, 1.0, open_lo=True), default=1.0)
+    p.add_argument("--temperature", type=number_type(float, 0.0, open_lo=True), default=1.0)
+    p.add_argument("--top-p", type=number_type(float, 0.0, 1.0, open_lo=True), default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text + stats")
     p.set_defaults(func=cmd_generate)
@@ -118,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text-file", type=Path, help="text to score")
     src.add_argument("--essays", action="store_true", help="use the bundled essays")
-    p.add_argument("--tokens", type=_number(int, 2), default=4096, help="score at most this many tokens")
-    p.add_argument("--chunk", type=_number(int, 1), default=256, help="tokens per forward")
+    p.add_argument("--tokens", type=number_type(int, 2), default=4096, help="score at most this many tokens")
+    p.add_argument("--chunk", type=number_type(int, 1), default=256, help="tokens per forward")
     p.add_argument("--csv", type=Path, help="write per-token NLL (target_pos,nll) to this file")
     p.set_defaults(func=cmd_ppl)
 
@@ -134,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "comma-separated (default: %(default)s)")
     p.add_argument("--lengths", default="4096", help="context lengths in tokens, comma-separated, e.g. 2048,4k "
                    "(default: %(default)s)")
-    p.add_argument("--samples", type=_number(int, 1), default=20, help="samples per cell (default: %(default)s)")
+    p.add_argument("--samples", type=number_type(int, 1), default=20, help="samples per cell (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="task seed (default: %(default)s)")
     p.add_argument("--db", type=Path, default=Path("results.db"), help="SQLite results database (default: %(default)s)")
     p.add_argument("--shard", default="0/1", help="run only shard i of n of the grid, e.g. 0/4 (default: all)")
@@ -145,20 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap inputs in the tokenizer's chat template (default: on; --no-chat for base models)")
-    p.add_argument("--prefill-chunk", type=_number(int, 1), default=512, help="tokens per prefill forward")
+    p.add_argument("--prefill-chunk", type=number_type(int, 1), default=512, help="tokens per prefill forward")
     p.add_argument("--set", dest="settings", action="append", default=[], type=parse_method_setting,
                    metavar="METHOD.KEY=VALUE", help="override a method's setting in every cell, on top of its budget "
                    "mapping, e.g. fasa.profile=fasa.json; repeatable")
-    p.add_argument("--batch", type=_number(int, 1), default=1,
+    p.add_argument("--batch", type=number_type(int, 1), default=1,
                    help="samples per padded generate call; rows of a batch share its timings (default: %(default)s)")
     p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE[:FUNC]",
                    help="import a module (and call FUNC) that registers tasks, methods or models; repeatable")
-    p.add_argument("--gpu-memory-fraction", type=_number(float, 0.0, 1.0, open_lo=True),
+    p.add_argument("--gpu-memory-fraction", type=number_type(float, 0.0, 1.0, open_lo=True),
                    help="cap this process's CUDA memory at this share of the GPU (local executor): N shards "
                         "sharing one GPU each take under 1/N, so none holds cached memory another needs")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="hide the progress bar; print a timestamped line per finished cell instead")
-    p.add_argument("--stall-dump", type=_number(float, 0.0, open_lo=True), metavar="SECONDS",
+    p.add_argument("--stall-dump", type=number_type(float, 0.0, open_lo=True), metavar="SECONDS",
                    help="when no sample is stored for this long, print every thread's stack on stderr and end with "
                         "status 1 (a hung batch job leaves its whereabouts; stored rows stay for a rerun)")
     p.set_defaults(func=cmd_eval)
@@ -172,14 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "per layer (its sparse layers); tca: per-head budget configurations")
     p.add_argument("--model", default="smollm2-135m", help="model name (default: %(default)s)")
     p.add_argument("-o", "--out", type=Path, required=True, help="profile to write (JSON)")
-    p.add_argument("--samples", type=_number(int, 1),
+    p.add_argument("--samples", type=number_type(int, 1),
                    help="calibration prompts (default: 8; zerotuning / act: 64 per task)")
-    p.add_argument("--tokens", type=_number(int, 16), default=2048,
+    p.add_argument("--tokens", type=number_type(int, 16), default=2048,
                    help="tokens per prompt, taken from the bundled essays (default: %(default)s)")
-    p.add_argument("--new-tokens", type=_number(int, 1), default=32, help="decode steps per prompt")
+    p.add_argument("--new-tokens", type=number_type(int, 1), default=32, help="decode steps per prompt")
     p.add_argument("--budgets", default=",".join(map(str, (128, 256, 512, 1024, 2048, 4096))),
                    help="top-K sizes to calibrate, comma-separated (default: %(default)s)")
-    p.add_argument("--dense-layers", type=_number(int, 0), default=2,
+    p.add_argument("--dense-layers", type=number_type(int, 0), default=2,
                    help="tidaldecode: dense layers before its selection layer (default: %(default)s, its default)")
     p.add_argument("--task", default="sst2",
                    help="zerotuning / act: choice task(s) whose calibration split is scored, comma-separated "
@@ -188,15 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zerotuning / act: supervised accuracy, or ZeroTuning's unsupervised output entropy")
     p.add_argument("--mode", choices=["head", "layer"], default="head",
                    help="zerotuning: probe each (layer, head) or each whole layer (default: %(default)s)")
-    p.add_argument("--shots", type=_number(int, 0), default=0, help="zerotuning / act: demonstrations per prompt")
-    p.add_argument("--variants", type=_number(int, 1),
+    p.add_argument("--shots", type=number_type(int, 0), default=0, help="zerotuning / act: demonstrations per prompt")
+    p.add_argument("--variants", type=number_type(int, 1),
                    help="zerotuning / act: candidates scored per forward (default: 8 on CUDA, 1 on the CPU; "
                         "lower it if a forward of that many copies of the rows runs out of memory)")
     p.add_argument("--pairing", choices=["rope", "code"], default="rope",
                    help="frequency-chunk pairing: rope (i, i + D/2) or code (2i, 2i + 1) (default: %(default)s)")
-    p.add_argument("--length", type=_number(int, 2), default=2500,
+    p.add_argument("--length", type=number_type(int, 2), default=2500,
                    help="razorattention: random tokens per repeat, capped to the context (default: %(default)s)")
-    p.add_argument("--repeats", type=_number(int, 2), default=4,
+    p.add_argument("--repeats", type=number_type(int, 2), default=4,
                    help="razorattention: repeats of the random sequence (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
@@ -212,16 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "token, echo/induction and streaming heads, attention maps -> analysis.json + analysis.html")
     p.add_argument("model", help="model name, as for `attnkit eval` (e.g. smollm2-135m)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
-    p.add_argument("--samples", type=_number(int, 1), default=100, help="sink metric windows (default: %(default)s)")
-    p.add_argument("--tokens", type=_number(int, 2), default=64, help="tokens per window (default: %(default)s)")
-    p.add_argument("--eps", type=_number(float, 0.0, 1.0), default=0.3, help="sink threshold (default: %(default)s)")
-    p.add_argument("--heads-length", type=_number(int, 2), default=2500,
+    p.add_argument("--samples", type=number_type(int, 1), default=100,
+                   help="sink metric windows (default: %(default)s)")
+    p.add_argument("--tokens", type=number_type(int, 2), default=64, help="tokens per window (default: %(default)s)")
+    p.add_argument("--eps", type=number_type(float, 0.0, 1.0), default=0.3,
+                   help="sink threshold (default: %(default)s)")
+    p.add_argument("--heads-length", type=number_type(int, 2), default=2500,
                    help="random tokens per repeat for echo/induction scores, capped to the context "
                         "(default: %(default)s)")
-    p.add_argument("--repeats", type=_number(int, 2), default=4, help="repeats of the random tokens (default: 4)")
-    p.add_argument("--residual-tokens", type=_number(int, 2), default=256,
+    p.add_argument("--repeats", type=number_type(int, 2), default=4, help="repeats of the random tokens (default: 4)")
+    p.add_argument("--residual-tokens", type=number_type(int, 2), default=256,
                    help="tokens per window for massive activations and cosine to first (default: %(default)s)")
-    p.add_argument("--streaming-tokens", type=_number(int, 70), default=512,
+    p.add_argument("--streaming-tokens", type=number_type(int, 70), default=512,
                    help="tokens per window for the streaming-head mass (default: %(default)s)")
     p.add_argument("--layers", help="attention-map layers, comma-separated (default: first, middle, last)")
     p.add_argument("--seed", type=int, default=0, help="seed of the windows and random tokens (default: 0)")

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attnkit.cli import number_type
 from attnkit.parallel.launch import init_distributed, relaunch, under_torchrun
 from attnkit.parallel.layout import SeqLayout
 from attnkit.parallel.prefill import DEFAULT_LAYOUT, METHODS, STRATEGIES, check_strategy, cp_prefill
@@ -54,31 +55,19 @@ def preflight(args: argparse.Namespace, world: int) -> None:
             SeqLayout(args.length, world, 0, args.layout or DEFAULT_LAYOUT[strategy])
 
 
-def _at_least(lo: int):
-    def check(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: '{text}'") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"{text} is out of range; accepted: >= {lo}")
-        return value
-
-    return check
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m attnkit.parallel.run", description=__doc__.splitlines()[0])
-    ap.add_argument("--nproc", type=_at_least(0), default=0, help="processes to launch when not started by torchrun")
+    ap.add_argument("--nproc", type=number_type(int, 0), default=0,
+                    help="processes to launch when not started by torchrun")
     ap.add_argument("--model", default="smollm2-135m",
                     help="an attnkit model name, a folder, a Hub id, or tiny-llama (random, Llama-3.1-8B heads)")
-    ap.add_argument("--length", type=_at_least(1), default=4096)
-    ap.add_argument("--batch", type=_at_least(1), default=1)
+    ap.add_argument("--length", type=number_type(int, 1), default=4096)
+    ap.add_argument("--batch", type=number_type(int, 1), default=1)
     ap.add_argument("--strategy", default="ring,ulysses", help=f"comma list of {', '.join(STRATEGIES)}")
     ap.add_argument("--method", default="full", help=f"one of {', '.join(METHODS)}")
     ap.add_argument("--setting", action="append", default=[], help="a method setting key=value (repeatable)")
     ap.add_argument("--layout", default=None, help="zigzag | contiguous (default: per strategy)")
-    ap.add_argument("--repeats", type=_at_least(1), default=3)
+    ap.add_argument("--repeats", type=number_type(int, 1), default=3)
     ap.add_argument("--check", action="store_true", help="compare with rank 0's one-process prefill")
     ap.add_argument("--rtol", type=float, default=None,
                     help="largest |cp - one process| / largest |one process| of the last logits (default: 2e-2 "
